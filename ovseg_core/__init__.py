@@ -1,0 +1,1 @@
+"""OVSegmentor: open-vocabulary segmentation learned from captions (ViT + grouping block + BERT text encoder)."""
