@@ -31,7 +31,7 @@ COMMANDS: dict[str, Command] = {
                      "entity, co-occurrence and download statistics of a build (DuckDB)"),
     "sql": Command("curation.stats", "add_sql_arguments", "cli_sql",
                    "run SQL over a build's views (samples, entities, partners, cooccurrence, downloads)"),
-    "sample": Command("curation.sample.make", "add_sample_arguments", "cli_sample",
+    "sample": Command("curation.sample.cli", "add_sample_arguments", "cli_sample",
                       "render the embedded sample (captions, images, masks, evaluation set) into a folder"),
     "train": Command("ovseg_core.train.loop", "add_train_arguments", "cli_train",
                      "train OVSegmentor on a CC4M build (CPU in-process; torchrun for several GPUs)"),
