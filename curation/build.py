@@ -1,0 +1,140 @@
+"""Run a whole build without Prefect: ingest -> parse -> select -> download -> verify -> dedup -> index -> reshard ->
+manifest -> report, in order, in this process (tests, the CLI, benchmarks). The Prefect flow calls the same stage
+functions (see `build_stage_plan`).
+
+Every stage is idempotent (a unit whose output exists and matches its inputs is skipped), so a rerun of a finished
+build does no work and a rerun after an interruption resumes from the finished units with identical final output.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curation.config import STAGE_CONFIGS, BuildConfig
+from curation.dedup import deduplicate
+from curation.download import download_selected
+from curation.index import build_index
+from curation.ingest import ingest_source
+from curation.io import read_json
+from curation.layout import BuildLayout
+from curation.manifest import write_manifest
+from curation.parse import parse_part
+from curation.reshard import reshard
+from curation.select import select_part
+from curation.verify import verify_downloads
+
+log = logging.getLogger(__name__)
+
+
+class BuildConfigMismatch(ValueError):
+    """The build folder was made with a different config; reusing it would mix two builds."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the build: its name, the BuildConfig field holding its config (None: no config), whether it runs
+    once per ingest part, and the outputs it owns (removed when its config changes and the caller allows it)."""
+
+    name: str
+    config_field: str | None
+    per_part: bool
+    outputs: Callable[[BuildLayout], list[Path]]
+
+
+def build_stage_plan() -> tuple[Stage, ...]:
+    """The stages of a build, in order (the Prefect flow maps each to a task; per_part stages map over parts)."""
+    return (
+        Stage("ingest", "ingest", False, lambda l: [l.ingest_dir, l.rejects_dir]),
+        Stage("parse", "parse", True, lambda l: [l.captions_dir]),
+        Stage("select", "select", True, lambda l: [l.selected_dir]),
+        Stage("download", "download", False, lambda l: [l.downloads]),  # staging/ is managed by the stage itself
+        Stage("verify", "verify", False, lambda l: []),
+        Stage("dedup", "dedup", False, lambda l: [l.duplicates, l.kept]),
+        Stage("index", "index", False, lambda l: [l.entity_index, l.partners, l.cooccurrence]),
+        Stage("reshard", "shard", False, lambda l: [l.shards_dir, l.meta_dir, l.locator]),
+        Stage("manifest", None, False, lambda l: [l.manifest]),
+        Stage("report", None, False, lambda l: [l.report_dir]),
+    )
+
+
+def _changed_stages(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changed = ["source"] if old.get("source") != new.get("source") else []
+    changed += [stage for stage in STAGE_CONFIGS if old.get(stage) != new.get(stage)]
+    return changed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> BuildLayout:
+    """Create the build folder and write config.json; refuse a folder made with another config unless
+    `allow_config_change`, in which case the outputs of the first changed stage and every later one are removed."""
+    layout = cfg.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if layout.config.exists():
+        old_cfg = BuildConfig.from_dict(read_json(layout.config))
+        changed = _changed_stages(old_cfg.identity(), cfg.identity())
+        if changed:
+            if not allow_config_change:
+                raise BuildConfigMismatch(
+                    f"{layout.root} was built with a different config (changed: {', '.join(changed)}); use a fresh "
+                    f"build folder, or allow_config_change=True to redo the changed stages and everything after them"
+                )
+            first = {"source": "ingest", "shard": "reshard"}
+            names = [first.get(c, c) for c in changed]
+            plan = build_stage_plan()
+            start = min(i for i, s in enumerate(plan) if s.name in names)
+            for stage in plan[start:]:
+                for path in stage.outputs(layout):
+                    log.warning("build: config of %s changed, removing %s", plan[start].name, path)
+                    _remove(path)
+    if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
+        cfg.save()
+    return layout
+
+
+def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
+              results: dict[str, Any] | None = None) -> Path:
+    """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
+    counts (with "skipped" flags) and its wall time under results["seconds"]."""
+    layout = prepare_build_dir(cfg, allow_config_change)
+    build_dir = layout.root
+    out: dict[str, Any] = results if results is not None else {}
+    seconds: dict[str, float] = {}
+    out["seconds"] = seconds
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = fn()
+        seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("build: %s done in %.2fs", name, seconds[name])
+        return value
+
+    out["ingest"] = timed("ingest", lambda: ingest_source(cfg.source, build_dir, cfg.ingest))
+    parts = list(out["ingest"]["parts"])
+    out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse) for p in parts])
+    out["select"] = timed("select", lambda: [select_part(build_dir, p, cfg.select) for p in parts])
+    out["download"] = timed("download", lambda: download_selected(build_dir, cfg.download))
+    out["verify"] = timed("verify", lambda: verify_downloads(build_dir, cfg.verify))
+    out["dedup"] = timed("dedup", lambda: deduplicate(build_dir, cfg.dedup))
+    out["index"] = timed("index", lambda: build_index(build_dir, cfg.index))
+    out["reshard"] = timed("reshard", lambda: reshard(build_dir, cfg.shard))
+    stage_results = {k: v for k, v in out.items() if k != "seconds"}
+    manifest = timed("manifest", lambda: write_manifest(build_dir, cfg, stage_results))
+    if importlib.util.find_spec("curation.report") is not None:
+        from curation.report import write_report
+
+        out["report"] = {"path": str(timed("report", lambda: write_report(build_dir)))}
+    log.info("build: finished %s (%s)", manifest, json.dumps(seconds))
+    return manifest

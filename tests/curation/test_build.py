@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from curation.build import BuildConfigMismatch, build_stage_plan, prepare_build_dir, run_build
+from curation.config import BuildConfig
+from curation.download import DownloadConfig
+from curation.layout import BuildLayout
+from curation.manifest import verify_manifest
+from curation.reshard import ShardConfig
+from curation.verify import VerifyConfig
+from manifests.schema import count_problems
+
+
+def _cfg(source, build_dir, **download) -> BuildConfig:
+    return BuildConfig(
+        source=str(source), build_dir=str(build_dir),
+        download=DownloadConfig(image_size=64, thread_count=16, timeout=2, number_sample_per_shard=50, **download),
+        verify=VerifyConfig(min_success_rate=0.5), shard=ShardConfig(samples_per_shard=16),
+    )
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    source = tmp_path / "src.tsv"
+    cfg = BuildConfig(source=str(source), build_dir=str(tmp_path / "b"), download={"image_size": 64},
+                      dedup={"near": False})
+    assert cfg.download.image_size == 64 and cfg.dedup.near is False
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert BuildConfig.from_dict(d) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert BuildConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown settings"):
+        BuildConfig.from_dict({**d, "download": {**d["download"], "imagesize": 3}})
+    with pytest.raises(ValueError, match="image_size"):
+        BuildConfig(source="a", build_dir="b", download={"image_size": -1})
+    with pytest.raises(ValueError, match="must differ"):
+        BuildConfig(source=str(tmp_path), build_dir=str(tmp_path))
+    assert [s.name for s in build_stage_plan()] == ["ingest", "parse", "select", "download", "verify", "dedup",
+                                                    "index", "reshard", "manifest", "report"]
+
+
+def test_config_change_is_refused_unless_allowed(tmp_path):
+    source = tmp_path / "src.tsv"
+    cfg = _cfg(source, tmp_path / "b")
+    layout = prepare_build_dir(cfg)
+    assert BuildConfig.load(layout.config) == cfg
+    # Runtime-only settings (proxy, threads) may change between runs of one build.
+    prepare_build_dir(_cfg(source, tmp_path / "b", http_proxy="http://127.0.0.1:1"))
+    other = BuildConfig.from_dict({**cfg.to_dict(), "shard": {"samples_per_shard": 7}})
+    with pytest.raises(BuildConfigMismatch, match="shard"):
+        prepare_build_dir(other)
+    layout.shards_dir.mkdir()
+    layout.kept.write_bytes(b"x")  # an earlier stage's output survives; reshard's outputs go
+    prepare_build_dir(other, allow_config_change=True)
+    assert not layout.shards_dir.exists() and layout.kept.exists()
+    assert BuildConfig.load(layout.config).shard.samples_per_shard == 7
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    layout = BuildLayout(root)
+    files = [*layout.shards(), *layout.parts(layout.meta_dir), layout.locator, layout.partners, layout.entity_index,
+             layout.cooccurrence, layout.kept, layout.duplicates, layout.downloads, *layout.parts(layout.selected_dir)]
+    snap = {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
+    manifest = json.loads(layout.manifest.read_text())
+    manifest.pop("created_at")
+    snap["manifest"] = json.dumps(manifest, sort_keys=True).encode()
+    return snap
+
+
+@pytest.mark.slow
+def test_run_build_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
+    from curation.sample import SampleImageServer, make_sample
+
+    sample = make_sample(tmp_path / "sample", n_rows=150, image_size=64, eval_images=1, eval_selection_images=0)
+    build_dir = tmp_path / "build"
+    with SampleImageServer(sample.root, slow_seconds=3.0) as server:
+        cfg = _cfg(sample.source_tsv, build_dir, http_proxy=server.proxy_url)
+        results: dict = {}
+        manifest_path = run_build(cfg, results=results)
+
+        manifest = json.loads(manifest_path.read_text())
+        c = manifest["counts"]
+        assert count_problems(c, manifest["shards"]) == []
+        assert c["ingest"]["read"] == 150 and c["ingest"]["rejected"] >= 1
+        assert c["select"]["selected"] == (c["reshard"]["written"] + c["download"]["failed"]
+                                           + c["dedup"]["removed_duplicate"])
+        assert c["download"]["failed"] >= 1 and c["reshard"]["written"] > 0  # the sample fails some URLs on purpose
+        assert manifest["spacy_model"]["name"] != "unknown" and manifest["config"] == cfg.to_dict()
+        report = verify_manifest(manifest_path)
+        assert report.ok, report.problems
+        assert report.samples_checked == c["reshard"]["written"]
+        first = _snapshot(build_dir)
+
+        # Rerun of a finished build: every stage skips, no output is rewritten.
+        layout = BuildLayout(build_dir)
+        watched = [*layout.shards(), layout.locator, layout.manifest, layout.downloads, layout.kept, layout.partners]
+        mtimes = {p: p.stat().st_mtime_ns for p in watched}
+        again: dict = {}
+        assert run_build(cfg, results=again) == manifest_path
+        assert all(r["skipped"] for r in again["parse"] + again["select"])
+        assert all(again[s]["skipped"] for s in ("download", "dedup", "index", "reshard"))
+        assert {p: p.stat().st_mtime_ns for p in watched} == mtimes
+
+        # Interrupted run: two shards and later-stage outputs lost, then a crash while rewriting the second of them.
+        assert len(layout.shards()) >= 3
+        (layout.shards_dir / "cc4m-000001.tar").unlink()
+        (layout.shards_dir / "cc4m-000002.tar").unlink()
+        layout.locator.unlink()
+        layout.partners.unlink()
+        layout.manifest.unlink()
+        import curation.reshard as reshard_module
+
+        real_write = reshard_module._write_shard
+        calls = []
+
+        def crashing_write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated crash")
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(reshard_module, "_write_shard", crashing_write)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_build(cfg)
+        assert not list(layout.shards_dir.glob(".*")) and not layout.manifest.exists()  # nothing half-written
+        assert (layout.shards_dir / "cc4m-000001.tar").exists() and not (layout.shards_dir / "cc4m-000002.tar").exists()
+        monkeypatch.setattr(reshard_module, "_write_shard", real_write)
+        resumed: dict = {}
+        run_build(cfg, results=resumed)
+        assert resumed["download"]["skipped"] and resumed["dedup"]["skipped"]
+        assert resumed["reshard"]["shards_written"] == 1  # only the shard the crash interrupted
+        assert _snapshot(build_dir) == first
+        assert verify_manifest(manifest_path).ok
