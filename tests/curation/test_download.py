@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from d1_helpers import ImageServer, caption_rows, make_jpeg, write_part
+from build_fixtures import ImageServer, caption_rows, make_jpeg, write_part
 
 from curation.download import DownloadConfig, download_selected, iter_staged_images
 from curation.layout import BuildLayout, part_name

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
-from d1_helpers import write_staged_build
+from build_fixtures import write_staged_build
 
 from curation.layout import BuildLayout
 from curation.manifest import ManifestCountError, add_verify_arguments, cli_verify, verify_manifest, write_manifest

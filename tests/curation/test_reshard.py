@@ -6,7 +6,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-from d1_helpers import write_staged_build
+from build_fixtures import write_staged_build
 
 from curation.layout import BuildLayout
 from curation.reshard import ShardConfig, reshard, sample_key
