@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from d1_helpers import caption_rows, write_part
+from build_fixtures import caption_rows, write_part
 
 from curation.layout import BuildLayout, part_name
 from curation.select import SelectConfig, select_part, selected_counts
