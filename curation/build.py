@@ -138,3 +138,73 @@ def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
         out["report"] = {"path": str(timed("report", lambda: write_report(build_dir)))}
     log.info("build: finished %s (%s)", manifest, json.dumps(seconds))
     return manifest
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`stage.setting=value` strings (value parsed as JSON when it parses, else kept as a string) -> nested dict."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or stage not in STAGE_CONFIGS:
+            raise ValueError(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE in {sorted(STAGE_CONFIGS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(stage, {})[name] = value
+    return overrides
+
+
+def config_with_overrides(source: str, build_dir: str, base: dict[str, Any] | None,
+                          overrides: dict[str, dict[str, Any]]) -> BuildConfig:
+    """BuildConfig from an optional base dict (e.g. a saved config.json) with per-stage settings replaced."""
+    merged: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items() if k in STAGE_CONFIGS}
+    for stage, settings in overrides.items():
+        merged.setdefault(stage, {}).update(settings)
+    return BuildConfig.from_dict({"source": source, "build_dir": build_dir, **merged})
+
+
+def add_build_arguments(p: Any) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="CC12M-layout TSV (url<TAB>caption, .tsv or .tsv.gz) or parquet (url, caption)")
+    src.add_argument("--sample", metavar="SAMPLE_DIR",
+                     help="build the embedded sample: render it into SAMPLE_DIR (reused when complete) and serve "
+                          "its images from a local server on 127.0.0.1 for the download stage")
+    p.add_argument("--out", required=True, help="build folder (created; a rerun resumes or does nothing)")
+    p.add_argument("--config", help="a BuildConfig JSON (e.g. another build's config.json) to start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.SETTING=VALUE",
+                   help="override one setting, e.g. --set shard.samples_per_shard=500 --set download.image_size=128")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="reuse a build folder made with another config, redoing the changed stages and those after")
+
+
+def cli_build(args: Any) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        base = read_json(args.config) if args.config else None
+        overrides = parse_overrides(args.overrides)
+    except (OSError, ValueError) as exc:
+        print(f"cc4m build: {exc}")
+        return 2
+    results: dict[str, Any] = {}
+    if args.sample:
+        from curation.sample.make import make_sample
+        from curation.sample.server import SampleImageServer
+
+        info = make_sample(args.sample)
+        with SampleImageServer(info.root) as server:
+            server.start()
+            overrides.setdefault("download", {})["http_proxy"] = server.proxy_url
+            cfg = config_with_overrides(str(info.source_tsv), args.out, base, overrides)
+            manifest = run_build(cfg, allow_config_change=args.allow_config_change, results=results)
+    else:
+        cfg = config_with_overrides(args.source, args.out, base, overrides)
+        manifest = run_build(cfg, allow_config_change=args.allow_config_change, results=results)
+    layout = BuildLayout(Path(args.out))
+    print(f"manifest: {manifest}")
+    print(f"shards:   {layout.shards_dir} ({len(layout.shards())} shards)")
+    print(f"index:    {layout.index_dir}")
+    print(f"report:   {layout.report_dir / 'index.html'}")
+    print(f"stage seconds: {json.dumps(results.get('seconds', {}))}")
+    return 0
