@@ -1,0 +1,239 @@
+"""Build report: report/index.html + report/report.md with PNG plots (entity histogram, class co-occurrence heatmap,
+download outcomes) and count tables (manifest.json's stage counts when present, else counted from the files).
+
+`report_markdown(build_dir)` returns the Markdown alone, for the flow to publish as a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation.io import read_json, write_bytes_atomic
+from curation.layout import BuildLayout
+from curation.stats import READY_QUERIES, connect, view_names
+from manifests.vocabulary import load_vocabulary
+
+PLOTS = {
+    "entity_histogram.png": "Written samples per class",
+    "cooccurrence_heatmap.png": "Class co-occurrence (log scale; diagonal = class frequency)",
+    "download_outcomes.png": "Download outcomes",
+}
+MANIFEST_COUNT_KEYS = ("stage_results", "stages", "counts")
+
+
+Table = tuple[str, list[str], list[tuple[Any, ...]]]  # title, columns, rows
+
+
+def _class_order(observed: list[str]) -> list[str]:
+    vocab = list(load_vocabulary().classes)
+    return vocab + sorted(set(observed) - set(vocab))
+
+
+def _collect(build_dir: Path) -> dict[str, Any]:
+    """Everything the report shows, read once through the DuckDB views."""
+    con = connect(build_dir)
+    try:
+        views = view_names(con)
+
+        def q(sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+            cursor = con.execute(sql)
+            return [d[0] for d in cursor.description], cursor.fetchall()
+
+        data: dict[str, Any] = {"views": views}
+        data["rows"] = [(v, con.execute(f"SELECT count(*) FROM {v}").fetchone()[0]) for v in sorted(views)]
+        if "entities" in views:
+            data["entity_source"] = "written samples"
+            data["frequency"] = dict(q(READY_QUERIES["entity_frequency"])[1])
+        elif "captions" in views:
+            data["entity_source"] = "captions (no samples written yet)"
+            data["frequency"] = dict(q(READY_QUERIES["captions_per_class"])[1])
+        if "cooccurrence" in views:
+            data["cooccurrence"] = q("SELECT class_a, class_b, count FROM cooccurrence")[1]
+            data["top_pairs"] = q(READY_QUERIES["top_cooccurring_pairs"])
+        if "downloads" in views:
+            data["outcomes"] = q(READY_QUERIES["download_outcomes"])
+            data["errors"] = q(READY_QUERIES["download_errors"])
+        if "duplicates" in views:
+            data["duplicates"] = q(READY_QUERIES["duplicates_by_kind"])
+        if "rejects" in views:
+            data["rejects"] = q(READY_QUERIES["rejects_by_reason"])
+        if {"partners", "entities"} <= views:
+            data["partners"] = q(READY_QUERIES["partners_per_sample"])
+        return data
+    finally:
+        con.close()
+
+
+def _manifest_counts(layout: BuildLayout) -> list[tuple[Any, ...]] | None:
+    if not layout.manifest.exists():
+        return None
+    manifest = read_json(layout.manifest)
+    section = next((manifest[k] for k in MANIFEST_COUNT_KEYS if isinstance(manifest.get(k), dict)), None)
+    if section is None:
+        return None
+    rows: list[tuple[Any, ...]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value):
+                walk(f"{prefix}.{key}" if prefix else str(key), value[key])
+        elif isinstance(value, list):
+            rows.append((prefix, f"{len(value)} items"))
+        else:
+            rows.append((prefix, value))
+
+    walk("", section)
+    return rows
+
+
+def _tables(layout: BuildLayout, data: dict[str, Any]) -> list[Table]:
+    tables: list[Table] = []
+    manifest_rows = _manifest_counts(layout)
+    if manifest_rows is not None:
+        tables.append(("Stage counts (manifest.json)", ["count", "value"], manifest_rows))
+    tables.append(("Rows per file (counted from the build)", ["view", "rows"], data["rows"]))
+    for key, title in [
+        ("outcomes", "Download outcomes"),
+        ("errors", "Download errors"),
+        ("duplicates", "Duplicates"),
+        ("rejects", "Rejected source rows"),
+        ("partners", "Partners per sample"),
+        ("top_pairs", "Top co-occurring class pairs"),
+    ]:
+        if key in data:
+            columns, rows = data[key]
+            tables.append((title, columns, rows))
+    if "frequency" in data:
+        tables.append(
+            (
+                f"Class frequencies ({data['entity_source']})",
+                ["class", "samples"],
+                sorted(data["frequency"].items(), key=lambda kv: (-kv[1], kv[0])),
+            )
+        )
+    return tables
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plots(data: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # headless: workers and CI have no display
+    import matplotlib.pyplot as plt
+
+    pngs: dict[str, bytes] = {}
+    freq: dict[str, int] = data.get("frequency", {})
+    classes = _class_order(list(freq))
+    if freq or "entities" in data["views"]:
+        fig, ax = plt.subplots(figsize=(16, 4.5))
+        ax.bar(range(len(classes)), [freq.get(c, 0) for c in classes], color="#3b75af")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_ylabel("samples")
+        ax.set_title(f"Samples per class ({data.get('entity_source', 'written samples')})")
+        ax.set_xlim(-0.7, len(classes) - 0.3)
+        pngs["entity_histogram.png"] = _png(fig)
+    if "cooccurrence" in data:
+        pos = {c: i for i, c in enumerate(classes)}
+        matrix = np.zeros((len(classes), len(classes)))
+        for a, b, count in data["cooccurrence"]:
+            if a in pos and b in pos:
+                matrix[pos[a], pos[b]] = matrix[pos[b], pos[a]] = count
+        for c, count in freq.items():
+            matrix[pos[c], pos[c]] = count
+        fig, ax = plt.subplots(figsize=(13, 11))
+        image = ax.imshow(np.log10(1 + matrix), cmap="viridis")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(classes)), classes, fontsize=6)
+        fig.colorbar(image, ax=ax, label="log10(1 + samples with both classes)")
+        ax.set_title("Class co-occurrence")
+        pngs["cooccurrence_heatmap.png"] = _png(fig)
+    if "outcomes" in data:
+        _, rows = data["outcomes"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [str(r[0]) for r in rows]
+        colors = ["#4c9a2a" if label == "success" else "#c0392b" for label in labels]
+        ax.barh(labels, [r[1] for r in rows], color=colors)
+        for i, r in enumerate(rows):
+            ax.text(r[1], i, f" {r[1]}", va="center", fontsize=8)
+        ax.set_xlabel("selected samples")
+        ax.set_title("Download outcomes")
+        pngs["download_outcomes.png"] = _png(fig)
+    return pngs
+
+
+# --------------------------------------------------------------------------------------------------------- renderers
+def _md_cell(v: Any) -> str:
+    text = f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(build_dir: Path, tables: list[Table], plots: list[str]) -> str:
+    out = ["# cc4m build report", "", f"Build: `{build_dir.resolve()}`", ""]
+    for name in plots:
+        out += [f"![{PLOTS[name]}]({name})", ""]
+    for title, columns, rows in tables:
+        out += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(build_dir: Path, tables: list[Table], plots: list[str]) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>cc4m build report</title>",
+        (
+            "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:0 0 "
+            "1.5em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}th{background:#eee}img{max-width:100%}"
+            "</style></head><body>"
+        ),
+        f"<h1>cc4m build report</h1><p>Build: <code>{esc(str(build_dir.resolve()))}</code></p>",
+    ]
+    for name in plots:
+        parts.append(f"<h2>{esc(PLOTS[name])}</h2><img src='{esc(name)}' alt='{esc(PLOTS[name])}'>")
+    for title, columns, rows in tables:
+        parts.append(f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(_md_cell(v))}</td>" for v in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def report_markdown(build_dir: str | Path) -> str:
+    """The report as Markdown (image links are relative to report/), without writing anything."""
+    build = Path(build_dir)
+    layout = BuildLayout(build)
+    data = _collect(build)
+    plots = [name for name in PLOTS if (layout.report_dir / name).exists()]
+    return _markdown(build, _tables(layout, data), plots)
+
+
+def write_report(build_dir: str | Path) -> Path:
+    """Write report/index.html, report/report.md and the PNG plots; return the HTML path. Always regenerated: it is
+    cheap and must reflect the build as it is now."""
+    build = Path(build_dir)
+    layout = BuildLayout(build)
+    data = _collect(build)
+    pngs = _plots(data)
+    for name, png in pngs.items():
+        write_bytes_atomic(layout.report_dir / name, png)
+    for stale in set(PLOTS) - set(pngs):  # a plot whose data is gone must not survive from an older report
+        (layout.report_dir / stale).unlink(missing_ok=True)
+    plots = [name for name in PLOTS if name in pngs]
+    tables = _tables(layout, data)
+    write_bytes_atomic(layout.report_dir / "report.md", _markdown(build, tables, plots).encode("utf-8"))
+    return write_bytes_atomic(layout.report_dir / "index.html", _html(build, tables, plots).encode("utf-8"))
