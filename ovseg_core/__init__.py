@@ -26,7 +26,10 @@ _LAZY = {
     "register_model": "ovseg_core.models",
 }
 
-__all__ = ["MINILM_TEXT_MODEL", "OVSegConfig", *sorted(_LAZY)]
+__all__ = [
+    "MINILM_TEXT_MODEL", "ImageOutput", "OVSegConfig", "OVSegmentor", "TextModelNotFoundError", "create_model",
+    "get_model_config", "list_models", "register_model",
+]
 
 
 def __getattr__(name: str) -> Any:

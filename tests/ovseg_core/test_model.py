@@ -1,0 +1,268 @@
+"""OVSegmentor: registry, config, encoders, forward_train gradients (stage 1 and 2), MEC padding, determinism,
+local timm checkpoint loading, text model resolution without downloads."""
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+import ovseg_core
+from ovseg_core import OVSegConfig, create_model, list_models
+from ovseg_core.models.text import TextModelNotFoundError, load_text_backbone
+
+B = 4
+
+
+def make_batch(model, batch_size: int = B, stage: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tok = model.tokenizer
+    size = model.image_size
+    captions = ["a dog runs on the beach", "two people sit on a bench near a bus", "a red car", "a cat on a sofa"]
+    captions = (captions * batch_size)[:batch_size]
+    questions = [c.replace("dog", "[MASK]").replace("people", "[MASK]").replace("car", "[MASK]")
+                 .replace("cat", "[MASK]") for c in captions]
+    answers = ["a photo of a dog", "a photo of people and bus", "a photo of a car", "a photo of a cat"]
+    answers = (answers * batch_size)[:batch_size]
+
+    def enc(texts):
+        t = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        return t["input_ids"], t["attention_mask"]
+
+    batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen)}
+    batch["input_ids"], batch["attention_mask"] = enc(captions)
+    batch["question_ids"], batch["question_mask"] = enc(questions)
+    batch["answer_ids"], batch["answer_mask"] = enc(answers)
+    batch["has_entity"] = torch.ones(batch_size, dtype=torch.bool)
+    batch["has_entity"][-1] = False
+    if stage == 2:
+        batch["partner_image"] = torch.randn(batch_size, 3, size, size, generator=gen)
+        batch["partner_valid"] = torch.ones(batch_size, dtype=torch.bool)
+        batch["partner_valid"][0] = False
+        batch["shared_ids"], batch["shared_mask"] = enc(["a photo of a dog."] * batch_size)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("tiny", text_pretrained=False)
+
+
+def test_registry_lists_presets_and_rejects_unknown():
+    assert {"tiny", "vit_s", "vit_b"} <= set(list_models())
+    assert ovseg_core.get_model_config("vit_s").embed_dim == 384
+    assert ovseg_core.get_model_config("vit_b").embed_dim == 768
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vit_huge")
+    with pytest.raises(ValueError, match="unknown config overrides"):
+        create_model("tiny", not_a_field=1)
+
+
+def test_config_is_validated_frozen_and_round_trips(tmp_path):
+    cfg = ovseg_core.get_model_config("tiny", num_group_tokens=16)
+    assert cfg.num_group_tokens == 16
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.embed_dim = 3
+    for bad in ({"image_size": 60}, {"num_groups": 40}, {"embed_dim": 190}, {"group_ratio": 1.0},
+                {"text_trainable_layers": -1}, {"depths": (2,)}):
+        with pytest.raises(ValueError):
+            dataclasses.replace(cfg, **bad)
+    path = cfg.save_json(tmp_path / "cfg.json")
+    assert OVSegConfig.load_json(path) == cfg
+
+
+def test_encode_shapes_and_soft_assignment(tiny):
+    tiny.eval()
+    cfg = tiny.cfg
+    grid = cfg.image_size // cfg.patch_size
+    with torch.no_grad():
+        out = tiny.encode_image(torch.randn(3, 3, cfg.image_size, cfg.image_size))
+        assert out.image_emb.shape == (3, cfg.embed_dim_out)
+        assert out.group_emb.shape == (3, cfg.num_groups, cfg.embed_dim_out)
+        assert out.assign.shape == (3, cfg.num_groups, grid, grid)
+        assert torch.allclose(out.image_emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+        assert torch.allclose(out.group_emb.norm(dim=-1), torch.ones(3, cfg.num_groups), atol=1e-5)
+        assert torch.allclose(out.assign.sum(1), torch.ones(3, grid, grid), atol=1e-5)
+        assert out.assign.min() > 0  # soft in eval mode
+        # a non-square, larger input (sliding windows) works via position-embedding resampling
+        big = tiny.encode_image(torch.randn(1, 3, 2 * cfg.image_size, cfg.image_size))
+        assert big.assign.shape == (1, cfg.num_groups, 2 * grid, grid)
+        tok = tiny.tokenize(["a dog", "people on a bus"])
+        emb = tiny.encode_text(tok["input_ids"], tok["attention_mask"])
+        assert emb.shape == (2, cfg.embed_dim_out)
+        assert torch.allclose(tiny.encode_text_strings(["a dog", "people on a bus"]), emb, atol=1e-5)
+    assert tiny.num_groups == cfg.num_groups and tiny.patch_size == cfg.patch_size
+
+
+def test_hard_assignment_in_train_mode_is_one_hot_with_gradients(tiny):
+    tiny.train()
+    tiny.zero_grad()
+    out = tiny.encode_image(torch.randn(2, 3, tiny.image_size, tiny.image_size))
+    assert set(out.assign.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.assign.detach().sum(1), torch.ones_like(out.assign[:, 0]))
+    (out.assign * torch.randn_like(out.assign)).sum().backward()
+    assert tiny.visual.grouping.assign.q_proj.weight.grad.abs().sum() > 0
+    tiny.zero_grad()
+
+
+def test_stage1_every_trainable_parameter_gets_a_gradient(tiny):
+    tiny.train()
+    tiny.zero_grad()
+    out = tiny.forward_train(make_batch(tiny), stage=1)
+    assert set(out) == {"loss", "itc", "mec", "mask"}
+    assert torch.isfinite(out["loss"]) and out["mask"].item() == 0.0
+    assert torch.allclose(out["loss"], out["itc"] + tiny.cfg.mec_weight * out["mec"])
+    out["loss"].backward()
+    no_grad = [n for n, p in tiny.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert no_grad == []
+    # documented frozen parameters: tiny trains only the top `text_trainable_layers` text layers
+    frozen = [n for n, p in tiny.named_parameters() if not p.requires_grad]
+    top = tiny.text.num_layers - tiny.cfg.text_trainable_layers
+    assert frozen and all(n.startswith("text.model.") for n in frozen)
+    trainable_layers = {int(n.split(".")[4]) for n, p in tiny.named_parameters()
+                        if p.requires_grad and n.startswith("text.model.encoder.layer.")}
+    assert trainable_layers == set(range(top, tiny.text.num_layers))
+    tiny.zero_grad()
+
+
+def test_stage2_mask_loss_reaches_online_image_encoder():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, group_ratio=0.5)
+    batch = make_batch(model, stage=2)
+    with pytest.raises(RuntimeError, match="init_momentum_teacher"):
+        model.forward_train(batch, stage=2)
+    model.init_momentum_teacher()
+    model.freeze_text_encoder()
+    model.train()
+    assert not model.visual_teacher.training and not model.text.model.training
+    out = model.forward_train(batch, stage=2)
+    assert out["mask"].item() > 0
+    assert torch.allclose(out["loss"], out["itc"] + out["mec"] + 0.1 * out["mask"])
+    visual = dict(model.visual.named_parameters())
+    grads = torch.autograd.grad(out["mask"], list(visual.values()), allow_unused=True, retain_graph=True)
+    got = {n for (n, _), g in zip(visual.items(), grads) if g is not None and g.abs().sum() > 0}
+    assert "grouping.assign.q_proj.weight" in got and "blocks1.0.attn.qkv.weight" in got
+    assert "patch_embed.proj.weight" in got
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.visual_teacher.parameters())
+    assert all(p.grad is None for p in model.text.model.parameters())
+    # EMA: the teacher moves towards the online encoder
+    with torch.no_grad():
+        model.visual.pos_embed.add_(1.0)
+    before = (model.visual_teacher.pos_embed - model.visual.pos_embed).abs().mean()
+    model.momentum_update(0.9)
+    after = (model.visual_teacher.pos_embed - model.visual.pos_embed).abs().mean()
+    assert torch.isclose(after, 0.9 * before, rtol=1e-4)
+
+
+def test_mec_output_ignores_padded_question_tokens(tiny):
+    tiny.eval()
+    batch = make_batch(tiny)
+    ids, mask = batch["question_ids"], batch["question_mask"]
+    assert (mask == 0).any()
+    changed = ids.clone()
+    changed[mask == 0] = 2023  # an ordinary word id where there should be [PAD]
+
+    def mec(question_ids):
+        with torch.no_grad():
+            feats = tiny.visual.forward_features(batch["image"])
+            return tiny.mec_head(feats.groups, tiny.text(question_ids, mask), mask)
+
+    assert torch.allclose(mec(ids), mec(changed), atol=1e-5)
+    # sanity: the same change is visible when the padding is (wrongly) treated as real words
+    with torch.no_grad():
+        feats = tiny.visual.forward_features(batch["image"])
+        ones = torch.ones_like(mask)
+        a = tiny.mec_head(feats.groups, tiny.text(ids, ones), ones)
+        b = tiny.mec_head(feats.groups, tiny.text(changed, ones), ones)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_forward_train_deterministic_under_seed(tiny):
+    batch = make_batch(tiny)
+    tiny.train()
+    results = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            results.append({k: v.item() for k, v in tiny.forward_train(batch, stage=1).items()})
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("grid_src", [8, 4])
+def test_visual_init_from_local_timm_checkpoint(tmp_path, grid_src):
+    cfg = ovseg_core.get_model_config("tiny")
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=grid_src * cfg.patch_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                            depth=sum(cfg.depths), num_heads=cfg.num_heads, qkv_bias=True, num_classes=0)
+    path = tmp_path / "dino_like.pth"
+    torch.save(vit.state_dict(), path)
+    model = create_model("tiny", text_pretrained=False, visual_init=str(path))
+    ours = model.visual.state_dict()
+    theirs = vit.state_dict()
+    d1 = cfg.depths[0]
+    for i in range(sum(cfg.depths)):
+        dst = f"blocks1.{i}" if i < d1 else f"blocks2.{i - d1}"
+        for leaf in ("norm1.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc1.weight",
+                     "mlp.fc2.bias", "norm2.bias"):
+            assert torch.equal(ours[f"{dst}.{leaf}"], theirs[f"blocks.{i}.{leaf}"]), (dst, leaf)
+    assert torch.equal(ours["patch_embed.proj.weight"], theirs["patch_embed.proj.weight"])
+    assert torch.equal(ours["norm.weight"], theirs["norm.weight"])
+    expected_pos = resample_abs_pos_embed(theirs["pos_embed"], [cfg.grid_size] * 2, old_size=[grid_src] * 2,
+                                          num_prefix_tokens=1)[:, 1:]
+    assert torch.allclose(ours["pos_embed"], expected_pos, atol=1e-6)
+    if grid_src == cfg.grid_size:
+        assert torch.equal(ours["pos_embed"], theirs["pos_embed"][:, 1:])  # cls position dropped, nothing resampled
+    report = model.visual_init_report
+    assert "cls_token" in report["unused"] and "group_token" in report["missing"]
+
+
+def test_visual_init_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="visual_init"):
+        create_model("tiny", text_pretrained=False, visual_init=str(tmp_path / "nope.pth"))
+
+
+def test_missing_bert_weights_fail_clearly_without_network(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even when the env would allow it, nothing is fetched
+    for name in (str(tmp_path / "bert-base-uncased"), "bert-base-uncased"):
+        with pytest.raises(TextModelNotFoundError, match="not available locally"):
+            load_text_backbone(name, pretrained=True)
+    with pytest.raises(TextModelNotFoundError, match="bert-base-uncased"):
+        create_model("tiny", text_model="bert-base-uncased")
+
+
+def test_real_minilm_weights_load_offline():
+    from safetensors.torch import load_file
+
+    from ovseg_core.models.text import minilm_path
+
+    model = create_model("tiny", text_num_layers=3)  # text_pretrained=True: the bundled MiniLM-L6, first 3 layers
+    ref = load_file(f"{minilm_path()}/model.safetensors")
+    key = next(k for k in ref if k.endswith("embeddings.word_embeddings.weight"))
+    assert torch.equal(model.text.model.embeddings.word_embeddings.weight, ref[key])
+    assert model.text.num_layers == 3
+    last = f"encoder.layer.{model.text.num_layers - 1}.output.dense.weight"
+    assert torch.equal(model.text.model.get_parameter(last), ref[next(k for k in ref if k.endswith(last))])
+    model.eval()
+    with torch.no_grad():
+        emb = model.encode_text_strings(["a dog on the beach", "a bowl of soup", "people on a bus"])
+    assert emb.shape == (3, model.cfg.embed_dim_out)
+    assert model.tokenizer("[MASK]")["input_ids"][1] == model.tokenizer.mask_token_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_s", "vit_b"])
+def test_full_presets_build_and_encode(name):
+    model = create_model(name, text_pretrained=False).eval()
+    with torch.no_grad():
+        out = model.encode_image(torch.randn(1, 3, 224, 224))
+        text = model.encode_text_strings(["a photo of a dog."])
+    assert out.assign.shape == (1, 8, 14, 14) and text.shape == (1, 256)
+    assert out.group_emb.shape == (1, 8, 256)
