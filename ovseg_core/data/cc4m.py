@@ -1,0 +1,193 @@
+"""Read one CC4M build through the on-disk contract (the ONLY module of ovseg_core that knows the build format).
+
+Layout used (see curation/layout.py, which ovseg_core may not import, hence the paths are spelled here):
+    shards/cc4m-NNNNNN.tar   <key>.jpg/.txt/.json per sample, key = sample_id zero-padded to 12 digits
+    meta/part-NNNNN.parquet  one row per written sample (counts come from here, never hard-coded)
+    index/locator.parquet    sample_id -> shard, offset, size of the .jpg member data (O(1) partner fetch)
+    index/partners.parquet   sample_id, rank, partner_id, shared_class (fallback when a shard json lacks "partners")
+    manifest.json            optional; its sha256 is recorded in checkpoints
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+SHARD_GLOB = "cc4m-*.tar"
+KEY_DIGITS = 12
+
+
+def key_of(sample_id: int) -> str:
+    return f"{int(sample_id):0{KEY_DIGITS}d}"
+
+
+def is_val_sample(sample_id: int, val_percent: float) -> bool:
+    """Deterministic held-out split: a stable hash of the sample id (not its position) so it survives re-sharding."""
+    if val_percent <= 0:
+        return False
+    digest = hashlib.blake2b(str(int(sample_id)).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") % 10000) < val_percent * 100
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Locator:
+    shard: str
+    offset: int
+    size: int
+
+
+class BuildReader:
+    """Paths, counts, locator and partner lists of one build; cheap to pickle into DataLoader workers.
+
+    Open file handles are kept per process (re-opened after fork) so partner fetches are one seek + read.
+    """
+
+    def __init__(self, build_dir: str | os.PathLike) -> None:
+        self.root = Path(build_dir)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"build folder {self.root} does not exist")
+        self.shards_dir = self.root / "shards"
+        self.meta_dir = self.root / "meta"
+        self.locator_path = self.root / "index" / "locator.parquet"
+        self.partners_path = self.root / "index" / "partners.parquet"
+        self.manifest_path = self.root / "manifest.json"
+        self.shard_paths: list[Path] = sorted(self.shards_dir.glob(SHARD_GLOB))
+        if not self.shard_paths:
+            raise FileNotFoundError(f"no shards matching {SHARD_GLOB} in {self.shards_dir}")
+        self._handles: dict[str, Any] = {}
+        self._handles_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        for lazy in ("_locator", "partners", "_sample_ids"):  # large tables are re-read lazily in the worker if needed
+            state.pop(lazy, None)
+        return state
+
+    # ---- tables (column arrays, not row dicts: a 4M-sample build must fit in every DataLoader worker) ----
+    @cached_property
+    def _meta_parts(self) -> list[Path]:
+        parts = sorted(self.meta_dir.glob("part-*.parquet"))
+        if not parts:
+            raise FileNotFoundError(f"no meta parts in {self.meta_dir}")
+        return parts
+
+    @cached_property
+    def _sample_ids(self) -> np.ndarray:
+        ids = np.concatenate([pq.read_table(p, columns=["sample_id"])["sample_id"].to_numpy() for p in self._meta_parts])
+        return np.sort(ids.astype(np.int64))
+
+    def meta_rows(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Meta rows (caption, entities, entity_words, ...) of the given ids, in the order given."""
+        wanted = pa.array(np.asarray(sample_ids, dtype=np.int64))
+        rows: dict[int, dict[str, Any]] = {}
+        for part in self._meta_parts:
+            table = pq.read_table(part)
+            table = table.filter(pc.is_in(table["sample_id"], value_set=wanted))
+            rows.update({int(r["sample_id"]): r for r in table.to_pylist()})
+        missing = [int(s) for s in sample_ids if int(s) not in rows]
+        if missing:
+            raise KeyError(f"{len(missing)} sample ids not in the build's meta, e.g. {missing[:5]}")
+        return [rows[int(s)] for s in sample_ids]
+
+    @cached_property
+    def _locator(self) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+        table = pq.read_table(self.locator_path, columns=["sample_id", "shard", "offset", "size"])
+        order = np.argsort(table["sample_id"].to_numpy())
+        shard_codes = table["shard"].dictionary_encode().combine_chunks()
+        return (table["sample_id"].to_numpy()[order], shard_codes.indices.to_numpy()[order],
+                shard_codes.dictionary.to_pylist(), table["offset"].to_numpy()[order], table["size"].to_numpy()[order])
+
+    def locate(self, sample_id: int) -> Locator:
+        ids, shard_idx, shard_names, offsets, sizes = self._locator
+        i = int(np.searchsorted(ids, sample_id))
+        if i >= len(ids) or ids[i] != sample_id:
+            raise KeyError(f"sample {sample_id} is not in {self.locator_path}")
+        return Locator(shard_names[shard_idx[i]], int(offsets[i]), int(sizes[i]))
+
+    @cached_property
+    def partners(self) -> dict[int, list[tuple[int, str]]]:
+        """index/partners.parquet as {sample_id: [(partner_id, shared_class)] by rank}; only read as a fallback
+        for shard json without a "partners" list."""
+        if not self.partners_path.exists():
+            return {}
+        table = pq.read_table(self.partners_path).to_pydict()
+        out: dict[int, list[tuple[int, int, str]]] = {}
+        for s, r, p, c in zip(table["sample_id"], table["rank"], table["partner_id"], table["shared_class"]):
+            out.setdefault(int(s), []).append((int(r), int(p), str(c)))
+        return {s: [(p, c) for _, p, c in sorted(v)] for s, v in out.items()}
+
+    def sample_ids(self) -> list[int]:
+        return self._sample_ids.tolist()
+
+    def num_samples(self) -> int:
+        """Written samples, from the meta table (the manifest's count must agree)."""
+        return len(self._sample_ids)
+
+    def split_ids(self, split: str, val_percent: float) -> list[int]:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        want_val = split == "val"
+        return [s for s in self.sample_ids() if is_val_sample(s, val_percent) == want_val]
+
+    def manifest_sha256(self) -> str | None:
+        return sha256_file(self.manifest_path) if self.manifest_path.exists() else None
+
+    def manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    # ---- O(1) image fetch ----
+    def _handle(self, shard: str) -> Any:
+        if self._handles_pid != os.getpid():  # forked DataLoader worker: never share a file position with the parent
+            self._handles = {}
+            self._handles_pid = os.getpid()
+        f = self._handles.get(shard)
+        if f is None:
+            f = open(self.shards_dir / shard, "rb")  # noqa: SIM115 - kept open for O(1) fetches; close()
+            self._handles[shard] = f
+        return f
+
+    def read_jpeg(self, sample_id: int) -> bytes:
+        """The JPEG bytes of a sample, by id, via the locator: one seek + one read."""
+        loc = self.locate(int(sample_id))
+        f = self._handle(loc.shard)
+        f.seek(loc.offset)
+        data = f.read(loc.size)
+        if len(data) != loc.size:
+            raise OSError(f"short read for sample {sample_id} in {loc.shard}: {len(data)} of {loc.size} bytes")
+        return data
+
+    def read_image(self, sample_id: int) -> Image.Image:
+        return decode_image(self.read_jpeg(sample_id))
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}

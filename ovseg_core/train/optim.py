@@ -1,0 +1,96 @@
+"""AdamW with the paper's weight-decay exclusions, LR scaling by global batch, and a per-iteration cosine schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ovseg_core.train.config import LR_REFERENCE_BATCH, TrainConfig
+
+# Parameters never decayed whatever their shape: learned positions, group/cls tokens and the logit scale are not
+# "weights" whose norm should shrink (decaying them pulls positions/groups toward zero and the temperature toward 1).
+NO_DECAY_KEYWORDS = ("pos_embed", "position_embedding", "group_token", "cls_token", "logit_scale", "token_type_embedding")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups over the trainable parameters: decayed weights and everything in `is_no_decay`."""
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_no_decay(name, p):
+            no_decay.append(p)
+            no_decay_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
+    ]
+
+
+@dataclass(frozen=True)
+class LRValues:
+    base: float
+    warmup: float
+    min: float
+
+
+def scaled_lrs(cfg: TrainConfig) -> LRValues:
+    """The config's lrs times global batch / 4096 (the paper's linear scaling) when cfg.scale_lr."""
+    factor = cfg.batch_size / LR_REFERENCE_BATCH if cfg.scale_lr else 1.0
+    return LRValues(cfg.base_lr * factor, cfg.warmup_lr * factor, cfg.min_lr * factor)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=scaled_lrs(cfg).base, betas=cfg.betas, eps=cfg.eps)
+
+
+class CosineWarmupSchedule:
+    """Per-iteration LR: linear warmup warmup_lr -> base_lr over warmup_steps, then cosine base_lr -> min_lr over
+    the remaining steps (timm's `warmup_prefix=True` shape). `step()` is called once after every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, lrs: LRValues) -> None:
+        if total_steps <= 0:
+            raise ValueError("total_steps must be positive")
+        self.optimizer, self.total_steps, self.lrs = optimizer, total_steps, lrs
+        self.warmup_steps = min(max(0, warmup_steps), total_steps)
+        self.step_count = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lrs.warmup + (self.lrs.base - self.lrs.warmup) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.lrs.min + 0.5 * (self.lrs.base - self.lrs.min) * (1 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> float:
+        return self.lr_at(self.step_count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "lrs": [self.lrs.base, self.lrs.warmup, self.lrs.min]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()

@@ -1,0 +1,159 @@
+"""Optimizer groups, LR schedule, checkpoints, resume equivalence and short training runs (stand-in model)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from c3_standin import StandInModel, standin_factory
+
+from ovseg_core.train.checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
+from ovseg_core.train.config import STAGE_PRESETS, TrainConfig
+from ovseg_core.train.loop import train
+from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, param_groups, scaled_lrs
+
+
+def cfg_for(build, out, **kw) -> TrainConfig:
+    base = {"build_dir": str(build), "out_dir": str(out), "preset": "standin", "steps": 6, "batch_size": 4,
+            "base_lr": 1e-2, "warmup_lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 2, "scale_lr": False,
+            "augment": "crop", "max_text_len": 24, "val_percent": 20.0, "shuffle_buffer": 8, "log_every": 1,
+            "save_every": 0}
+    return TrainConfig.for_stage(kw.pop("stage", 1), **{**base, **kw})
+
+
+def test_param_groups_exclude_the_right_params():
+    groups = param_groups(StandInModel(), weight_decay=0.05)
+    decay, no_decay = set(groups[0]["names"]), set(groups[1]["names"])
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {"visual.0.weight", "visual.6.weight", "text_embed.weight", "text_proj.weight"} == decay
+    assert {"visual.0.bias", "visual.4.weight", "visual.4.bias", "visual.6.bias", "pos_embed", "group_token",
+            "logit_scale", "text_proj.bias"} == no_decay
+    frozen = StandInModel()
+    frozen.freeze_text_encoder()
+    names = {n for g in param_groups(frozen, 0.05) for n in g["names"]}
+    assert "text_embed.weight" not in names  # frozen parameters are not optimised at all
+
+
+def test_lr_schedule_and_batch_scaling(tmp_path):
+    cfg = TrainConfig.for_stage(1, build_dir="b", out_dir="o", steps=100, batch_size=1024)
+    lrs = scaled_lrs(cfg)
+    assert lrs.base == pytest.approx(6.4e-4 / 4) and lrs.warmup == pytest.approx(1.6e-5 / 4)
+    assert lrs.min == pytest.approx(1.6e-4 / 4)
+    assert scaled_lrs(TrainConfig.for_stage(1, build_dir="b", out_dir="o", steps=1, batch_size=4096)).base == 6.4e-4
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    sched = CosineWarmupSchedule(opt, total_steps=100, warmup_steps=10, lrs=lrs)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs.warmup)
+    assert sched.lr_at(5) == pytest.approx(lrs.warmup + 0.5 * (lrs.base - lrs.warmup))
+    assert sched.lr_at(10) == pytest.approx(lrs.base)
+    assert sched.lr_at(55) == pytest.approx(lrs.min + 0.5 * (lrs.base - lrs.min))  # cosine midpoint
+    assert sched.lr_at(100) == pytest.approx(lrs.min)
+    for _ in range(10):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs.base)
+    s2 = TrainConfig.for_stage(2, build_dir="b", out_dir="o", steps=10, init_checkpoint="x.pt", scale_lr=False)
+    assert (s2.base_lr, s2.min_lr, s2.warmup_epochs, s2.augment) == (1e-5, 1e-6, 0.0, "light")
+    assert STAGE_PRESETS[1]["warmup_epochs"] == 2.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="exactly one of steps or epochs"):
+        TrainConfig(build_dir="b", out_dir="o")
+    with pytest.raises(ValueError, match="init_checkpoint"):
+        TrainConfig.for_stage(2, build_dir="b", out_dir="o", steps=1)
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(build_dir="b", out_dir="o", steps=1, augment="fancy")
+    cfg = TrainConfig(build_dir="b", out_dir="o", steps=3, model_overrides=(("dim", 8),))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = StandInModel().eval()
+    opt = build_optimizer(model, TrainConfig(build_dir="b", out_dir="o", steps=1))
+    path = save_checkpoint(tmp_path / "c.pt", model=model, step=7, optimizer=opt, metrics={"val_itc": 1.5},
+                           train_config={"preset": "standin"}, build_manifest_sha256="abc")
+    ckpt = load_checkpoint(path)  # torch.load(weights_only=True) inside
+    assert ckpt["step"] == 7 and ckpt["metrics"] == {"val_itc": 1.5} and ckpt["build_manifest_sha256"] == "abc"
+    assert ckpt["code_version"] and ckpt["model_config"]["name"] == "standin"
+    loaded = load_model_from_checkpoint(path, factory=standin_factory)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.encode_image(x).image_emb, loaded.encode_image(x).image_emb)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+
+
+class CrashingModel(StandInModel):
+    """Raises on its 4th training step, after last.pt was written at step 3 (save_every=1)."""
+
+    calls = 0
+
+    def forward_train(self, batch, stage):
+        CrashingModel.calls += 1
+        if CrashingModel.calls == 4:
+            raise RuntimeError("simulated crash")
+        return super().forward_train(batch, stage)
+
+
+def test_resume_continues_like_an_uninterrupted_run(fixture_build, tmp_path):
+    full = train(cfg_for(fixture_build, tmp_path / "full"), model_factory=standin_factory)
+    assert [r["step"] for r in full.losses] == [1, 2, 3, 4, 5, 6]
+    CrashingModel.calls = 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg_for(fixture_build, tmp_path / "resumed", save_every=1), model_factory=lambda *a, **k: CrashingModel())
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
+    resumed = train(cfg_for(fixture_build, tmp_path / "resumed", save_every=1), model_factory=standin_factory)
+    assert resumed.start_step == 3 and [r["step"] for r in resumed.losses] == [4, 5, 6]
+    for a, b in zip(full.losses[3:], resumed.losses):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6) and a["lr"] == pytest.approx(b["lr"])
+    wa = torch.load(full.last_checkpoint, weights_only=True)["model"]
+    wb = torch.load(resumed.last_checkpoint, weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_training_updates_params_logs_and_selects_best(fixture_build, tmp_path):
+    torch.manual_seed(0)  # train() seeds cfg.seed (0) before building the model: same initial weights
+    before = standin_factory()
+    result = train(cfg_for(fixture_build, tmp_path / "run", steps=8, eval_every=4), model_factory=standin_factory)
+    assert all(math.isfinite(r["loss"]) for r in result.losses) and len(result.losses) == 8
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "val" in r]) == 2 and len([r for r in log if "loss" in r]) == 8
+    assert result.best_checkpoint and result.val_history and "val_i2t_top1" in result.val_history[0]
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["metrics"]["val_itc"] == pytest.approx(min(v["val_itc"] for v in result.val_history))
+    after = load_model_from_checkpoint(result.last_checkpoint, factory=standin_factory)
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert "visual.0.weight" in changed and "text_proj.weight" in changed
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["steps"] == 8
+
+
+def test_stage2_freezes_text_and_updates_teacher(fixture_build, tmp_path):
+    s1 = train(cfg_for(fixture_build, tmp_path / "s1", steps=2), model_factory=standin_factory)
+    s2 = train(cfg_for(fixture_build, tmp_path / "s2", stage=2, steps=3, init_checkpoint=s1.last_checkpoint,
+                       augment="light", base_lr=1e-2, min_lr=1e-3, warmup_lr=1e-2), model_factory=standin_factory)
+    assert all("mask" in r and math.isfinite(r["mask"]) for r in s2.losses)
+    w1 = load_checkpoint(s1.last_checkpoint)["model"]
+    ck2 = load_checkpoint(s2.last_checkpoint)
+    assert ck2["momentum_teacher"] and torch.equal(ck2["model"]["text_embed.weight"], w1["text_embed.weight"])
+    assert not torch.equal(ck2["model"]["visual_teacher.0.weight"], w1["visual.0.weight"])  # EMA moved
+    m = load_model_from_checkpoint(s2.last_checkpoint, factory=standin_factory)
+    assert m.visual_teacher is not None
+
+
+@pytest.mark.slow
+def test_real_tiny_model_stage1_then_stage2(fixture_build, tmp_path):
+    """Integration with the real OVSegmentor (C1): batches fit forward_train, checkpoints reload via create_model."""
+    common = {"build_dir": str(fixture_build), "preset": "tiny", "batch_size": 4, "scale_lr": False,
+              "max_text_len": 32, "val_percent": 20.0, "shuffle_buffer": 8, "save_every": 0}
+    s1 = train(TrainConfig.for_stage(1, out_dir=str(tmp_path / "s1"), steps=2, warmup_steps=1, **common))
+    assert all(math.isfinite(r["loss"]) and r["mec"] > 0 for r in s1.losses)
+    s2 = train(TrainConfig.for_stage(2, out_dir=str(tmp_path / "s2"), steps=1, init_checkpoint=s1.best_checkpoint,
+                                     **common))
+    assert math.isfinite(s2.losses[0]["mask"])
+    model = load_model_from_checkpoint(s2.last_checkpoint)
+    assert model.visual_teacher is not None and not model.training
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(1, 3, model.image_size, model.image_size)).image_emb
+    assert emb.shape == (1, model.cfg.embed_dim_out)
+    ckpt = load_checkpoint(s2.last_checkpoint)
+    assert ckpt["model_config"]["name"] == "tiny" and ckpt["train_config"]["stage"] == 2
+    assert ckpt["build_manifest_sha256"] and len(ckpt["build_manifest_sha256"]) == 64
