@@ -6,3 +6,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOME="${PREFECT_HOME:-$CC4M_ROOT/.prefect-home}"
 export PYTHONUNBUFFERED=1
+export OMP_WAIT_POLICY=PASSIVE           # busy-waiting OpenMP threads slow torch ~10x when the 2 cores are shared

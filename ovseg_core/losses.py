@@ -22,18 +22,18 @@ def _dist_ready() -> bool:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (B, ...) from all ranks along dim 0 -> (world*B, ...).
+    """Concatenate `x` (B, ...) from all ranks along dim 0 -> (world*B, ...), differentiably.
 
-    The local slice is the input tensor itself, so gradients flow to the local embeddings; the other ranks' slices
-    are constants (each rank back-propagates its own; DDP then averages). Identity without torch.distributed.
-    Every rank must pass the same shape.
+    The backward of torch.distributed.nn's all_gather sums each slice's gradient over the ranks that used it, so
+    with every rank computing the loss of its own rows against all columns and DDP averaging, the gradient equals a
+    single process's on the whole global batch (a detached gather would drop the other ranks' terms). Identity
+    without torch.distributed. Every rank must pass the same shape.
     """
     if not _dist_ready():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts, dim=0)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def _rank() -> int:
