@@ -1,0 +1,123 @@
+"""Flow `pretrain`: train OVSegmentor on a CC4M build and register the checkpoint in the model registry.
+
+devices == 1 and nodes == 1: in-process (CPU, or one GPU). More: `torchrun --nnodes N --nproc_per_node D
+-m flows.train_entry --config <out_dir>/train_config.json` as a subprocess (ovseg_core.train has no module entry
+point of its own); the flow waits and fails on a non-zero exit.
+For nodes > 1 run the same deployment once per node with `node_rank` and a shared `master_addr`/`master_port`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from manifests.registry import ModelRegistry, default_registry_dir
+
+
+def _manifest_sha256(build_dir: str) -> str | None:
+    import hashlib
+
+    path = Path(build_dir) / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def summarize_training(result: dict[str, Any]) -> dict[str, Any]:
+    """TrainResult.to_dict() -> the checkpoint to hand on (best on validation, else last) and flat numeric metrics:
+    the last validation record (val_itc, val_i2t_top1, ...), best_val_itc, final train loss, steps, seconds."""
+    metrics: dict[str, float] = {}
+    if result.get("val_history"):
+        metrics.update({k: v for k, v in result["val_history"][-1].items() if k.startswith("val_")})
+    if result.get("best_val_itc") is not None:
+        metrics["best_val_itc"] = result["best_val_itc"]
+    if result.get("losses"):
+        metrics["final_loss"] = result["losses"][-1]["loss"]
+    metrics.update({"final_step": result["final_step"], "seconds": round(result["seconds"], 1)})
+    return {"checkpoint": result.get("best_checkpoint") or result["last_checkpoint"], "metrics": metrics,
+            "stopped_by_time_limit": result.get("stopped_by_time_limit", False)}
+
+
+@task(name="train-in-process", cache_policy=None)
+def train_in_process(train_config: dict[str, Any]) -> dict[str, Any]:
+    from ovseg_core.train.config import TrainConfig
+    from ovseg_core.train.loop import train
+
+    return summarize_training(train(TrainConfig.from_dict(train_config)).to_dict())
+
+
+def torchrun_command(config_path: Path, devices: int, nodes: int, node_rank: int, master_addr: str,
+                     master_port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={devices}",
+            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
+            "-m", "flows.train_entry", "--config", str(config_path)]
+
+
+@task(name="train-torchrun", cache_policy=None)
+def train_torchrun(train_config: dict[str, Any], devices: int, nodes: int, node_rank: int, master_addr: str,
+                   master_port: int) -> dict[str, Any]:
+    out_dir = Path(train_config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "train_config.json"
+    config_path.write_text(json.dumps(train_config, indent=2, sort_keys=True))
+    cmd = torchrun_command(config_path, devices, nodes, node_rank, master_addr, master_port)
+    get_run_logger().info("launching %s", " ".join(cmd))
+    with open(out_dir / "torchrun.log", "ab") as log:
+        completed = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {completed.returncode}; see {out_dir / 'torchrun.log'}")
+    if node_rank != 0:  # only the first node's rank 0 writes result.json and the checkpoints
+        return {"checkpoint": None, "metrics": {}}
+    return summarize_training(json.loads((out_dir / "result.json").read_text()))
+
+
+@task(name="register-checkpoint", cache_policy=None)
+def register_task(registry_dir: str, checkpoint: str, preset: str, stage: int, steps: int, build_dir: str,
+                  metrics: dict[str, Any], parent_id: str | None, parent_checkpoint: str | None) -> str:
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    entry = ModelRegistry(registry_dir).register(
+        checkpoint, preset=preset, stage=stage, steps=steps, build_manifest_sha256=_manifest_sha256(build_dir),
+        metrics=numeric, parent_id=parent_id, parent_checkpoint=parent_checkpoint)
+    return entry.entry_id
+
+
+@flow(name="pretrain", persist_result=True)
+def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = None, preset: str = "tiny",
+             stage: int = 1, steps: int = 50, batch_size: int = 16, devices: int = 1, nodes: int = 1,
+             node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500,
+             init_checkpoint: str | None = None, time_limit_s: float | None = None,
+             train_overrides: dict[str, Any] | None = None, registry_dir: str | None = None,
+             parent_id: str | None = None) -> dict[str, Any]:
+    """Train `preset` for `steps` steps (stage 1, or 2 from `init_checkpoint`) on the build in `build_dir`
+    (a folder with manifest.json; a manifest path is accepted too). `train_overrides` are extra TrainConfig fields.
+    The checkpoint is registered in `registry_dir` (default: $CC4M_REGISTRY or .cc4m-runs/registry)."""
+    logger = get_run_logger()
+    build_path = Path(build_dir).resolve()
+    if build_path.is_file():  # a manifest.json path
+        build_path = build_path.parent
+    out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / f"{preset}-stage{stage}"
+    from ovseg_core.train.config import TrainConfig
+
+    cfg = TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset, steps=steps,
+                                batch_size=batch_size, init_checkpoint=init_checkpoint, time_limit_s=time_limit_s,
+                                **(train_overrides or {}))
+    if devices * nodes > 1:
+        result = train_torchrun(cfg.to_dict(), devices, nodes, node_rank, master_addr, master_port)
+    else:
+        result = train_in_process(cfg.to_dict())
+    logger.info("checkpoint %s, metrics %s", result["checkpoint"], json.dumps(result["metrics"], default=str))
+    if result["checkpoint"] is None:  # a non-zero node_rank of a multi-node run: node 0 registers
+        return {"checkpoint": None, "metrics": {}, "out_dir": str(out_path), "entry_id": None}
+    entry_id = register_task(str(Path(registry_dir or default_registry_dir()).resolve()), result["checkpoint"],
+                             preset, stage, int(result["metrics"].get("final_step", steps)), str(build_path),
+                             result["metrics"], parent_id, init_checkpoint)
+    create_table_artifact(
+        key="pretrain-metrics", description=f"pretrain {preset} stage {stage}: {result['checkpoint']}",
+        table=[{"metric": k, "value": v} for k, v in sorted(result["metrics"].items())
+               if isinstance(v, (int, float)) and not isinstance(v, bool)])
+    return {"checkpoint": result["checkpoint"], "metrics": result["metrics"], "out_dir": str(out_path),
+            "entry_id": entry_id}
