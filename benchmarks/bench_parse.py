@@ -39,7 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_INPUT = Path("/work/shared/data/cc3m_val_10k.tsv")
+DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "cc3m_val_10k.tsv"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "parse.json"
 
 

@@ -86,6 +86,9 @@ class LocalPrefect:
             "PREFECT_HOME": env.get("PREFECT_HOME", str(REPO_ROOT / ".prefect-home")),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            # The scheduler looks for deployments with schedules every 60 s by default; deployments are made after
+            # the server starts, so a short loop lets a local stack see retrain/scheduled's runs promptly.
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
             "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "CC4M_ROOT": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
         })

@@ -37,7 +37,7 @@ def test_server_scheduler_creates_the_weekly_retrain_runs(tmp_path):
     import time
 
     with LocalPrefect(tmp_path / "logs", worker=False) as stack:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             listed = stack.prefect("flow-run", "ls", "--flow-name", "retrain", "--state", "SCHEDULED").stdout
             if "SCHEDU" in listed:  # the table truncates long cells: match the state column's prefix
