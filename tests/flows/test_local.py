@@ -34,13 +34,15 @@ def test_stack_deploys_every_deployment_and_stops_everything(tmp_path):
 
 @pytest.mark.slow
 def test_server_scheduler_creates_the_weekly_retrain_runs(tmp_path):
+    import json
     import time
 
     with LocalPrefect(tmp_path / "logs", worker=False) as stack:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            listed = stack.prefect("flow-run", "ls", "--flow-name", "retrain", "--state", "SCHEDULED").stdout
-            if "SCHEDU" in listed:  # the table truncates long cells: match the state column's prefix
+            listed = json.loads(stack.prefect("flow-run", "ls", "--flow-name", "retrain", "--state", "SCHEDULED",
+                                              "--output", "json").stdout or "[]")
+            if any(run["state"]["type"] == "SCHEDULED" for run in listed):
                 break
             time.sleep(3)
         else:
