@@ -2,7 +2,7 @@
 
 Both `curation` and `ovseg_core` may import this package; it imports neither of them, nor Prefect.
 """
-from manifests.vocabulary import Vocabulary, load_vocabulary
 from manifests.version import code_version
+from manifests.vocabulary import Vocabulary, load_vocabulary
 
-__all__ = ["Vocabulary", "load_vocabulary", "code_version"]
+__all__ = ["Vocabulary", "code_version", "load_vocabulary"]

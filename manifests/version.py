@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import subprocess
-from functools import lru_cache
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version() -> str:
     try:
         commit = subprocess.run(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 VOCABULARY_DIR = Path(__file__).parent / "vocabulary"
@@ -45,7 +45,7 @@ def _validate(raw: dict, path: Path) -> None:
     if len(set(words)) != len(words):
         raise ValueError(f"{path}: duplicate surface words")
     if not isinstance(syn, dict):
-        raise ValueError(f"{path}: 'synonyms' must be an object")
+        raise ValueError(f"{path}: 'synonyms' must be an object")  # noqa: TRY004 (config errors are ValueErrors)
     unknown = sorted(set(syn) - set(words))
     if unknown:
         raise ValueError(f"{path}: synonyms for words not in the vocabulary: {unknown}")
@@ -55,7 +55,7 @@ def _validate(raw: dict, path: Path) -> None:
         raise ValueError(f"{path}: synonym targets must be canonical surface words: {bad_targets}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_vocabulary(name: str = DEFAULT_VOCABULARY) -> Vocabulary:
     """Load a vocabulary by name (a file in manifests/vocabulary/) or by path to a JSON file."""
     path = Path(name)

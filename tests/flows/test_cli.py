@@ -15,7 +15,7 @@ def test_every_subcommand_resolves(name: str) -> None:
     assert callable(getattr(module, command.add_arguments))
     assert callable(getattr(module, command.run))
     parser = build_parser(selected=name)
-    sub = parser._subparsers._group_actions[0].choices[name]  # noqa: SLF001 - argparse keeps no public handle
+    sub = parser._subparsers._group_actions[0].choices[name]
     assert sub.get_default("func") is getattr(module, command.run)
 
 
