@@ -1,18 +1,21 @@
 """Learning evidence: does pretraining on a CC4M build make the model segment (zero-shot) better than chance?
 
-CPU mode (default): train the `tiny` preset on a build (the embedded sample's) under a wall-clock budget (stage 1,
-then a short stage 2 from stage 1's best checkpoint), then score zero-shot mIoU on the sample's VOC-layout eval set
-(ovseg_core.evaluation, layout "sample") for
-  (a) the trained model (stage 2 and stage 1),
-  (b) the SAME model untrained (same preset, same init seed: train() seeds cfg.seed right before building the model),
-  (c) predicting background everywhere.
-Writes the JSON (loss curves included) and a PNG of the curves next to it. Nothing is tuned on the eval set:
-checkpoints are selected on the build's held-out split (val ITC loss).
+CPU mode (default): train the `tiny` preset on a build (the embedded sample's) for a wall-clock budget with THE sample
+recipe (`ovseg_core.train.config.sample_recipe`, the same one the demo's pretrain flow uses; optional short stage 2
+with --stage2-fraction), then score zero-shot mIoU on the sample's VOC-layout eval set (layout "sample") for
+  (a) the trained model,
+  (b) the SAME model untrained (same preset, overrides and init seed: train() seeds cfg.seed before building it),
+  (c) predicting background everywhere,
+all with the SAME evaluator settings. Those settings (bg_thresh, topk, hard/soft assignment, test size) and, with
+stage 2, the checkpoint are chosen on the SELECTION split (ImageSets/Segmentation/train.txt of the eval folder,
+`ovseg_core.train.selection.select_eval_settings`); the test split (val.txt) is evaluated once per model afterwards.
+Writes the JSON (config, loss curves per step, validation history, selection scores, per-class IoU, pixel accuracy)
+and a PNG of the curves next to it.
 
     python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 10 --out benchmarks/results/learning.json
 
 GPU mode (--gpu-throughput): images/s and MFU of one vit_s stage-1 training step at batch 256 in bf16 (synthetic
-tensors, no data loading); skipped with a message when CUDA is not available.
+tensors, no data loading); skipped with a message when CUDA is not available (never run on the 2-core CI machine).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report MFU as null.
+LEARNED_MARGIN = 0.01
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -45,21 +49,23 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are shared files
     os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ learning (CPU)
-def evaluate_model(model: torch.nn.Module, dataset: Any, max_images: int | None) -> dict[str, Any]:
-    from ovseg_core.evaluation.evaluate import evaluate, protocol_sizes
+def evaluate_model(model: torch.nn.Module, dataset: Any, settings: dict[str, Any],
+                   max_images: int | None) -> dict[str, Any]:
+    from ovseg_core.evaluation.evaluate import evaluate
 
-    sizes = protocol_sizes(int(model.image_size))
-    res = evaluate(model.eval(), dataset, max_images=max_images, **sizes)
+    res = evaluate(model.eval(), dataset, max_images=max_images, n_overlays=0, **settings)
     return {"mIoU": res["mIoU"], "pixel_acc": res["pixel_acc"], "n_images": res["n_images"],
             "n_classes_scored": res["n_classes_scored"], "settings": res["settings"], "seconds": res["seconds"],
             "per_class": res["per_class"]}
 
 
-def all_background_miou(dataset: Any, max_images: int | None) -> dict[str, Any]:
+def all_background(dataset: Any, max_images: int | None) -> dict[str, Any]:
+    """Scores of predicting label 0 everywhere (same confusion-matrix metric as the evaluator)."""
     from ovseg_core.evaluation.metrics import ConfusionMatrix
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -68,15 +74,17 @@ def all_background_miou(dataset: Any, max_images: int | None) -> dict[str, Any]:
         label = np.asarray(dataset[i].label)
         matrix.update(np.zeros_like(label), label)
     scores = matrix.compute()
-    return {"mIoU": float(scores.miou), "pixel_acc": float(scores.pixel_acc), "n_images": n}
+    per_class = {name: (None if np.isnan(v) else float(v)) for name, v in zip(dataset.classnames, scores.per_class_iou)}
+    return {"mIoU": float(scores.miou), "pixel_acc": float(scores.pixel_acc), "n_images": n,
+            "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))), "per_class": per_class}
 
 
 def curves(losses: list[dict[str, float]], stage: int, offset: int) -> list[dict[str, float]]:
-    keys = ("step", "lr", "loss", "itc", "mec", "mask", "time_s")
+    keys = ("step", "lr", "loss", "itc", "mec", "mask", "grad_norm", "time_s")
     return [{"stage": stage, "global_step": r["step"] + offset, **{k: r[k] for k in keys if k in r}} for r in losses]
 
 
-def plot_curves(points: list[dict[str, float]], val: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(points: list[dict[str, float]], val: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +95,7 @@ def plot_curves(points: list[dict[str, float]], val: list[dict[str, Any]], path:
     for key in ("loss", "itc", "mec", "mask"):
         ys = [p.get(key) for p in points]
         if any(y for y in ys):
-            # moving average: single steps at batch 16-32 are noisy
+            # moving average: single steps at batch 32 are noisy
             w = max(1, len(ys) // 50)
             smooth = np.convolve(np.asarray(ys, dtype=float), np.ones(w) / w, mode="valid")
             ax.plot(steps[w - 1:], smooth, label=key)
@@ -102,89 +110,134 @@ def plot_curves(points: list[dict[str, float]], val: list[dict[str, Any]], path:
         ax2 = axv.twinx()
         ax2.plot([v["global_step"] for v in val], [v["val_i2t_top1"] for v in val], "s-", color="C1",
                  label="val image->text top-1")
-        ax2.set_ylabel("top-1")
+        ax2.set_ylabel("image->text top-1 (orange)")
         axv.set_xlabel("step")
         axv.set_ylabel("val ITC (held-out split of the build)")
         axv.legend(loc="upper right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def machine_info(threads: int) -> dict[str, Any]:
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
 def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from ovseg_core import create_model
     from ovseg_core.data.cc4m import BuildReader
     from ovseg_core.evaluation.datasets import load_dataset
+    from ovseg_core.evaluation.evaluate import protocol_sizes
     from ovseg_core.train.checkpoint import load_model_from_checkpoint
-    from ovseg_core.train.config import TrainConfig
+    from ovseg_core.train.config import SAMPLE_STEP_SECONDS, TrainConfig, sample_recipe
     from ovseg_core.train.loop import train
+    from ovseg_core.train.selection import select_eval_settings
 
+    machine = machine_info(args.threads)
     started = time.time()
     torch.set_num_threads(args.threads)
     reader = BuildReader(args.build)  # fails clearly on a missing/empty build
-    dataset = load_dataset("sample", args.eval_root, split=args.eval_split)
+    test_set = load_dataset("sample", args.eval_root, split=args.eval_split)
+    selection_set = load_dataset("sample", args.eval_root, split=args.selection_split)
+    if args.selection_split == args.eval_split:
+        raise ValueError("the selection split must differ from the evaluation split")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_learning_"))
     budget = args.minutes * 60.0
-    common = {"build_dir": str(reader.root), "preset": args.preset, "batch_size": args.batch_size, "seed": args.seed,
-              "scale_lr": False, "max_text_len": args.max_text_len, "threads": args.threads,
-              "val_percent": args.val_percent, "num_workers": args.num_workers, "log_every": 25, "save_every": 0,
-              "device": "cpu", "resume": False}
-    # 1) probe the step time (counted in the budget) to size a schedule that completes its cosine within budget
-    probe = train(TrainConfig.for_stage(1, out_dir=str(work / "probe"), steps=3, augment=args.augment,
-                                        base_lr=args.lr, warmup_lr=args.lr / 10, min_lr=args.lr / 10, val_percent=0.0,
-                                        **{k: v for k, v in common.items() if k != "val_percent"}))
-    step_s = max(probe.mean_step_s, 1e-3)
+    overrides: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "resume": False}
+    if args.lr is not None:
+        overrides.update(base_lr=args.lr, warmup_lr=args.lr / 100, min_lr=args.lr / 10)
+    # 1) probe the step time (counted in the budget) to size a cosine schedule that completes within the budget
+    probe_cfg = sample_recipe(reader.root, work / "probe", minutes=1.0, **{**overrides, "steps": 4, "val_percent": 0.0,
+                                                                          "time_limit_s": None})
+    probe_cfg_cached = probe_cfg.cache_frozen_text
+    probe = train(probe_cfg)
+    # The probe's steps all miss the frozen-text cache (every text is new), so it overestimates a cached step ~2x:
+    # plan with the recipe's measured step time unless the probe shows a slower machine than that.
+    step_s = max(1e-3, min(probe.mean_step_s, SAMPLE_STEP_SECONDS) if probe_cfg_cached else probe.mean_step_s)
     remaining = budget - (time.time() - started)
-    s1_budget = max(60.0, remaining * (1 - args.stage2_fraction))  # a slow probe must not leave stage 1 nothing
-    # validation + checkpoint overhead: ~5 % of a step per step, plus the final validation
-    steps1 = max(10, int(s1_budget / (step_s * 1.10)))
-    eval_every = max(10, steps1 // 8)
-    s1 = train(TrainConfig.for_stage(
-        1, out_dir=str(work / "stage1"), steps=steps1, augment=args.augment, base_lr=args.lr,
-        warmup_lr=args.lr / 100, min_lr=args.lr / 10, warmup_steps=max(1, steps1 // 15), eval_every=eval_every,
-        time_limit_s=s1_budget, **common))
-    stage1_ckpt = s1.best_checkpoint or s1.last_checkpoint
+    s1_budget = max(60.0, remaining * (1 - args.stage2_fraction))
+    # data loading + validation + checkpoint overhead: measured ~8 % of the step time
+    probe_cfg = sample_recipe(reader.root, work / "stage1", minutes=s1_budget / 60, step_seconds=step_s * 1.08,
+                              **overrides)
+    s1_cfg = TrainConfig.from_dict({**probe_cfg.to_dict(), "eval_every": max(10, probe_cfg.steps // 8)})
+    s1 = train(s1_cfg)
+    stage1_ckpt = s1.last_checkpoint
     s2 = None
     remaining = budget - (time.time() - started)
     if args.stage2_fraction > 0 and remaining > 30:
-        # measured on the tiny preset: a stage-2 step (frozen text encoder, + teacher on the partner) costs about
-        # 0.5-1x a stage-1 step; plan for 1x plus the validation overhead, the time limit guards the rest
+        # a stage-2 step (frozen text, + EMA teacher on the partner) costs about one stage-1 step on the tiny preset
         steps2 = max(5, int(remaining / (step_s * 1.15)))
-        s2 = train(TrainConfig.for_stage(
-            2, out_dir=str(work / "stage2"), steps=steps2, init_checkpoint=stage1_ckpt, augment="crop"
-            if args.augment in ("crop", "none") else "light", base_lr=args.lr2, warmup_lr=args.lr2,
-            min_lr=args.lr2 / 10, eval_every=max(5, steps2 // 4), time_limit_s=remaining, **common))
+        s2_cfg = TrainConfig.for_stage(2, **{
+            **{k: v for k, v in s1_cfg.to_dict().items() if k not in ("stage", "base_lr", "warmup_lr", "min_lr",
+                                                                        "warmup_epochs", "warmup_steps")},
+            "out_dir": str(work / "stage2"), "steps": steps2, "init_checkpoint": stage1_ckpt,
+            "base_lr": args.lr2, "warmup_lr": args.lr2, "min_lr": args.lr2 / 10, "eval_every": max(5, steps2 // 4),
+            "time_limit_s": remaining, "model_overrides": [list(kv) for kv in s1_cfg.model_overrides]})
+        s2 = train(s2_cfg)
     train_seconds = time.time() - started
 
-    final_ckpt = (s2.best_checkpoint or s2.last_checkpoint) if s2 else stage1_ckpt
-    results: dict[str, Any] = {}
-    results["trained"] = evaluate_model(load_model_from_checkpoint(final_ckpt), dataset, args.max_eval_images)
+    # 2) choose the checkpoint and the evaluator settings on the SELECTION split (never on the test split)
+    candidates = {"stage1": stage1_ckpt}
     if s2:
-        results["trained_stage1_only"] = evaluate_model(load_model_from_checkpoint(stage1_ckpt), dataset,
-                                                        args.max_eval_images)
+        candidates["stage2"] = s2.last_checkpoint
+    selections = {name: select_eval_settings(load_model_from_checkpoint(path), selection_set,
+                                             max_images=args.max_selection_images)
+                  for name, path in candidates.items()}
+    chosen_name = max(selections, key=lambda n: selections[n]["selection_mIoU"])
+    chosen = selections[chosen_name]["chosen"]
+    trained = load_model_from_checkpoint(candidates[chosen_name])
     torch.manual_seed(args.seed)  # exactly what train() does before building the model: same initial weights
-    results["untrained_same_init"] = evaluate_model(create_model(args.preset), dataset, args.max_eval_images)
-    results["all_background"] = all_background_miou(dataset, args.max_eval_images)
+    untrained = create_model(args.preset, **dict(s1_cfg.model_overrides))
+    untrained_selection = select_eval_settings(untrained, selection_set, max_images=args.max_selection_images)
+    protocol = {**protocol_sizes(int(trained.image_size)), "bg_thresh": None, "topk": 5, "assignment": "hard"}
+
+    # 3) the test split, once per model and setting
+    results: dict[str, Any] = {
+        "trained": evaluate_model(trained, test_set, chosen, args.max_eval_images),
+        "untrained_same_init": evaluate_model(untrained, test_set, chosen, args.max_eval_images),
+        "all_background": all_background(test_set, args.max_eval_images),
+    }
+    supplementary = {
+        "untrained_with_its_own_selected_settings": evaluate_model(
+            untrained, test_set, untrained_selection["chosen"], args.max_eval_images),
+        "trained_paper_protocol_settings": evaluate_model(trained, test_set, protocol, args.max_eval_images),
+        "untrained_paper_protocol_settings": evaluate_model(untrained, test_set, protocol, args.max_eval_images),
+    }
+    if s2:
+        other = "stage1" if chosen_name == "stage2" else "stage2"
+        supplementary[f"trained_{other}_with_its_selected_settings"] = evaluate_model(
+            load_model_from_checkpoint(candidates[other]), test_set, selections[other]["chosen"], args.max_eval_images)
 
     points = curves(s1.losses, 1, 0) + (curves(s2.losses, 2, s1.final_step) if s2 else [])
-    val = [{"stage": 1, "global_step": v["step"], **v} for v in s1.val_history]
+    val = [{"stage": 1, **v, "global_step": v["step"]} for v in s1.val_history]
     if s2:
         val += [{"stage": 2, **v, "global_step": v["step"] + s1.final_step} for v in s2.val_history]
     png = Path(args.out).with_suffix(".png")
-    plot_curves(points, val, png)
+    miou = {k: results[k]["mIoU"] for k in results}
+    plot_curves(points, val, png, title=f"tiny on the sample, {train_seconds / 60:.1f} min: val mIoU trained "
+                f"{miou['trained']:.3f} / untrained {miou['untrained_same_init']:.3f} / background "
+                f"{miou['all_background']:.3f}")
 
-    def summary(r: Any) -> dict[str, Any]:
-        first = np.mean([p["loss"] for p in r.losses[:20]]) if r.losses else None
-        last = np.mean([p["loss"] for p in r.losses[-20:]]) if r.losses else None
-        return {"steps": r.final_step, "planned_steps": r.total_steps, "stopped_by_time_limit": r.stopped_by_time_limit,
-                "seconds": round(r.seconds, 1), "mean_step_s": round(r.mean_step_s, 4),
-                "loss_first20_mean": first, "loss_last20_mean": last, "best_val_itc": r.best_val_itc,
-                "checkpoint": r.best_checkpoint or r.last_checkpoint, "out_dir": r.out_dir}
+    def summary(r: Any, cfg: TrainConfig) -> dict[str, Any]:
+        first = float(np.mean([p["loss"] for p in r.losses[:20]])) if r.losses else None
+        last = float(np.mean([p["loss"] for p in r.losses[-20:]])) if r.losses else None
+        return {"config": cfg.to_dict(), "steps": r.final_step, "planned_steps": r.total_steps,
+                "stopped_by_time_limit": r.stopped_by_time_limit, "seconds": round(r.seconds, 1),
+                "mean_step_s": round(r.mean_step_s, 4), "loss_first20_mean": first, "loss_last20_mean": last,
+                "best_val_itc": r.best_val_itc, "final_val": r.val_history[-1] if r.val_history else None,
+                "first_val": r.val_history[0] if r.val_history else None, "checkpoint": r.last_checkpoint,
+                "data_counters": r.data_counters}
 
     from manifests.version import code_version
 
-    trained, untrained = results["trained"]["mIoU"], results["untrained_same_init"]["mIoU"]
+    trained_miou, untrained_miou, bg_miou = miou["trained"], miou["untrained_same_init"], miou["all_background"]
     return {
         "benchmark": "learning",
         "code_version": code_version(),
@@ -193,28 +246,39 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         "build_samples": reader.num_samples(),
         "eval_root": str(args.eval_root),
         "eval_split": args.eval_split,
+        "selection_split": args.selection_split,
+        "machine": machine,
         "device": f"cpu x {args.threads} threads",
         "budget_minutes": args.minutes,
         "train_wall_seconds": round(train_seconds, 1),
-        "settings": {"preset": args.preset, "batch_size": args.batch_size, "lr_stage1": args.lr, "lr_stage2": args.lr2,
-                     "augment": args.augment, "seed": args.seed, "val_percent": args.val_percent,
-                     "max_text_len": args.max_text_len, "probe_step_s": round(step_s, 4)},
-        "stage1": summary(s1),
-        "stage2": summary(s2) if s2 else None,
-        "miou": {k: v["mIoU"] for k, v in results.items()},
+        "recipe": "ovseg_core.train.config.sample_recipe",
+        "probe_step_s": round(step_s, 4),
+        "stage1": summary(s1, s1_cfg),
+        "stage2": summary(s2, s2_cfg) if s2 else None,
+        "selection": {"chosen_checkpoint": chosen_name, "chosen_settings": chosen, "per_checkpoint": selections,
+                      "untrained": untrained_selection},
+        "miou": miou,
+        "pixel_acc": {k: results[k]["pixel_acc"] for k in results},
         "eval": results,
-        # deltas, not a verdict: on ~80 eval images a difference of a few 0.001 mIoU is noise
-        "miou_delta_trained_vs_untrained": (trained - untrained) if None not in (trained, untrained) else None,
-        "miou_delta_trained_vs_background": ((trained - results["all_background"]["mIoU"])
-                                             if trained is not None else None),
+        "supplementary_eval": {k: {kk: v[kk] for kk in ("mIoU", "pixel_acc", "settings")} for k, v in
+                               supplementary.items()},
+        "miou_delta_trained_vs_untrained": trained_miou - untrained_miou,
+        "miou_delta_trained_vs_background": trained_miou - bg_miou,
+        # "clearly above": at least LEARNED_MARGIN mIoU over the better baseline (one of the 74 classes fully right
+        # is ~0.0135); smaller deltas are within the noise of 80 test images
+        "learned": bool(trained_miou - max(untrained_miou, bg_miou) >= LEARNED_MARGIN),
+        "learned_criterion": f"trained mIoU - max(untrained, all-background) >= {LEARNED_MARGIN}",
         "curves": points,
         "val_history": val,
         "plot": str(png),
         "notes": [
-            ("mIoU on the embedded sample's rendered eval set (layout 'sample'); the build's own held-out split "
-             "(val ITC) selected checkpoints, never the eval set."),
-            "LRs are NOT the paper's batch-scaled values (too small at batch <= 32 to learn in minutes): see settings.",
-            "untrained_same_init uses the same preset and torch seed as training, hence the same initial weights.",
+            ("mIoU on the embedded sample's rendered eval set (layout 'sample', split val.txt). The checkpoint and the "
+             "evaluator settings (bg_thresh, topk, assignment, test size) were chosen on the SELECTION split "
+             "(train.txt of the same folder); val.txt was evaluated only after that, once per model."),
+            ("untrained_same_init: same preset, overrides and torch seed as training, hence the same initial weights; "
+             "scored with the trained model's selected settings (supplementary: with its own selected settings)."),
+            "LRs are NOT the paper's batch-scaled values (too small at batch 32 to learn in minutes): see stage1.config.",
+            "Classes absent from the build's captions cannot be learned zero-shot from this build; see per_class.",
         ],
     }
 
@@ -279,26 +343,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", help="build folder to train on (the embedded sample's build)")
     p.add_argument("--eval-root", help="the sample's VOC-layout evaluation set (layout 'sample')")
-    p.add_argument("--eval-split", default="val")
+    p.add_argument("--eval-split", default="val", help="the test split (val.txt); evaluated once per model")
+    p.add_argument("--selection-split", default="train",
+                   help="split that picks the checkpoint and the evaluator settings (train.txt of the eval folder)")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for training (both stages)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "learning.json"))
     p.add_argument("--work-dir", help="where the runs go (default: a fresh temp folder)")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="stage-1 peak lr (not batch-scaled)")
+    p.add_argument("--lr", type=float, default=None, help="stage-1 peak lr (default: the recipe's; not batch-scaled)")
     p.add_argument("--lr2", type=float, default=1e-4, help="stage-2 lr (not batch-scaled)")
-    p.add_argument("--augment", default="crop", choices=("deit", "light", "crop", "none"),
-                   help="stage-1 augmentation; 'crop' keeps colours (the synthetic classes' signal)")
-    p.add_argument("--stage2-fraction", type=float, default=0.2, help="share of the budget for stage 2 (0 = off)")
-    p.add_argument("--val-percent", type=float, default=5.0)
-    p.add_argument("--max-text-len", type=int, default=32)
+    p.add_argument("--stage2-fraction", type=float, default=0.0, help="share of the budget for stage 2 (0 = off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-eval-images", type=int, default=None)
+    p.add_argument("--max-eval-images", type=int, default=None, help="smoke tests only: score the first N test images")
+    p.add_argument("--max-selection-images", type=int, default=None, help="smoke tests only")
     p.add_argument("--gpu-throughput", action="store_true", help="measure vit_s images/s and MFU on CUDA instead")
     p.add_argument("--gpu-preset", default="vit_s")
     p.add_argument("--gpu-batch", type=int, default=256)
+    p.add_argument("--max-text-len", type=int, default=32, help="GPU mode: synthetic text length")
     p.add_argument("--gpu-iters", type=int, default=10)
     args = p.parse_args(argv)
     if args.gpu_throughput:
@@ -310,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--build and --eval-root are required (or use --gpu-throughput)")
     result = run_learning(args)
     atomic_write_json(Path(args.out), result)
-    keys = ("miou", "miou_delta_trained_vs_untrained", "stage1", "stage2")
-    print(json.dumps({k: result[k] for k in keys}, indent=1))
+    keys = ("miou", "pixel_acc", "miou_delta_trained_vs_untrained", "miou_delta_trained_vs_background", "learned",
+            "train_wall_seconds")
+    print(json.dumps({**{k: result[k] for k in keys}, "selection": result["selection"]["chosen_settings"]}, indent=1))
     return 0
 
 

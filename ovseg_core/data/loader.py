@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,11 +31,60 @@ from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
 
 TEXT_KEYS = ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask")
 PARTNER_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
+TEXT_PAIRS = (("input_ids", "attention_mask"), ("question_ids", "question_mask"), ("answer_ids", "answer_mask"),
+              ("shared_ids", "shared_mask"))
 
 
-def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, epoch: int, sample_id: int, repeat: int = 0) -> int:
+    """Seed of one sample's augmentation draw; `repeat` > 0 distinguishes the extra copies of repeat-factor sampling."""
+    key = f"{seed}/{epoch}/{sample_id}" + (f"/{repeat}" if repeat else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def class_repeat_factors(entities_by_sample: dict[int, Sequence[str]], threshold: float) -> dict[int, float]:
+    """LVIS-style repeat-factor sampling (Gupta et al., CVPR'19): r(class) = max(1, sqrt(threshold / f(class))), with
+    f the fraction of the given samples whose caption names the class; a sample repeats max r over its classes.
+
+    Curated captions are very skewed (the sample build: "people" in 43% of the images, most classes in < 5), so
+    without it a short run only ever sees the few frequent classes. Uses the training samples' own entity lists
+    (curation output), nothing from any evaluation set. Samples with no class get 1.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"repeat threshold must be in (0, 1], got {threshold}")
+    n = len(entities_by_sample)
+    counts: dict[str, int] = {}
+    for classes in entities_by_sample.values():
+        for c in set(classes):
+            counts[c] = counts.get(c, 0) + 1
+    per_class = {c: max(1.0, math.sqrt(threshold / (k / n))) for c, k in counts.items()}
+    return {sid: max([per_class[c] for c in classes], default=1.0) for sid, classes in entities_by_sample.items()}
+
+
+def repeat_count(factor: float, seed: int, epoch: int, sample_id: int) -> int:
+    """Stochastic rounding of a repeat factor, deterministic per (seed, epoch, sample) (so resume reproduces it)."""
+    whole = math.floor(factor)
+    frac = factor - whole
+    if frac <= 0:
+        return whole
+    u = (sample_seed(seed, epoch, sample_id, repeat=-1) % 1_000_000) / 1_000_000
+    return whole + int(u < frac)
+
+
+def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut every (ids, mask) pair of a batch to its longest real text (padding columns only; a pure speed-up).
+
+    The pipeline pads each text to max_len; answers are ~10 tokens, so encoding 32 columns of padding wastes most of
+    the text encoder's time on CPU. The masks make the result identical up to float rounding.
+    """
+    out = dict(batch)
+    for ids_key, mask_key in TEXT_PAIRS:
+        if ids_key in out and mask_key in out:
+            mask = out[mask_key]
+            keep = int(mask.sum(dim=1).max()) if mask.numel() else 0
+            keep = max(keep, 1)
+            out[ids_key], out[mask_key] = out[ids_key][:, :keep], mask[:, :keep]
+    return out
 
 
 @contextlib.contextmanager
@@ -154,12 +204,14 @@ class CC4MTrainStream(IterableDataset):
         epochs: int | None = None,
         batch_size: int = 1,
         skip_batches: int = 0,
+        repeat_factors: dict[int, float] | None = None,
     ) -> None:
         self.reader, self.processor = reader, processor
+        self.repeat_factors = repeat_factors
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.val_percent, self.shuffle_buffer, self.epochs = val_percent, shuffle_buffer, epochs
         self.batch_size, self.skip_batches = batch_size, skip_batches
-        self.counters = {"read": 0, "val_excluded": 0, "skipped_for_resume": 0, "malformed": 0}
+        self.counters = {"read": 0, "val_excluded": 0, "skipped_for_resume": 0, "malformed": 0, "repeated": 0}
 
     def _raw_samples(self, epoch: int, slot: int, num_slots: int) -> Iterator[dict[str, Any]]:
         shards = list(self.reader.shard_paths)
@@ -176,10 +228,17 @@ class CC4MTrainStream(IterableDataset):
             if not all(k in raw for k in ("jpg", "json")):
                 self.counters["malformed"] += 1
                 raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} lacks a .jpg or .json member")
-            if is_val_sample(int(raw["__key__"]), self.val_percent):
+            sid = int(raw["__key__"])
+            if is_val_sample(sid, self.val_percent):
                 self.counters["val_excluded"] += 1
                 continue
-            yield raw
+            if self.repeat_factors is None:
+                yield raw
+                continue
+            copies = repeat_count(self.repeat_factors.get(sid, 1.0), self.seed, epoch, sid)
+            self.counters["repeated"] += max(0, copies - 1)
+            for rep in range(copies):
+                yield {**raw, "__repeat__": rep}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -202,7 +261,7 @@ class CC4MTrainStream(IterableDataset):
                     meta["caption"] = raw["txt"].decode("utf-8") if "txt" in raw else ""
                 sid = int(meta.get("sample_id", int(raw["__key__"])))
                 meta["sample_id"] = sid
-                yield self.processor(raw["jpg"], meta, sample_seed(self.seed, epoch, sid))
+                yield self.processor(raw["jpg"], meta, sample_seed(self.seed, epoch, sid, raw.get("__repeat__", 0)))
             epoch += 1
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from timm.layers import Mlp
 from torch import nn
@@ -51,3 +54,16 @@ class ProjectionHead(nn.Module):
         x = self.fc1(x.reshape(-1, x.shape[-1]))
         x = self.fc2(self.act(self.bn(x)))
         return x.reshape(*lead, -1)
+
+
+@contextmanager
+def batchnorm_frozen(module: nn.Module) -> Iterator[None]:
+    """Run `module`'s BatchNorm layers in eval mode (running statistics used, not updated), then restore them."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()

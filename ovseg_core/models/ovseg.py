@@ -28,7 +28,7 @@ from torch import nn
 from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
-from ovseg_core.layers.mlp import ProjectionHead
+from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
 from ovseg_core.losses import contrastive_loss, mask_consistency_loss
 from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
@@ -151,7 +151,15 @@ class OVSegmentor(nn.Module):
     def _encode_image(self, images: torch.Tensor) -> tuple[ImageOutput, VisionFeatures]:
         feats = self.visual.forward_features(images)
         image_emb = F.normalize(self.image_proj(feats.groups.mean(dim=1)), dim=-1)
-        group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
+        if self.training:
+            # Only the pooled image feature may train the projector and update its BatchNorm statistics (as in
+            # GroupViT): per-group features have other statistics, and mixing them in left the running stats fit
+            # for neither, which bunched eval-mode embeddings together. In training, group embeddings only rank
+            # groups against the shared entity (no gradient), so they use the running statistics.
+            with torch.no_grad(), batchnorm_frozen(self.image_proj):
+                group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
+        else:
+            group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
         assign = feats.grouping.assign if self.training else feats.grouping.soft_assign
         return ImageOutput(image_emb, group_emb, resize_assignment(assign, feats.grid)), feats
 

@@ -29,12 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg_core.data.cc4m import BuildReader
-from ovseg_core.data.loader import CC4MMapDataset, CC4MTrainStream, SampleProcessor, make_train_loader, make_val_loader
+from ovseg_core.data.loader import (
+    CC4MMapDataset,
+    CC4MTrainStream,
+    SampleProcessor,
+    class_repeat_factors,
+    make_train_loader,
+    make_val_loader,
+    trim_text_padding,
+)
 from ovseg_core.data.transforms import build_eval_transform, build_train_transform
 from ovseg_core.train import distributed as D
 from ovseg_core.train.checkpoint import (
     BEST_NAME,
     LAST_NAME,
+    has_teacher,
     latest_checkpoint,
     load_checkpoint,
     load_model_state,
@@ -43,6 +52,7 @@ from ovseg_core.train.checkpoint import (
 )
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, scaled_lrs
+from ovseg_core.train.text_cache import FrozenTextCache, is_frozen
 
 VAL_TEMPERATURE = 0.07  # fixed, so that val ITC is comparable across checkpoints whatever the learned scale
 ModelFactory = Callable[..., nn.Module]
@@ -103,7 +113,7 @@ def validate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, f
     images, texts = [], []
     try:
         for batch in loader:
-            batch = _to_device(batch, device)
+            batch = _to_device(trim_text_padding(batch), device)
             with _autocast(device):
                 img = model.encode_image(batch["image"])
                 img = getattr(img, "image_emb", img)
@@ -154,7 +164,10 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         load_model_state(model, load_checkpoint(cfg.init_checkpoint))
     if cfg.stage == 2:
         model.freeze_text_encoder()
-        model.init_momentum_teacher()  # EMA teacher starts as a copy of the (stage-1) image encoder
+        if not has_teacher(model):
+            # EMA teacher starts as a copy of the (stage-1) image encoder; an init checkpoint that already has one
+            # (a stage-2 checkpoint) keeps its saved teacher.
+            model.init_momentum_teacher()
     model.to(device)
 
     reader = BuildReader(cfg.build_dir)
@@ -188,9 +201,15 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         reader, tokenizer, cfg.max_text_len, build_train_transform(image_size, cfg.augment), stage=cfg.stage,
         partner_transform=build_train_transform(image_size, cfg.augment), val_percent=cfg.val_percent,
     )
+    repeat_factors = None
+    if cfg.repeat_threshold is not None:
+        rows = reader.meta_rows(reader.split_ids("train", cfg.val_percent))
+        repeat_factors = class_repeat_factors({int(r["sample_id"]): r["entities"] or [] for r in rows},
+                                              cfg.repeat_threshold)
     stream = CC4MTrainStream(
         reader, processor, seed=cfg.seed, rank=info.rank, world_size=info.world_size, val_percent=cfg.val_percent,
         shuffle_buffer=cfg.shuffle_buffer, batch_size=per_rank_batch, skip_batches=start_step,
+        repeat_factors=repeat_factors,
     )
     loader = make_train_loader(stream, per_rank_batch, cfg.num_workers, pin_memory=device.type == "cuda")
     val_loader = None
@@ -199,6 +218,10 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size), stage=1)
         val_loader = make_val_loader(CC4MMapDataset(reader, val_processor, val_ids, seed=cfg.seed), cfg.val_batch_size)
 
+    text_cache = None
+    text_encoder = getattr(model, "text", None)
+    if cfg.cache_frozen_text and isinstance(text_encoder, nn.Module) and is_frozen(text_encoder):
+        text_cache = FrozenTextCache(text_encoder).install()
     ddp_model = D.wrap_ddp(TrainStep(model), device, info)
     ddp_model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -240,7 +263,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         torch.manual_seed(cfg.seed * 1000 + info.rank + start_step)
     try:
         while step < total_steps:
-            batch = _to_device(next(data_iter), device)
+            batch = _to_device(trim_text_padding(next(data_iter)), device)
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()
             with _autocast(device):
@@ -286,6 +309,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     finally:
         if log_file is not None:
             log_file.close()
+        if text_cache is not None:
+            text_cache.uninstall()
         del data_iter
     result.final_step = step
     result.best_val_itc = best_val
@@ -295,7 +320,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     # the first step includes lazy initialisation; leave it out of the per-step time
     timed = step_times[1:] or step_times
     result.mean_step_s = float(sum(timed) / len(timed)) if timed else 0.0
-    result.data_counters = {**stream.counters, **processor.counters}  # main process only (workers keep their own)
+    # main process only (workers keep their own)
+    result.data_counters = {**stream.counters, **processor.counters, **(text_cache.stats() if text_cache else {})}
     if info.is_main:
         (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
@@ -307,9 +333,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl); resumes if it has last.pt")
     p.add_argument("--preset", default="tiny", help="model preset: tiny, vit_s, vit_b")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
-    length = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--recipe", choices=("paper", "sample"), default="paper",
+                   help="paper = the stage preset (--steps/--epochs required); sample = the CPU recipe for the embedded "
+                        "sample (ovseg_core.train.config.sample_recipe, sized by --minutes; stage 1 only)")
+    p.add_argument("--minutes", type=float, default=10.0, help="--recipe sample: wall-clock training budget")
+    length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int)
     length.add_argument("--epochs", type=float)
+    p.add_argument("--repeat-threshold", type=float, help="repeat-factor sampling over caption classes (e.g. 0.1)")
+    p.add_argument("--cache-frozen-text", action="store_true", help="encode each text once when the text is frozen")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=float, help="base lr (default: the stage preset)")
     p.add_argument("--warmup-lr", type=float)
@@ -332,6 +364,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if getattr(args, "recipe", "paper") == "sample":
+        from ovseg_core.train.config import sample_recipe
+
+        if args.stage != 1:
+            raise ValueError("--recipe sample is a stage-1 recipe")
+        extra = {k: v for k, v in {"steps": args.steps, "epochs": args.epochs, "base_lr": args.lr,
+                                     "seed": args.seed, "device": args.device, "threads": args.threads,
+                                     "eval_every": args.eval_every, "resume": not args.no_resume}.items()
+                 if v is not None}
+        return sample_recipe(args.build, args.out, minutes=args.minutes, **extra)
+    if args.steps is None and args.epochs is None:
+        raise ValueError("give --steps or --epochs (or --recipe sample)")
     explicit = {
         "base_lr": args.lr, "warmup_lr": args.warmup_lr, "min_lr": args.min_lr, "augment": args.augment,
         "warmup_steps": args.warmup_steps,
@@ -342,7 +386,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device, num_workers=args.num_workers, threads=args.threads, seed=args.seed,
         val_percent=args.val_percent, eval_every=args.eval_every, save_every=args.save_every,
         log_every=args.log_every, max_text_len=args.max_text_len, time_limit_s=args.time_limit,
-        resume=not args.no_resume, **{k: v for k, v in explicit.items() if v is not None},
+        resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
+        **{k: v for k, v in explicit.items() if v is not None},
     )
 
 

@@ -50,10 +50,21 @@ def scaled_lrs(cfg: TrainConfig) -> LRValues:
     return LRValues(cfg.base_lr * factor, cfg.warmup_lr * factor, cfg.min_lr * factor)
 
 
+def lr_scale_of(name: str, lr_scales: tuple[tuple[str, float], ...]) -> float:
+    """The multiplier of the first prefix in `lr_scales` that `name` starts with (1.0 when none does)."""
+    return next((float(scale) for prefix, scale in lr_scales if name.startswith(prefix)), 1.0)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=scaled_lrs(cfg).base, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over `param_groups`, split further by cfg.lr_scales: each group carries an "lr_scale" that
+    CosineWarmupSchedule multiplies into its lr (AdamW's decoupled decay scales with lr, so 0 also stops decay)."""
+    out = []
+    for g in param_groups(model, cfg.weight_decay):
+        by_scale: dict[float, list[torch.Tensor]] = {}
+        for name, p in zip(g["names"], g["params"]):
+            by_scale.setdefault(lr_scale_of(name, cfg.lr_scales), []).append(p)
+        out += [{"params": ps, "weight_decay": g["weight_decay"], "lr_scale": scale} for scale, ps in by_scale.items()]
+    return torch.optim.AdamW([g for g in out if g["params"]], lr=scaled_lrs(cfg).base, betas=cfg.betas, eps=cfg.eps)
 
 
 class CosineWarmupSchedule:
@@ -78,7 +89,7 @@ class CosineWarmupSchedule:
     def _apply(self) -> None:
         lr = self.lr_at(self.step_count)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.step_count += 1

@@ -144,3 +144,38 @@ def test_train_transforms_survive_many_draws(augment):
         with seeded_rng(seed):
             out = transform(image)
         assert out.shape == (3, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_repeat_factor_sampling_repeats_rare_classes_reproducibly(fixture_build, minilm_tokenizer):
+    from ovseg_core.data.loader import class_repeat_factors, repeat_count
+
+    factors = class_repeat_factors({1: ["people"], 2: ["people"], 3: ["people", "dog"], 4: []}, threshold=0.5)
+    assert factors[1] == factors[2] == 1.0 and factors[4] == 1.0  # people in 3/4 > threshold: no repeat
+    assert factors[3] == pytest.approx((0.5 / 0.25) ** 0.5)  # dog in 1/4: sqrt(t / f), the max over its classes
+    with pytest.raises(ValueError, match="threshold"):
+        class_repeat_factors({1: ["dog"]}, threshold=0.0)
+    draws = [repeat_count(1.5, 0, epoch, 7) for epoch in range(200)]
+    assert set(draws) == {1, 2} and 0.35 < draws.count(2) / 200 < 0.65 and repeat_count(2.0, 0, 0, 7) == 2
+    assert draws == [repeat_count(1.5, 0, epoch, 7) for epoch in range(200)]
+
+    reader = BuildReader(fixture_build)
+    twice = {sid: 2.0 for sid in reader.sample_ids()[:5]}
+    stream = CC4MTrainStream(reader, processor(reader, minilm_tokenizer, augment="crop"), seed=1, batch_size=4,
+                             shuffle_buffer=8, epochs=1, repeat_factors=twice)
+    ids = [i for b in make_train_loader(stream, 4) for i in b["sample_id"].tolist()]
+    counts = {sid: ids.count(sid) for sid in set(ids)}
+    assert all(counts.get(s, 0) == 2 for s in twice) and stream.counters["repeated"] == 5
+    assert len(ids) == ((len(reader.sample_ids()) + 5) // 4) * 4  # drop_last of the one epoch
+
+
+def test_trim_text_padding_keeps_real_tokens_only():
+    from ovseg_core.data.loader import trim_text_padding
+
+    ids = torch.tensor([[101, 5, 6, 102, 0, 0], [101, 7, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "answer_ids": ids[:, :3], "answer_mask": mask[:, :3],
+             "image": torch.zeros(2, 3, 4, 4)}
+    out = trim_text_padding(batch)
+    assert out["input_ids"].shape == (2, 4) and torch.equal(out["input_ids"], ids[:, :4])
+    assert out["attention_mask"].sum() == mask.sum() and out["answer_ids"].shape == (2, 3)
+    assert out["image"] is batch["image"] and batch["input_ids"].shape == (2, 6)  # input untouched

@@ -1,6 +1,7 @@
 """OVSegmentor: registry, config, encoders, forward_train gradients (stage 1 and 2), MEC padding, determinism,
 local timm checkpoint loading, text model resolution without downloads."""
 
+import copy
 import dataclasses
 import socket
 
@@ -266,3 +267,22 @@ def test_full_presets_build_and_encode(name):
         text = model.encode_text_strings(["a photo of a dog."])
     assert out.assign.shape == (1, 8, 14, 14) and text.shape == (1, 256)
     assert out.group_emb.shape == (1, 8, 256)
+
+
+def test_only_pooled_image_features_update_the_projector_batchnorm():
+    """Group embeddings in training must not move the projector's running statistics (they are used at inference
+    on groups, and were trained on pooled features only)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False).train()
+    images = torch.randn(4, 3, model.image_size, model.image_size)
+    torch.manual_seed(1)  # the same Gumbel/drop-path draws in both passes
+    feats = model.visual.forward_features(images)
+    reference = copy.deepcopy(model.image_proj)
+    reference(feats.groups.mean(dim=1).detach())  # what the pooled features alone do to the statistics
+    before = model.image_proj.bn.running_mean.clone()
+    torch.manual_seed(1)
+    model._encode_image(images)
+    assert not torch.equal(model.image_proj.bn.running_mean, before)
+    torch.testing.assert_close(model.image_proj.bn.running_mean, reference.bn.running_mean)
+    torch.testing.assert_close(model.image_proj.bn.running_var, reference.bn.running_var)
+    assert model.image_proj.bn.training  # restored after the frozen pass

@@ -139,6 +139,33 @@ def test_stage2_freezes_text_and_updates_teacher(fixture_build, tmp_path):
     assert m.visual_teacher is not None
 
 
+
+def test_stage2_keeps_a_saved_teacher_on_resume_and_on_init(fixture_build, tmp_path):
+    """A stage-2 run restarted from its last.pt (resume) or started from a stage-2 checkpoint (init_checkpoint) must
+    keep the saved EMA teacher, not replace it with a fresh copy of the online encoder."""
+    s1 = train(cfg_for(fixture_build, tmp_path / "s1", steps=2), model_factory=standin_factory)
+    s2_kw = {"stage": 2, "augment": "light", "base_lr": 1e-2, "min_lr": 1e-3, "warmup_lr": 1e-2,
+             "init_checkpoint": s1.last_checkpoint, "momentum": 0.5}
+    first = train(cfg_for(fixture_build, tmp_path / "s2", steps=3, **s2_kw), model_factory=standin_factory)
+    saved = load_checkpoint(first.last_checkpoint)["model"]
+    assert not torch.equal(saved["visual_teacher.0.weight"], saved["visual.0.weight"])  # teacher != online copy
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Recording(StandInModel):
+        def forward_train(self, batch, stage):
+            if not seen:  # the teacher and online weights at the first step after (re)starting
+                seen.append({k: v.detach().clone() for k, v in self.state_dict().items()})
+            return super().forward_train(batch, stage)
+
+    resumed = train(cfg_for(fixture_build, tmp_path / "s2", steps=4, **s2_kw), model_factory=lambda *a, **k: Recording())
+    assert resumed.start_step == 3
+    assert torch.equal(seen[0]["visual_teacher.0.weight"], saved["visual_teacher.0.weight"])
+    seen.clear()
+    saved = load_checkpoint(resumed.last_checkpoint)["model"]  # the resumed run rewrote last.pt (step 4)
+    train(cfg_for(fixture_build, tmp_path / "s2b", steps=1, **{**s2_kw, "init_checkpoint": resumed.last_checkpoint}),
+          model_factory=lambda *a, **k: Recording())
+    assert torch.equal(seen[0]["visual_teacher.0.weight"], saved["visual_teacher.0.weight"])
+
 @pytest.mark.slow
 def test_real_tiny_model_stage1_then_stage2(fixture_build, tmp_path):
     """Integration with the real OVSegmentor (C1): batches fit forward_train, checkpoints reload via create_model."""
@@ -157,3 +184,92 @@ def test_real_tiny_model_stage1_then_stage2(fixture_build, tmp_path):
     ckpt = load_checkpoint(s2.last_checkpoint)
     assert ckpt["model_config"]["name"] == "tiny" and ckpt["train_config"]["stage"] == 2
     assert ckpt["build_manifest_sha256"] and len(ckpt["build_manifest_sha256"]) == 64
+
+
+def test_frozen_text_cache_matches_eval_forward_and_counts_hits():
+    from ovseg_core.config import MINILM_TEXT_MODEL
+    from ovseg_core.models.text import TextEncoder
+    from ovseg_core.train.text_cache import FrozenTextCache
+
+    enc = TextEncoder(MINILM_TEXT_MODEL, num_layers=2, trainable_layers=0).train()  # train mode: dropout on
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenTextCache(TextEncoder(MINILM_TEXT_MODEL, num_layers=1, trainable_layers=1))
+    tok = enc.tokenizer(["a dog on a bus", "people", "a dog on a bus and a very long tail of words"], padding=True,
+                        return_tensors="pt")
+    enc.eval()
+    with torch.no_grad():
+        expected = enc(tok["input_ids"], tok["attention_mask"])
+    enc.train()
+    cache = FrozenTextCache(enc).install()
+    first = enc(tok["input_ids"], tok["attention_mask"])
+    again = enc(tok["input_ids"][[1, 0]], tok["attention_mask"][[1, 0]])  # hits, in another order
+    real = tok["attention_mask"].bool()
+    assert torch.allclose(first[real], expected[real], atol=1e-5) and (first[~real] == 0).all()
+    assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+    assert cache.stats()["text_cache_hits"] == 2 and cache.stats()["text_cache_misses"] == 3
+    assert enc.model.training  # the caller's mode is restored
+    cache.uninstall()
+    assert "forward" not in enc.__dict__
+
+
+def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path):
+    import shutil
+
+    from test_evaluation import CODE_NORM, CodeModel, make_code_dataset
+
+    from ovseg_core.evaluation.datasets import load_dataset
+    from ovseg_core.train.selection import candidate_grid, select_eval_settings
+
+    make_code_dataset(tmp_path)
+    split_dir = tmp_path / "ImageSets" / "Segmentation"
+    shutil.copyfile(split_dir / "val.txt", split_dir / "train.txt")
+    selection = load_dataset("sample", tmp_path, split="train")
+    cands = {"bg_thresh": (0.0, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,)}
+    assert len(candidate_grid(cands)) == 4
+    with pytest.raises(ValueError, match="unknown candidate"):
+        candidate_grid({"window": (3,)})
+    out = select_eval_settings(CodeModel(), selection, cands, **CODE_NORM)
+    assert out["split"] == "train" and out["n_candidates"] == 4 and len(out["scores"]) == 4
+    # bg_thresh 0 leaves no background, so only 0.95 segments the code images perfectly; topk=1 keeps one class
+    assert out["selection_mIoU"] == pytest.approx(1.0)
+    assert out["chosen"] == {"bg_thresh": 0.95, "topk": None, "assignment": "hard", "short_side": 16, "window": 16,
+                             "stride": 8}
+    assert max(s["mIoU"] for s in out["scores"] if s["bg_thresh"] == 0.0) < 1.0
+    with pytest.raises(ValueError, match="selection split"):
+        select_eval_settings(CodeModel(), load_dataset("sample", tmp_path, split="val"), cands, **CODE_NORM)
+
+
+def test_lr_scales_split_groups_and_scale_the_schedule():
+    model = StandInModel()
+    cfg = TrainConfig(build_dir="b", out_dir="o", steps=10, base_lr=1e-2, warmup_lr=1e-3, min_lr=1e-3, scale_lr=False,
+                      lr_scales=(("text_proj.", 0.0), ("visual.0.", 0.5)))
+    opt = build_optimizer(model, cfg)
+    CosineWarmupSchedule(opt, total_steps=10, warmup_steps=0, lrs=scaled_lrs(cfg))
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["text_proj.weight"])]["lr"] == 0.0
+    assert by_param[id(named["visual.0.weight"])]["lr"] == pytest.approx(5e-3)
+    assert by_param[id(named["visual.0.bias"])]["weight_decay"] == 0.0  # decay exclusions still apply
+    assert by_param[id(named["text_embed.weight"])]["lr"] == pytest.approx(1e-2)
+    before = named["text_proj.weight"].detach().clone()
+    named["text_proj.weight"].grad = torch.ones_like(before)
+    opt.step()
+    assert torch.equal(named["text_proj.weight"], before)  # lr 0: neither update nor decoupled weight decay
+    with pytest.raises(ValueError, match="lr_scales"):
+        TrainConfig(build_dir="b", out_dir="o", steps=1, lr_scales=(("text.", -1.0),))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
+    from ovseg_core.train.config import SAMPLE_RECIPE, sample_recipe
+
+    cfg = sample_recipe("b", "o", minutes=2.0, step_seconds=0.5)
+    assert cfg.steps == 240 and cfg.time_limit_s == 120.0 and cfg.warmup_steps == 16
+    assert not cfg.scale_lr and cfg.augment == "crop" and cfg.cache_frozen_text and cfg.stage == 1
+    assert dict(cfg.model_overrides)["text_trainable_layers"] == 0 and cfg.repeat_threshold == SAMPLE_RECIPE[
+        "repeat_threshold"]
+    assert sample_recipe("b", "o", steps=7, seed=3).steps == 7 and sample_recipe("b", "o", seed=3).seed == 3
+    assert sample_recipe("b", "o", epochs=2.0).epochs == 2.0
+    with pytest.raises(ValueError, match="minutes"):
+        sample_recipe("b", "o", minutes=0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
