@@ -182,9 +182,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".cc4m-runs" / "demo",
                    help="demo folder: sample, build, checkpoints, evaluation, registry, logs")
     p.add_argument("--sample-rows", type=int, default=None, help="first N rows of the embedded sample (default all)")
-    p.add_argument("--steps", type=int, default=200, help="pretraining steps (tiny preset, CPU)")
     p.add_argument("--minutes", type=float, default=4.0, help="time limit of pretraining")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N eval images (default all)")
     p.add_argument("--skip-train", action="store_true", help="only build CC4M")
     p.add_argument("--no-server", action="store_true",
@@ -196,11 +194,9 @@ def cli_demo(args: argparse.Namespace) -> int:
     build_dir, registry = out / "cc4m", out / "registry"
     build_params: dict[str, Any] = {"sample": True, "build_dir": str(build_dir), "sample_dir": str(out / "sample"),
                                     "sample_rows": args.sample_rows}
-    train_params: dict[str, Any] = {"build_dir": str(build_dir), "steps": args.steps, "batch_size": args.batch_size,
+    train_params: dict[str, Any] = {"build_dir": str(build_dir),
                                     "time_limit_s": args.minutes * 60, "out_dir": str(out / "train"),
-                                    "registry_dir": str(registry),
-                                    # The paper's lrs scaled to a CPU batch (x16/4096) are too small to move in minutes.
-                                    "train_overrides": {"scale_lr": False}}
+                                    "registry_dir": str(registry), "recipe": "sample"}
     started = time.monotonic()
     if args.no_server:
         from flows.build import build_cc4m
@@ -217,7 +213,7 @@ def cli_demo(args: argparse.Namespace) -> int:
             built = stack.result(stack.run("build-cc4m/sample", build_params))
             trained = evaluated = None
             if not args.skip_train:
-                print(f"[demo] pretrain/default: {args.steps} steps, <= {args.minutes} min")
+                print(f"[demo] pretrain/default: tiny preset, sample recipe, {args.minutes} min")
                 trained = stack.result(stack.run("pretrain/default", train_params))
                 print("[demo] evaluate/default")
                 evaluated = stack.result(stack.run("evaluate/default",
@@ -231,7 +227,7 @@ def _eval_params(built: dict[str, Any], trained: dict[str, Any], out: Path, regi
     return {"checkpoint": trained["checkpoint"], "out_dir": str(out / "eval"), "registry_dir": str(registry),
             "entry_id": trained["entry_id"], "max_images": max_images,
             "datasets": [{"layout": "sample", "root": built["sample"]["eval_dir"], "split": "val",
-                          "name": "sample-eval"}]}
+                          "select_split": "train", "name": "sample-eval"}]}
 
 
 def _print_summary(built: dict[str, Any], trained: dict[str, Any] | None, evaluated: dict[str, Any] | None,

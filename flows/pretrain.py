@@ -91,10 +91,12 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
              node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500,
              init_checkpoint: str | None = None, time_limit_s: float | None = None,
              train_overrides: dict[str, Any] | None = None, registry_dir: str | None = None,
-             parent_id: str | None = None) -> dict[str, Any]:
+             parent_id: str | None = None, recipe: str | None = None) -> dict[str, Any]:
     """Train `preset` for `steps` steps (stage 1, or 2 from `init_checkpoint`) on the build in `build_dir`
     (a folder with manifest.json; a manifest path is accepted too). `train_overrides` are extra TrainConfig fields.
-    The checkpoint is registered in `registry_dir` (default: $CC4M_REGISTRY or .cc4m-runs/registry)."""
+    The checkpoint is registered in `registry_dir` (default: $CC4M_REGISTRY or .cc4m-runs/registry).
+    `recipe="sample"` uses ovseg_core.train.config.sample_recipe (the CPU recipe of the learning benchmark) for a
+    run of `time_limit_s` (default 4 minutes); `steps`, `batch_size` and `stage` then come from the recipe."""
     logger = get_run_logger()
     build_path = Path(build_dir).resolve()
     if build_path.is_file():  # a manifest.json path
@@ -102,9 +104,17 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
     out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / f"{preset}-stage{stage}"
     from ovseg_core.train.config import TrainConfig
 
-    cfg = TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset, steps=steps,
-                                batch_size=batch_size, init_checkpoint=init_checkpoint, time_limit_s=time_limit_s,
-                                **(train_overrides or {}))
+    if recipe == "sample":
+        from ovseg_core.train.config import sample_recipe
+
+        cfg = sample_recipe(build_path, out_path, minutes=(time_limit_s or 240.0) / 60.0,
+                            **{"init_checkpoint": init_checkpoint, **(train_overrides or {})})
+    elif recipe is None:
+        cfg = TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset,
+                                    steps=steps, batch_size=batch_size, init_checkpoint=init_checkpoint,
+                                    time_limit_s=time_limit_s, **(train_overrides or {}))
+    else:
+        raise ValueError(f"unknown recipe {recipe!r} (known: 'sample')")
     if devices * nodes > 1:
         result = train_torchrun(cfg.to_dict(), devices, nodes, node_rank, master_addr, master_port)
     else:

@@ -194,7 +194,11 @@ SAMPLE_RECIPE: dict[str, Any] = {
 
 def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minutes: float = 10.0,
                   step_seconds: float | None = None, **overrides: Any) -> TrainConfig:
-    """The stage-1 CPU recipe that makes the `tiny` preset learn on the embedded sample in minutes (2 cores).
+    """The stage-1 CPU recipe for the `tiny` preset on the embedded sample (2 cores, minutes of wall clock).
+
+    Status (benchmarks/results/learning.json): with it the model fits its training pairs (train ITC 3.4 -> 1.2) but
+    does not generalise: zero-shot mIoU on the sample's val split is not clearly above the untrained model or
+    predicting all background. It is the best of the settings tried so far, not a working recipe.
 
     Used by benchmarks/bench_learning.py and by the demo's pretrain flow. What differs from the paper's stage 1 (and
     why, each measured on the sample eval set's SELECTION split, never its val split):
