@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 from dataclasses import asdict
 
-from curation.io import write_bytes_atomic
 from curation.sample.make import make_sample
-from curation.sample.server import SampleImageServer
+from curation.sample.server import serve_until_signalled
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,16 +32,7 @@ def cli_sample(args: argparse.Namespace) -> int:
     print(json.dumps({k: str(v) if not isinstance(v, int) else v for k, v in asdict(info).items()}, indent=2))
     if not args.serve:
         return 0
-    server = SampleImageServer(info.root, port=args.port, slow_seconds=args.slow_seconds)
-    server.bind()
-    signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
-    signal.signal(signal.SIGINT, lambda signum, frame: server.request_stop())
-    if args.port_file:
-        write_bytes_atomic(args.port_file, f"{server.port}\n".encode())
-    print(
-        f"serving http://cc4m-sample.invalid/ via proxy {server.proxy_url} (http_proxy={server.proxy_url})", flush=True
-    )
-    server.serve_forever()
+    serve_until_signalled(info.root, args.port, args.slow_seconds, args.port_file)
     return 0
 
 

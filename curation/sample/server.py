@@ -271,6 +271,20 @@ def spawn_server_process(
     raise RuntimeError(f"sample server did not start within {startup_timeout} s")
 
 
+def serve_until_signalled(root: str | Path, port: int = 0, slow_seconds: float = 6.0,
+                          port_file: str | None = None) -> None:
+    """Serve `root` in this thread until SIGTERM/SIGINT; write the bound port to `port_file` once listening."""
+    server = SampleImageServer(root, port=port, slow_seconds=slow_seconds)
+    server.bind()
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: server.request_stop())
+    if port_file:
+        write_bytes_atomic(port_file, f"{server.port}\n".encode())
+    print(f"cc4m sample server: http://cc4m-sample.invalid/ via proxy {server.proxy_url} "
+          f"(http_proxy={server.proxy_url}, pid {os.getpid()}, root {root})", flush=True)
+    server.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="sample folder (holds images/)")
@@ -278,14 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", help="write the chosen port here once listening")
     parser.add_argument("--slow-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
-    server = SampleImageServer(args.root, port=args.port, slow_seconds=args.slow_seconds)
-    server.bind()
-    signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
-    signal.signal(signal.SIGINT, lambda signum, frame: server.request_stop())
-    if args.port_file:
-        write_bytes_atomic(args.port_file, f"{server.port}\n".encode())
-    print(f"cc4m sample server: {server.proxy_url} (pid {os.getpid()}, root {args.root})", flush=True)
-    server.serve_forever()
+    serve_until_signalled(args.root, args.port, args.slow_seconds, args.port_file)
     return 0
 
 
