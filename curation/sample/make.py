@@ -8,7 +8,7 @@ it into a servable folder:
       images/<row>.jpg              one per row that has a URL (background only when the caption has no class)
       masks/<row>.png               P-mode PNG, 0 = background, i+1 = vocabulary.classes[i], 255 = ignore
       classes_per_row.parquet       sample_id, url, kind, classes (extractor), drawn (rendered, <= 3)
-      eval/                         make_eval_set(): VOC layout, see its docstring
+      eval/                         make_eval_set(): VOC layout over the sample's frequent classes (see make_sample)
       sample.json                   done-marker: parameters, input hash, counts (written last)
 """
 
@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from curation.sample import BUNDLED_CAPTIONS, SAMPLE_HOST
-from curation.sample.render import RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
+from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
@@ -48,6 +48,8 @@ INGEST_ROWS: tuple[tuple[int, str], ...] = (
 )
 # The first rows with a vocabulary word get one failure kind each, so a small n_rows sample still exercises all.
 FORCED_FAILS_START = 2
+# The eval set scores the classes drawn in at least this many servable training images (see make_sample).
+EVAL_MIN_IMAGES = 15
 
 _TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM = 0, 1, 2
 
@@ -247,13 +249,19 @@ def make_sample(
     image_size: int = 128,
     seed: int = 0,
     extractor: ClassExtractor | None = None,
-    eval_images: int = 80,
-    eval_selection_images: int = 40,
+    eval_images: int = 160,
+    eval_selection_images: int = 80,
+    eval_min_images: int = EVAL_MIN_IMAGES,
 ) -> SampleInfo:
     """Render the sample into `out_dir` (see module docstring); returns at once when it is already complete.
 
     Classes per row come from `extractor.classes_of(captions)` (default: curation.entities.EntityExtractor).
     Every row with a URL gets an image, so every non-failing URL serves a valid JPEG.
+
+    The eval set scores the classes drawn in at least `eval_min_images` servable training images
+    (`frequent_classes`), the way PASCAL VOC scores 20 classes that CC4M shows thousands of times each: a class
+    the sample shows a handful of times cannot be learned from it, and 73 classes scored evenly would measure
+    the long tail, not the method. When no class is that frequent (tiny test samples), every class is scored.
     """
     if n_rows is not None and n_rows <= 0:
         raise ValueError(f"n_rows must be positive or None, got {n_rows}")
@@ -284,6 +292,7 @@ def make_sample(
         "vocabulary": load_vocabulary().version,
         "eval_images": eval_images,
         "eval_selection_images": eval_selection_images,
+        "eval_min_images": eval_min_images,
     }
     inputs_hash = _inputs_hash(params)
     if _is_done(marker, inputs_hash):
@@ -332,8 +341,13 @@ def make_sample(
         }
     )
     write_parquet_atomic(info.classes_per_row, table)
+    servable = {r.sample_id for r in rows if r.kind == "image"}
+    eval_classes = frequent_classes(
+        [drawn for sample_id, drawn in drawn_by_row.items() if sample_id in servable], eval_min_images
+    )
     make_eval_set(
-        info.eval_dir, n_images=eval_images, n_selection=eval_selection_images, image_size=image_size, seed=seed + 1
+        info.eval_dir, n_images=eval_images, n_selection=eval_selection_images, image_size=image_size, seed=seed + 1,
+        classes=eval_classes or None,
     )
 
     kinds: dict[str, int] = {}
@@ -359,9 +373,20 @@ def _with_rows(info: SampleInfo, n_rows: int) -> SampleInfo:
 
 
 # ---------------------------------------------------------------------------------------------------- eval set
+def frequent_classes(drawn_per_image: Iterable[Sequence[str]], min_images: int) -> list[str]:
+    """Vocabulary classes drawn in at least `min_images` of the given images, in vocabulary order."""
+    if min_images < 1:
+        raise ValueError(f"min_images must be >= 1, got {min_images}")
+    counts: dict[str, int] = {}
+    for drawn in drawn_per_image:
+        for c in set(drawn):
+            counts[c] = counts.get(c, 0) + 1
+    return [c for c in load_vocabulary().classes if counts.get(c, 0) >= min_images]
+
+
 def _assign_eval_classes(rng: np.random.Generator, n_images: int, n_classes: int) -> list[list[int]]:
     """1-3 distinct classes per image, drawn from a shuffled cycle of all classes so each appears when it can."""
-    counts = rng.integers(1, 4, size=n_images)
+    counts = rng.integers(1, min(3, n_classes) + 1, size=n_images)  # never more distinct classes than exist
     pool: list[int] = []
     out: list[list[int]] = []
     for k in counts:
@@ -384,6 +409,7 @@ def make_eval_set(
     seed: int = 1,
     *,
     n_selection: int = 40,
+    classes: Sequence[str] | None = None,
 ) -> EvalSetInfo:
     """A small PASCAL-VOC-layout segmentation set of rendered images (1-3 classes each):
 
@@ -392,9 +418,10 @@ def make_eval_set(
                                           when n_images is large enough (1-3 classes each: needs >= 73 slots)
         ImageSets/Segmentation/train.txt  `n_selection` different images ("sel_NNNN") for checkpoint selection;
                                           named train.txt so VOC loaders find it, but it is NOT training data
-        classes.txt                       "background" then the 73 classes, one per line (line i = mask value i)
+        classes.txt                       "background" then the scored classes, one per line (line i = mask value i)
         eval.json                         done-marker with parameters and per-class counts
 
+    `classes`: the vocabulary classes to draw and score (default: all 73), in vocabulary order in classes.txt.
     Seeds come from streams the training images never use, so eval images are held out.
     """
     if not 1 <= n_images <= 10000 or not 0 <= n_selection <= 10000:
@@ -402,7 +429,19 @@ def make_eval_set(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     out = Path(out_dir)
-    classes = load_vocabulary().classes
+    vocabulary = load_vocabulary().classes
+    if classes is None:
+        classes = vocabulary
+    else:
+        unknown = sorted(set(classes) - set(vocabulary))
+        if unknown or not classes:
+            raise ValueError(f"eval classes must be a non-empty subset of the vocabulary, unknown: {unknown}")
+        classes = tuple(c for c in vocabulary if c in set(classes))
+    # Masks are rendered with vocabulary labels (i + 1); the eval set's labels are positions in classes.txt.
+    to_eval_label = np.zeros(256, dtype=np.uint8)
+    to_eval_label[IGNORE_LABEL] = IGNORE_LABEL
+    for position, name in enumerate(classes, start=1):
+        to_eval_label[vocabulary.index(name) + 1] = position
     params = {
         "n_images": n_images,
         "n_selection": n_selection,
@@ -410,6 +449,7 @@ def make_eval_set(
         "seed": seed,
         "render_version": RENDER_VERSION,
         "vocabulary": load_vocabulary().version,
+        "classes": list(classes),
     }
     inputs_hash = _inputs_hash(params)
     marker = out / "eval.json"
@@ -438,7 +478,8 @@ def make_eval_set(
             image_id = f"{prefix}_{i:04d}"
             rendered = render_sample([classes[c] for c in class_ids], _row_seed(seed, stream, i), image_size)
             (staging / "JPEGImages" / f"{image_id}.jpg").write_bytes(encode_jpeg(rendered.image, quality=95))
-            (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(rendered.mask))
+            mask = to_eval_label[rendered.mask]
+            (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(mask))
             if split == "val":
                 for c in rendered.classes:
                     per_class[c] += 1

@@ -451,7 +451,9 @@ ADE20K_CLASSES: tuple[str, ...] = (
 
 
 def sample_classes(vocabulary: str = "v1") -> tuple[str, ...]:
-    """The cc4m sample eval set's classes: background, then the vocabulary's classes (label i+1 = classes[i])."""
+    """Background, then every vocabulary class (label i+1 = classes[i]): the classes of a full-vocabulary eval set
+    (`curation.sample.make_eval_set` without `classes`). A set on a subset, like the embedded sample's, lists its
+    own classes in its classes.txt, which the "sample" layout reads."""
     return (BACKGROUND,) + load_vocabulary(vocabulary).classes
 
 

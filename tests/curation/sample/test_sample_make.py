@@ -87,6 +87,55 @@ def test_eval_set_voc_layout(tmp_path: Path) -> None:
     assert make_eval_set(tmp_path / "eval", n_images=80, image_size=64, seed=1, n_selection=10) == info
 
 
+def test_eval_set_on_a_class_subset_relabels_masks_to_its_classes_txt(tmp_path: Path) -> None:
+    subset = ["dog", "car", "people"]  # given out of order: classes.txt keeps vocabulary order
+    info = make_eval_set(tmp_path / "eval", n_images=12, image_size=48, seed=3, n_selection=2, classes=subset)
+    classes_txt = (info.root / "classes.txt").read_text().splitlines()
+    expected = [c for c in CLASSES if c in subset]
+    assert classes_txt == ["background", *expected]
+    seen: set[int] = set()
+    for image_id in info.val_ids:
+        labels = set(np.unique(np.asarray(Image.open(info.root / "SegmentationClass" / f"{image_id}.png"))).tolist())
+        assert labels <= {0, 255, 1, 2, 3}
+        seen |= labels - {0, 255}
+    assert seen == {1, 2, 3}
+    done = read_json(info.root / "eval.json")
+    assert sorted(done["val_images_per_class"]) == sorted(subset) and done["params"]["classes"] == expected
+    with pytest.raises(ValueError, match="subset of the vocabulary"):
+        make_eval_set(tmp_path / "bad", n_images=2, classes=["dragon"])
+    with pytest.raises(ValueError, match="subset of the vocabulary"):
+        make_eval_set(tmp_path / "bad", n_images=2, classes=[])
+
+
+def test_frequent_classes_counts_images_not_mentions() -> None:
+    from curation.sample.make import frequent_classes
+
+    drawn = [["dog", "dog", "car"], ["dog"], ["car"], ["people"]]
+    assert frequent_classes(drawn, 2) == [c for c in CLASSES if c in ("car", "dog")]
+    assert frequent_classes(drawn, 3) == []
+    with pytest.raises(ValueError):
+        frequent_classes(drawn, 0)
+
+
+def test_sample_eval_set_scores_the_frequent_training_classes(tmp_path: Path) -> None:
+    from curation.sample.make import frequent_classes
+
+    info = make_sample(tmp_path / "s", n_rows=60, image_size=32, extractor=_FixedExtractor(), eval_images=4,
+                       eval_selection_images=1, eval_min_images=10)
+    rows = pq.read_table(info.classes_per_row).to_pylist()
+    servable = [r["drawn"] for r in rows if r["kind"] == "image"]
+    expected = frequent_classes(servable, 10)
+    assert expected and len(expected) < len(CLASSES)
+    assert (info.eval_dir / "classes.txt").read_text().splitlines() == ["background", *expected]
+
+
+class _FixedExtractor:
+    """Every caption shows a dog; every third also a car: dog is frequent, car is not (at min 10 of ~55)."""
+
+    def classes_of(self, captions):
+        return [["dog", "car"] if i % 3 == 0 and i < 12 else ["dog"] for i, _ in enumerate(captions)]
+
+
 def test_default_extractor_is_the_entity_extractor(tmp_path: Path) -> None:
     pytest.importorskip("curation.entities")
     info = make_sample(tmp_path / "s", n_rows=30, image_size=32, eval_images=2, eval_selection_images=1)
