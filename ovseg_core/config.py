@@ -57,6 +57,11 @@ class OVSegConfig:
         contrast_temperature: initial temperature; the learnable logit scale starts at 1/temperature.
         logit_scale_max: clamp of the exponentiated logit scale.
         visual_init: optional LOCAL timm/DINO ViT checkpoint (state_dict file) to initialise the image encoder.
+        entity_weight: weight of the entity-prompt loss (not in the paper: 0 keeps the paper's objective). Each image
+            is classified against the prompts "a photo of a {class}." of every class of `entity_vocabulary`, with
+            its caption's entities (curation's parse, the same labels MEC's answers use) as soft targets: once on
+            the image embedding and once on the best-matching group per class (see `OVSegmentor.entity_loss`).
+        entity_vocabulary: curation vocabulary version whose classes the entity-prompt loss scores (manifests).
     """
 
     name: str = "custom"
@@ -88,6 +93,8 @@ class OVSegConfig:
     contrast_temperature: float = 0.07
     logit_scale_max: float = 100.0
     visual_init: str | None = None
+    entity_weight: float = 0.0
+    entity_vocabulary: str = "v1"
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the frozen config hashable and comparable.
@@ -130,6 +137,8 @@ class OVSegConfig:
         if self.mec_weight < 0 or self.mask_weight < 0:
             raise ValueError(f"loss weights must be >= 0 (mec_weight={self.mec_weight}, "
                              f"mask_weight={self.mask_weight})")
+        if self.entity_weight < 0:
+            raise ValueError(f"entity_weight must be >= 0, got {self.entity_weight}")
         if not 0.0 <= self.group_ratio < 1.0:
             raise ValueError(f"group_ratio must be in [0, 1), got {self.group_ratio}")
         if not 0.0 < self.cross_threshold <= 1.0:

@@ -75,6 +75,26 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     return 0.5 * (loss_a + loss_b)
 
 
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of (B, K) logits against multi-hot (B, K) targets spread evenly over each row's positives.
+
+    Rows without a positive (or with valid=False) are left out; with no row left the loss is 0, still attached to
+    the graph so every rank runs the same backward.
+    """
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"expected (B, K) logits and targets of one shape, got {logits.shape} and {targets.shape}")
+    targets = targets.to(logits.dtype)
+    positives = targets.sum(dim=1)
+    keep = positives > 0
+    if valid is not None:
+        keep = keep & valid.to(device=logits.device, dtype=torch.bool)
+    if not bool(keep.any()):
+        return 0.0 * logits.sum()
+    weights = targets[keep] / positives[keep, None]
+    return -(weights * F.log_softmax(logits[keep], dim=-1)).sum(dim=-1).mean()
+
+
 @torch.no_grad()
 def hungarian_match(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-to-one matching of the G masks of a with the G masks of b, per batch row.

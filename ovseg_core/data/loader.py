@@ -113,7 +113,18 @@ class SampleProcessor:
     stage: int = 1
     partner_transform: Callable | None = None
     val_percent: float = 0.0
+    entity_classes: tuple[str, ...] = ()  # non-empty: add "entity_targets", a multi-hot over these classes
     counters: dict[str, int] = field(default_factory=lambda: {"no_partner": 0, "self_partner_dropped": 0})
+
+    def entity_targets(self, entities: Sequence[str] | None) -> torch.Tensor:
+        index = {c: i for i, c in enumerate(self.entity_classes)}
+        targets = torch.zeros(len(self.entity_classes))
+        for name in entities or ():
+            if name not in index:
+                raise ValueError(f"entity {name!r} is not a class of the model's entity vocabulary "
+                                 f"({len(self.entity_classes)} classes): build and model use different vocabularies")
+            targets[index[name]] = 1.0
+        return targets
 
     def partner_candidates(self, sample_id: int, info: dict[str, Any]) -> list[tuple[int, str]]:
         if "partners" in info and info["partners"] is not None:
@@ -140,6 +151,8 @@ class SampleProcessor:
         with seeded_rng(seed):
             image = self.image_transform(decode_image(jpeg))
         out = {"image": image, "sample_id": sample_id, **{k: text[k] for k in TEXT_KEYS}, "has_entity": text["has_entity"]}
+        if self.entity_classes:
+            out["entity_targets"] = self.entity_targets(info.get("entities"))
         if self.stage == 2:
             candidates = self.partner_candidates(sample_id, info)
             if candidates:

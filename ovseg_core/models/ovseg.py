@@ -12,6 +12,13 @@ Deviations from the released code (Jazzcharles/OVSegmentor), all deliberate fixe
   partner (partner_valid=False) are excluded; the EMA teacher runs in eval mode (no drop-path noise in targets)
   and only up to the grouping block, which is all the loss reads.
 - M1 and M2 are both scaled by 1/sqrt(C) (as the release's project_and_mask does for both).
+
+One addition, off in every preset (cfg.entity_weight = 0 is the paper's objective): the entity-prompt loss
+(`entity_loss`) classifies the image embedding, and per class its best-matching group, among the prompts
+"a photo of a {class}." of the whole vocabulary, with the caption's entities as targets. The labels are still the
+captions' (curation's parse, the same ones MEC's answers use). The CPU recipe for the embedded sample turns it on:
+with ~1,300 captioned images, caption contrast alone fits the pairs without learning what the classes look like
+(benchmarks/results/learning.json).
 """
 
 from __future__ import annotations
@@ -25,16 +32,19 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from manifests.vocabulary import load_vocabulary
 from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
-from ovseg_core.losses import contrastive_loss, mask_consistency_loss
+from ovseg_core.losses import contrastive_loss, mask_consistency_loss, soft_target_cross_entropy
 from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
 from ovseg_core.models.text import TextEncoder
 
 STAGE2_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
+# The zero-shot classifier's single segmentation prompt: the entity-prompt loss trains exactly what inference scores.
+ENTITY_PROMPT = "a photo of a {}."
 STAGE1_KEYS = ("image", "input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask",
                "has_entity")
 
@@ -118,6 +128,13 @@ class OVSegmentor(nn.Module):
         self.mec_head = MECHead(cfg.embed_dim, self.text.width, cfg.embed_dim_out, cfg.proj_hidden_dim,
                                 cfg.mec_heads)
         self.visual_teacher: GroupViT | None = None
+        # Prompts of the entity-prompt loss (cfg.entity_weight > 0): tokenised once, kept out of checkpoints.
+        self.entity_classes: tuple[str, ...] = ()
+        if cfg.entity_weight > 0:
+            self.entity_classes = tuple(load_vocabulary(cfg.entity_vocabulary).classes)
+            prompts = self.tokenize([ENTITY_PROMPT.format(c) for c in self.entity_classes])
+            self.register_buffer("entity_prompt_ids", prompts["input_ids"], persistent=False)
+            self.register_buffer("entity_prompt_mask", prompts["attention_mask"], persistent=False)
         self.visual_init_report: dict[str, list[str]] | None = None
         if cfg.visual_init is not None:
             self.visual_init_report = load_timm_vit_checkpoint(self.visual, cfg.visual_init)
@@ -235,7 +252,8 @@ class OVSegmentor(nn.Module):
         """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        needed = STAGE1_KEYS + (STAGE2_KEYS if stage == 2 else ())
+        needed = STAGE1_KEYS + (STAGE2_KEYS if stage == 2 else ()) + (
+            ("entity_targets",) if self.cfg.entity_weight > 0 else ())
         missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"forward_train(stage={stage}) batch is missing {missing}")
@@ -250,12 +268,50 @@ class OVSegmentor(nn.Module):
         mec = contrastive_loss(mec_emb, answer_emb, scale, valid=batch["has_entity"])
 
         total = itc + self.cfg.mec_weight * mec
+        out = {}
+        if self.cfg.entity_weight > 0:
+            out["entity"] = self.entity_loss(image_out, feats, batch["entity_targets"], scale)
+            total = total + self.cfg.entity_weight * out["entity"]
         if stage == 2:
             mask = self.cross_image_mask_loss(batch, feats, image_out)
             total = total + self.cfg.mask_weight * mask
         else:
             mask = torch.zeros((), device=itc.device)
-        return {"loss": total, "itc": itc, "mec": mec, "mask": mask}
+        return {"loss": total, "itc": itc, "mec": mec, "mask": mask, **out}
+
+    def entity_loss(self, image_out: ImageOutput, feats: VisionFeatures, targets: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+        """Entity-prompt loss over the prompts of all `entity_classes`, the caption's entities (B, V multi-hot
+        `targets`) as labels; rows without an entity are left out. Mean of two terms:
+
+        - image: the image embedding classified among all prompts, the entities as soft targets (GroupViT's
+          multi-label idea, with the whole vocabulary as negatives instead of the batch); this ranks the
+          image-level top-k at inference;
+        - groups (multiple instance): for each caption entity, the group most sure of it, sure by the group's own
+          softmax over the classes, which is what zero-shot segmentation reads. One group covering two objects can
+          give each at most half its probability, so several entities pull apart into several groups (without
+          this the assignment collapsed into one all-covering group).
+
+        Group embeddings pass the image projector with its running BatchNorm statistics, as at inference (the
+        pooled embedding alone updates them, see `_encode_image`).
+        """
+        if targets.shape[-1] != len(self.entity_classes):
+            raise ValueError(f"entity_targets has {targets.shape[-1]} classes, the model scores "
+                             f"{len(self.entity_classes)} ({self.cfg.entity_vocabulary})")
+        with batchnorm_frozen(self.text_proj):
+            prompts = F.normalize(self.text_proj(self.text(self.entity_prompt_ids, self.entity_prompt_mask)[:, 0]),
+                                  dim=-1)  # (V, D)
+        with batchnorm_frozen(self.image_proj):
+            groups = F.normalize(self.image_proj(feats.groups), dim=-1)  # (B, G, D)
+        image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t(), targets)
+        best_group = F.log_softmax(scale * groups @ prompts.t(), dim=-1).amax(dim=1)  # (B, V)
+        targets = targets.to(best_group.dtype)
+        per_row = targets.sum(dim=1)
+        rows = per_row > 0
+        if not bool(rows.any()):
+            return image_term + 0.0 * best_group.sum()
+        group_term = -((best_group * targets).sum(dim=1)[rows] / per_row[rows]).mean()
+        return 0.5 * (image_term + group_term)
 
     def cross_image_masks(self, feats: VisionFeatures, partner_image: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -200,6 +200,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     processor = SampleProcessor(
         reader, tokenizer, cfg.max_text_len, build_train_transform(image_size, cfg.augment), stage=cfg.stage,
         partner_transform=build_train_transform(image_size, cfg.augment), val_percent=cfg.val_percent,
+        entity_classes=tuple(getattr(model, "entity_classes", ())),
     )
     repeat_factors = None
     if cfg.repeat_threshold is not None:

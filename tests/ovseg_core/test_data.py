@@ -179,3 +179,18 @@ def test_trim_text_padding_keeps_real_tokens_only():
     assert out["input_ids"].shape == (2, 4) and torch.equal(out["input_ids"], ids[:, :4])
     assert out["attention_mask"].sum() == mask.sum() and out["answer_ids"].shape == (2, 3)
     assert out["image"] is batch["image"] and batch["input_ids"].shape == (2, 6)  # input untouched
+
+
+def test_entity_targets_are_multi_hot_in_the_models_class_order(fixture_build, minilm_tokenizer):
+    reader = BuildReader(fixture_build)
+    classes = ("bus", "dog", "people")
+    processor = SampleProcessor(reader, minilm_tokenizer, 16, build_eval_transform(32), entity_classes=classes)
+    assert processor.entity_targets(["people", "dog", "dog"]).tolist() == [0.0, 1.0, 1.0]
+    assert processor.entity_targets([]).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="'sofa' is not a class"):
+        processor.entity_targets(["sofa"])
+    row = reader.meta_rows(reader.split_ids("train", 0.0))[0]
+    out = processor(reader.read_jpeg(int(row["sample_id"])), {**row, "entities": ["bus"]}, seed=0)
+    assert out["entity_targets"].tolist() == [1.0, 0.0, 0.0]
+    plain = SampleProcessor(reader, minilm_tokenizer, 16, build_eval_transform(32))
+    assert plain.entity_classes == ()

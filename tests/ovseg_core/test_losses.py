@@ -148,3 +148,24 @@ def test_contrastive_loss_two_ranks_matches_single_process(tmp_path):
         expected = 0.5 * (F.cross_entropy(logits_a[rows], labels[rows]) + F.cross_entropy(logits_b[rows], labels[rows]))
         loss, has_grad = out[rank]
         assert math.isclose(loss, expected.item(), rel_tol=1e-5) and has_grad
+
+
+def test_soft_target_cross_entropy_hand_computed_and_skips_rows_without_positive():
+    from ovseg_core.losses import soft_target_cross_entropy
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [5.0, -5.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    log_p = F.log_softmax(logits.detach(), dim=-1)
+    # row 0: -log p0; row 1: mean of -log p1, -log p2; row 2 has no positive and is left out
+    expected = 0.5 * (-log_p[0, 0] + -0.5 * (log_p[1, 1] + log_p[1, 2]))
+    loss = soft_target_cross_entropy(logits, targets)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[2].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+    # valid=False drops a row too; nothing left -> 0 but still on the graph
+    only_row1 = soft_target_cross_entropy(logits, targets, valid=torch.tensor([False, True, True]))
+    assert only_row1.item() == pytest.approx((-0.5 * (log_p[1, 1] + log_p[1, 2])).item(), rel=1e-6)
+    empty = soft_target_cross_entropy(logits, torch.zeros_like(targets))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="same|one shape"):
+        soft_target_cross_entropy(logits, targets[:, :2])

@@ -286,3 +286,30 @@ def test_only_pooled_image_features_update_the_projector_batchnorm():
     torch.testing.assert_close(model.image_proj.bn.running_mean, reference.bn.running_mean)
     torch.testing.assert_close(model.image_proj.bn.running_var, reference.bn.running_var)
     assert model.image_proj.bn.training  # restored after the frozen pass
+
+
+def test_entity_prompt_loss_trains_groups_image_and_text_projectors():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, entity_weight=0.5).train()
+    classes = model.entity_classes
+    assert len(classes) == 73 and "people" in classes
+    # the prompts are buffers the checkpoint does not carry (rebuilt from the vocabulary)
+    assert "entity_prompt_ids" not in model.state_dict()
+    batch = make_batch(model)
+    targets = torch.zeros(B, len(classes))
+    for row, names in enumerate((["dog"], ["people", "bus"], ["car"], [])):
+        for name in names:
+            targets[row, classes.index(name)] = 1.0
+    with pytest.raises(KeyError, match="entity_targets"):
+        model.forward_train(batch, stage=1)
+    out = model.forward_train({**batch, "entity_targets": targets}, stage=1)
+    assert torch.allclose(out["loss"], out["itc"] + model.cfg.mec_weight * out["mec"] + 0.5 * out["entity"])
+    model.zero_grad()
+    out["entity"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("visual.") for n in grads)
+    assert any(n.startswith("image_proj.") for n in grads) and any(n.startswith("text_proj.") for n in grads)
+    assert not any(n.startswith("mec_head.") for n in grads)
+    with pytest.raises(ValueError, match="entity_targets has 5 classes"):
+        model.entity_loss(*model._encode_image(batch["image"]), torch.zeros(B, 5), model.scale())
+
