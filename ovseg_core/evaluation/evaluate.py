@@ -77,6 +77,7 @@ def evaluate(
     device: str | torch.device | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    per_image_confusion: list[np.ndarray] | None = None,
 ) -> dict:
     """Zero-shot mIoU of ``model`` on ``dataset`` (defaults: the paper's protocol, short side 448, 448/224 slide).
 
@@ -89,6 +90,8 @@ def evaluate(
             default ``<out_dir>/overlays`` when ``out_dir`` is given, else none are written. ``n_overlays=0``: none.
         device: move the model there first; None keeps it where it is (safe to call mid-training).
         mean, std: the normalisation the model was trained with.
+        per_image_confusion: when a list is given, each image's (K, K) confusion matrix is appended to it, in
+            dataset order (for paired bootstrap intervals, ``metrics.paired_bootstrap_miou_delta``).
         Other arguments: see ``ZeroShotSegmenter``.
 
     Returns:
@@ -127,7 +130,9 @@ def evaluate(
     for index in range(n_images):
         sample = dataset[index]
         pred = segmenter.predict(image_to_tensor(sample.image, mean, std).to(_model_device(model)))
-        matrix.update(pred, sample.label)
+        counts = matrix.update(pred, sample.label)
+        if per_image_confusion is not None:
+            per_image_confusion.append(counts)
         if overlay_dir is not None and index < n_overlays:
             safe_id = sample.image_id.replace("/", "_")
             path = save_overlay(

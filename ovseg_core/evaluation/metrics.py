@@ -48,8 +48,10 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.n_images = 0
 
-    def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> None:
-        """Add one image (or a batch of same-shape maps): ``pred`` and ``gt`` of equal shape, integer labels."""
+    def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Add one image (or a batch of same-shape maps): ``pred`` and ``gt`` of equal shape, integer labels.
+
+        Returns this update's own (num_classes, num_classes) counts (per-image matrices for bootstrapping)."""
         pred, gt = _as_int_array(pred), _as_int_array(gt)
         if pred.shape != gt.shape:
             raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}")
@@ -62,20 +64,59 @@ class ConfusionMatrix:
         if pred_valid.size and (pred_valid.min() < 0 or pred_valid.max() >= k):
             bad = np.unique(pred_valid[(pred_valid < 0) | (pred_valid >= k)])
             raise ValueError(f"predicted labels {bad[:10].tolist()} outside [0, {k})")
-        self.matrix += np.bincount(gt_valid * k + pred_valid, minlength=k * k).reshape(k, k)
+        counts = np.bincount(gt_valid * k + pred_valid, minlength=k * k).reshape(k, k)
+        self.matrix += counts
         self.n_images += 1
+        return counts
 
     def compute(self) -> SegmentationScores:
-        tp = np.diag(self.matrix).astype(np.float64)
-        gt_pixels = self.matrix.sum(axis=1)
-        pred_pixels = self.matrix.sum(axis=0)
-        union = gt_pixels + pred_pixels - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-        present = ~np.isnan(iou)
-        miou = float(iou[present].mean()) if present.any() else float("nan")
-        total = self.matrix.sum()
-        pixel_acc = float(tp.sum() / total) if total > 0 else float("nan")
-        return SegmentationScores(
-            miou=miou, per_class_iou=iou, pixel_acc=pixel_acc, gt_pixels=gt_pixels, pred_pixels=pred_pixels
-        )
+        return scores_of(self.matrix)
+
+
+def scores_of(matrix: np.ndarray) -> SegmentationScores:
+    """Scores of one accumulated (K, K) confusion matrix (rows = ground truth)."""
+    tp = np.diag(matrix).astype(np.float64)
+    gt_pixels = matrix.sum(axis=1)
+    pred_pixels = matrix.sum(axis=0)
+    union = gt_pixels + pred_pixels - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    present = ~np.isnan(iou)
+    miou = float(iou[present].mean()) if present.any() else float("nan")
+    total = matrix.sum()
+    pixel_acc = float(tp.sum() / total) if total > 0 else float("nan")
+    return SegmentationScores(
+        miou=miou, per_class_iou=iou, pixel_acc=pixel_acc, gt_pixels=gt_pixels, pred_pixels=pred_pixels
+    )
+
+
+def paired_bootstrap_miou_delta(per_image_a: np.ndarray, per_image_b: np.ndarray, n_resamples: int = 2000,
+                                seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """How sure is "A scores a higher mIoU than B on this test set"? Resample the test images with replacement
+    (the same draw for both, since they segment the same images), recompute both mIoUs, and report the delta's
+    percentile interval.
+
+    Args:
+        per_image_a, per_image_b: (N, K, K) per-image confusion matrices of the two predictors, same image order
+            (what ``ConfusionMatrix.update`` returns); B may be e.g. an all-background baseline.
+
+    Returns:
+        {"delta": mIoU(A) - mIoU(B) on the full set, "low", "high": the interval, "p_not_better": fraction of
+        resamples where A does not beat B, "n_images", "n_resamples", "confidence"}.
+    """
+    a, b = np.asarray(per_image_a), np.asarray(per_image_b)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[1] != a.shape[2] or len(a) == 0:
+        raise ValueError(f"expected two (N, K, K) per-image confusion stacks of one shape, got {a.shape}, {b.shape}")
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError("need 0 < confidence < 1 and n_resamples >= 1")
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    deltas = np.empty(n_resamples)
+    for i in range(n_resamples):
+        pick = rng.integers(0, n, size=n)
+        deltas[i] = scores_of(a[pick].sum(axis=0)).miou - scores_of(b[pick].sum(axis=0)).miou
+    tail = (1 - confidence) / 2 * 100
+    return {"delta": scores_of(a.sum(axis=0)).miou - scores_of(b.sum(axis=0)).miou,
+            "low": float(np.percentile(deltas, tail)), "high": float(np.percentile(deltas, 100 - tail)),
+            "p_not_better": float(np.mean(deltas <= 0)), "n_images": n, "n_resamples": n_resamples,
+            "confidence": confidence}

@@ -366,3 +366,26 @@ def test_cli_eval_with_a_fake_checkpoint_loader(tmp_path, monkeypatch, capsys):
     bad = parser.parse_args(["--checkpoint", str(checkpoint), "--dataset-layout", "voc", "--data-root", str(tmp_path)])
     assert cli_eval(bad) == 2
     assert "JPEGImages" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_separates_a_real_lead_from_noise():
+    from ovseg_core.evaluation.metrics import ConfusionMatrix, paired_bootstrap_miou_delta
+
+    rng = np.random.default_rng(0)
+    gts = [rng.integers(0, 3, size=(8, 8)) for _ in range(30)]
+    perfect, background, noisy = [], [], []
+    for gt in gts:
+        perfect.append(ConfusionMatrix(3).update(gt, gt))
+        background.append(ConfusionMatrix(3).update(np.zeros_like(gt), gt))
+        flip = rng.random(gt.shape) < 0.5
+        noisy.append(ConfusionMatrix(3).update(np.where(flip, rng.integers(0, 3, size=gt.shape), gt), gt))
+    lead = paired_bootstrap_miou_delta(np.stack(perfect), np.stack(background), n_resamples=200)
+    full_bg = ConfusionMatrix(3)
+    for gt in gts:
+        full_bg.update(np.zeros_like(gt), gt)
+    assert lead["delta"] == pytest.approx(1.0 - full_bg.compute().miou)
+    assert 0 < lead["low"] <= lead["delta"] <= lead["high"] and lead["p_not_better"] == 0.0
+    same = paired_bootstrap_miou_delta(np.stack(noisy), np.stack(noisy), n_resamples=50)
+    assert same["delta"] == 0.0 and same["low"] == 0.0 == same["high"] and same["p_not_better"] == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap_miou_delta(np.stack(perfect), np.stack(perfect)[:, :2])

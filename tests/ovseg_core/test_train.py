@@ -239,6 +239,44 @@ def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path)
         select_eval_settings(CodeModel(), load_dataset("sample", tmp_path, split="val"), cands, **CODE_NORM)
 
 
+def test_selection_reuses_forwards_and_scores_exactly_like_plain_evaluation(tmp_path):
+    import shutil
+
+    from test_evaluation import CODE_NORM, CodeModel, make_code_dataset
+
+    from ovseg_core.evaluation.datasets import load_dataset
+    from ovseg_core.evaluation.evaluate import evaluate
+    from ovseg_core.train.selection import evaluator_kwargs, select_eval_settings
+
+    make_code_dataset(tmp_path)
+    split_dir = tmp_path / "ImageSets" / "Segmentation"
+    shutil.copyfile(split_dir / "val.txt", split_dir / "train.txt")
+    selection = load_dataset("sample", tmp_path, split="train")
+
+    class CountingModel(CodeModel):
+        def __init__(self):
+            super().__init__()
+            self.image_calls = 0
+
+        def encode_image(self, images):
+            self.image_calls += 1
+            return super().encode_image(images)
+
+    cands = {"bg_thresh": (0.0, 0.5, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,)}
+    model = CountingModel()
+    out = select_eval_settings(model, selection, cands, **CODE_NORM)
+    swept = model.image_calls
+    for cand, score in zip(
+            [dict(zip(("bg_thresh", "topk"), bt)) for bt in ((0.0, 1), (0.0, None), (0.5, 1), (0.5, None),
+                                                              (0.95, 1), (0.95, None))], out["scores"]):
+        model.image_calls = 0
+        plain = evaluate(model, selection, n_overlays=0, **CODE_NORM,
+                         **evaluator_kwargs(model, {**cand, "assignment": "hard", "scale": 1.0}))
+        assert plain["mIoU"] == pytest.approx(score["mIoU"]) and score["bg_thresh"] == cand["bg_thresh"]
+    # six candidates share one forward per crop
+    assert swept == model.image_calls
+
+
 def test_lr_scales_split_groups_and_scale_the_schedule():
     model = StandInModel()
     cfg = TrainConfig(build_dir="b", out_dir="o", steps=10, base_lr=1e-2, warmup_lr=1e-3, min_lr=1e-3, scale_lr=False,
