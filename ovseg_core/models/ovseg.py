@@ -289,8 +289,8 @@ class OVSegmentor(nn.Module):
           image-level top-k at inference;
         - groups (multiple instance): for each caption entity, the group most sure of it, sure by the group's own
           softmax over the classes, which is what zero-shot segmentation reads. One group covering two objects can
-          give each at most half its probability, so several entities pull apart into several groups (without
-          this the assignment collapsed into one all-covering group).
+          give each at most half its probability, so the term favours one group per entity. (It does not stop the
+          assignment from collapsing by itself: the sample recipe's lower front-end lr does that.)
 
         Group embeddings pass the image projector with its running BatchNorm statistics, as at inference (the
         pooled embedding alone updates them, see `_encode_image`).
