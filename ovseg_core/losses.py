@@ -75,24 +75,31 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     return 0.5 * (loss_a + loss_b)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                              valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of (B, K) logits against multi-hot (B, K) targets spread evenly over each row's positives.
+def soft_target_nll(log_probs: torch.Tensor, targets: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood of (B, K) log-probabilities against multi-hot (B, K) targets spread evenly over each
+    row's positives: mean over rows of -sum_k (t_k / sum t) log p_k.
 
     Rows without a positive (or with valid=False) are left out; with no row left the loss is 0, still attached to
     the graph so every rank runs the same backward.
     """
-    if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"expected (B, K) logits and targets of one shape, got {logits.shape} and {targets.shape}")
-    targets = targets.to(logits.dtype)
+    if log_probs.shape != targets.shape or log_probs.dim() != 2:
+        raise ValueError(f"expected (B, K) scores and targets of one shape, got {log_probs.shape} and {targets.shape}")
+    targets = targets.to(log_probs.dtype)
     positives = targets.sum(dim=1)
     keep = positives > 0
     if valid is not None:
-        keep = keep & valid.to(device=logits.device, dtype=torch.bool)
+        keep = keep & valid.to(device=log_probs.device, dtype=torch.bool)
     if not bool(keep.any()):
-        return 0.0 * logits.sum()
+        return 0.0 * log_probs.sum()
     weights = targets[keep] / positives[keep, None]
-    return -(weights * F.log_softmax(logits[keep], dim=-1)).sum(dim=-1).mean()
+    return -(weights * log_probs[keep]).sum(dim=-1).mean()
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of (B, K) logits against multi-hot (B, K) targets (`soft_target_nll` of their log-softmax)."""
+    return soft_target_nll(F.log_softmax(logits, dim=-1), targets, valid)
 
 
 @torch.no_grad()

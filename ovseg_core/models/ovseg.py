@@ -37,7 +37,7 @@ from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
-from ovseg_core.losses import contrastive_loss, mask_consistency_loss, soft_target_cross_entropy
+from ovseg_core.losses import contrastive_loss, mask_consistency_loss, soft_target_cross_entropy, soft_target_nll
 from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
 from ovseg_core.models.text import TextEncoder
@@ -168,14 +168,12 @@ class OVSegmentor(nn.Module):
     def _encode_image(self, images: torch.Tensor) -> tuple[ImageOutput, VisionFeatures]:
         feats = self.visual.forward_features(images)
         image_emb = F.normalize(self.image_proj(feats.groups.mean(dim=1)), dim=-1)
-        if self.training:
-            # Only the pooled image feature may train the projector and update its BatchNorm statistics (as in
-            # GroupViT): per-group features have other statistics, and mixing them in left the running stats fit
-            # for neither, which bunched eval-mode embeddings together. In training, group embeddings only rank
-            # groups against the shared entity (no gradient), so they use the running statistics.
-            with torch.no_grad(), batchnorm_frozen(self.image_proj):
-                group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
-        else:
+        # Only the pooled image feature may update the projector's BatchNorm statistics (as in GroupViT): per-group
+        # features have other statistics, and mixing them in left the running stats fit for neither, which bunched
+        # eval-mode embeddings together. Group embeddings always use the running statistics, as at inference. In
+        # training they need a gradient only for the entity-prompt loss; the mask loss just ranks them.
+        group_grad = torch.is_grad_enabled() and (not self.training or self.cfg.entity_weight > 0)
+        with torch.set_grad_enabled(group_grad), batchnorm_frozen(self.image_proj):
             group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
         assign = feats.grouping.assign if self.training else feats.grouping.soft_assign
         return ImageOutput(image_emb, group_emb, resize_assignment(assign, feats.grid)), feats
@@ -270,7 +268,7 @@ class OVSegmentor(nn.Module):
         total = itc + self.cfg.mec_weight * mec
         out = {}
         if self.cfg.entity_weight > 0:
-            out["entity"] = self.entity_loss(image_out, feats, batch["entity_targets"], scale)
+            out["entity"] = self.entity_loss(image_out, batch["entity_targets"], scale)
             total = total + self.cfg.entity_weight * out["entity"]
         if stage == 2:
             mask = self.cross_image_mask_loss(batch, feats, image_out)
@@ -279,8 +277,7 @@ class OVSegmentor(nn.Module):
             mask = torch.zeros((), device=itc.device)
         return {"loss": total, "itc": itc, "mec": mec, "mask": mask, **out}
 
-    def entity_loss(self, image_out: ImageOutput, feats: VisionFeatures, targets: torch.Tensor,
-                    scale: torch.Tensor) -> torch.Tensor:
+    def entity_loss(self, image_out: ImageOutput, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Entity-prompt loss over the prompts of all `entity_classes`, the caption's entities (B, V multi-hot
         `targets`) as labels; rows without an entity are left out. Mean of two terms:
 
@@ -292,8 +289,8 @@ class OVSegmentor(nn.Module):
           give each at most half its probability, so the term favours one group per entity. (It does not stop the
           assignment from collapsing by itself: the sample recipe's lower front-end lr does that.)
 
-        Group embeddings pass the image projector with its running BatchNorm statistics, as at inference (the
-        pooled embedding alone updates them, see `_encode_image`).
+        The group embeddings are `image_out.group_emb`: projected with the running BatchNorm statistics, as at
+        inference (the pooled embedding alone updates them, see `_encode_image`).
         """
         if targets.shape[-1] != len(self.entity_classes):
             raise ValueError(f"entity_targets has {targets.shape[-1]} classes, the model scores "
@@ -301,17 +298,9 @@ class OVSegmentor(nn.Module):
         with batchnorm_frozen(self.text_proj):
             prompts = F.normalize(self.text_proj(self.text(self.entity_prompt_ids, self.entity_prompt_mask)[:, 0]),
                                   dim=-1)  # (V, D)
-        with batchnorm_frozen(self.image_proj):
-            groups = F.normalize(self.image_proj(feats.groups), dim=-1)  # (B, G, D)
         image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t(), targets)
-        best_group = F.log_softmax(scale * groups @ prompts.t(), dim=-1).amax(dim=1)  # (B, V)
-        targets = targets.to(best_group.dtype)
-        per_row = targets.sum(dim=1)
-        rows = per_row > 0
-        if not bool(rows.any()):
-            return image_term + 0.0 * best_group.sum()
-        group_term = -((best_group * targets).sum(dim=1)[rows] / per_row[rows]).mean()
-        return 0.5 * (image_term + group_term)
+        best_group = F.log_softmax(scale * image_out.group_emb @ prompts.t(), dim=-1).amax(dim=1)  # (B, V)
+        return 0.5 * (image_term + soft_target_nll(best_group, targets))
 
     def cross_image_masks(self, feats: VisionFeatures, partner_image: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor]:

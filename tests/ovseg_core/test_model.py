@@ -311,5 +311,5 @@ def test_entity_prompt_loss_trains_groups_image_and_text_projectors():
     assert any(n.startswith("image_proj.") for n in grads) and any(n.startswith("text_proj.") for n in grads)
     assert not any(n.startswith("mec_head.") for n in grads)
     with pytest.raises(ValueError, match="entity_targets has 5 classes"):
-        model.entity_loss(*model._encode_image(batch["image"]), torch.zeros(B, 5), model.scale())
+        model.entity_loss(model.encode_image(batch["image"]), torch.zeros(B, 5), model.scale())
 
