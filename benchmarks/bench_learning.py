@@ -91,6 +91,22 @@ def json_ready(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "per_image_confusion"}
 
 
+def score_against_baselines(trained: torch.nn.Module, untrained: torch.nn.Module, dataset: Any,
+                            settings: dict[str, Any], max_images: int | None, seed: int,
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trained model, the same model untrained and all-background on one test set with the same settings, and
+    the paired-bootstrap interval of the trained model's mIoU lead over each baseline."""
+    from ovseg_core.evaluation.metrics import paired_bootstrap_miou_delta
+
+    results = {"trained": evaluate_model(trained, dataset, settings, max_images),
+               "untrained_same_init": evaluate_model(untrained, dataset, settings, max_images),
+               "all_background": all_background(dataset, max_images)}
+    intervals = {f"trained_vs_{name}": paired_bootstrap_miou_delta(results["trained"]["per_image_confusion"],
+                                                                   results[name]["per_image_confusion"], seed=seed)
+                 for name in ("untrained_same_init", "all_background")}
+    return results, intervals
+
+
 def curves(losses: list[dict[str, float]], stage: int, offset: int) -> list[dict[str, float]]:
     keys = ("step", "lr", "loss", "itc", "mec", "mask", "entity", "grad_norm", "time_s")
     return [{"stage": stage, "global_step": r["step"] + offset, **{k: r[k] for k in keys if k in r}} for r in losses]
@@ -147,7 +163,6 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from ovseg_core.data.cc4m import BuildReader
     from ovseg_core.evaluation.datasets import load_dataset
     from ovseg_core.evaluation.evaluate import protocol_sizes
-    from ovseg_core.evaluation.metrics import paired_bootstrap_miou_delta
     from ovseg_core.train.checkpoint import load_model_from_checkpoint
     from ovseg_core.train.config import SAMPLE_STEP_SECONDS, TrainConfig, sample_recipe
     from ovseg_core.train.loop import train
@@ -212,11 +227,9 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     protocol = {**protocol_sizes(int(trained.image_size)), "bg_thresh": None, "topk": 5, "assignment": "hard"}
 
     # 3) the test split, once per model and setting
-    results: dict[str, Any] = {
-        "trained": evaluate_model(trained, test_set, chosen, args.max_eval_images),
-        "untrained_same_init": evaluate_model(untrained, test_set, chosen, args.max_eval_images),
-        "all_background": all_background(test_set, args.max_eval_images),
-    }
+    # Paired bootstrap over the test images: is the trained model's lead larger than the test set's noise?
+    results, intervals = score_against_baselines(trained, untrained, test_set, chosen, args.max_eval_images,
+                                                 args.seed)
     supplementary = {
         "untrained_with_its_own_selected_settings": evaluate_model(
             untrained, test_set, untrained_selection["chosen"], args.max_eval_images),
@@ -235,13 +248,10 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
                                    image_size=params["image_size"], seed=args.fresh_eval_seed, n_selection=0,
                                    classes=list(test_set.classnames[1:])).root
         fresh_set = load_dataset("sample", fresh_root, split="val")
-        fresh_results = {"trained": evaluate_model(trained, fresh_set, chosen, args.max_eval_images),
-                         "untrained_same_init": evaluate_model(untrained, fresh_set, chosen, args.max_eval_images),
-                         "all_background": all_background(fresh_set, args.max_eval_images)}
-        fresh = {"eval_root": str(fresh_root), "render_seed": args.fresh_eval_seed, "miou": {k: v["mIoU"] for k, v in fresh_results.items()},
-                 "bootstrap_95": {f"trained_vs_{name}": paired_bootstrap_miou_delta(
-                     fresh_results["trained"]["per_image_confusion"], fresh_results[name]["per_image_confusion"],
-                     seed=args.seed) for name in ("untrained_same_init", "all_background")},
+        fresh_results, fresh_intervals = score_against_baselines(trained, untrained, fresh_set, chosen,
+                                                                 args.max_eval_images, args.seed)
+        fresh = {"eval_root": str(fresh_root), "render_seed": args.fresh_eval_seed,
+                 "miou": {k: v["mIoU"] for k, v in fresh_results.items()}, "bootstrap_95": fresh_intervals,
                  "eval": {k: json_ready(v) for k, v in fresh_results.items()}}
     if s2:
         other = "stage1" if chosen_name == "stage2" else "stage2"
@@ -271,12 +281,6 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from manifests.version import code_version
 
     trained_miou, untrained_miou, bg_miou = miou["trained"], miou["untrained_same_init"], miou["all_background"]
-    # Paired bootstrap over the test images: is the trained model's lead larger than the test set's noise?
-    intervals = {
-        f"trained_vs_{name}": paired_bootstrap_miou_delta(results["trained"]["per_image_confusion"],
-                                                          results[name]["per_image_confusion"], seed=args.seed)
-        for name in ("untrained_same_init", "all_background")
-    }
     learned = all(iv["low"] > 0 for iv in intervals.values()) and (
         trained_miou - max(untrained_miou, bg_miou) >= LEARNED_MARGIN)
     return {
