@@ -433,10 +433,11 @@ def make_eval_set(
     if classes is None:
         classes = vocabulary
     else:
-        unknown = sorted(set(classes) - set(vocabulary))
-        if unknown or not classes:
+        wanted = set(classes)
+        unknown = sorted(wanted - set(vocabulary))
+        if unknown or not wanted:
             raise ValueError(f"eval classes must be a non-empty subset of the vocabulary, unknown: {unknown}")
-        classes = tuple(c for c in vocabulary if c in set(classes))
+        classes = tuple(c for c in vocabulary if c in wanted)
     # Masks are rendered with vocabulary labels (i + 1); the eval set's labels are positions in classes.txt.
     to_eval_label = np.zeros(256, dtype=np.uint8)
     to_eval_label[IGNORE_LABEL] = IGNORE_LABEL
