@@ -134,11 +134,21 @@ def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
     return image
 
 
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """The header's size, as displayed: orientations 5-8 swap width and height."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block; decoding will report the image if it is broken
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def to_stored_jpeg(data: bytes, spec: ImageSpec) -> StoredImage:
     """Header check, upright decode, resize, JPEG encode. Raises ImageRejected (with a failure reason)."""
     image = open_checked(data, spec.max_pixels)
+    original = _upright_size(image)  # before draft decoding shrinks a large JPEG
     upright = _decode_upright(image, spec)
-    original = upright.size
     out = resize(upright, spec)
     buffer = io.BytesIO()
     out.save(buffer, format="JPEG", quality=spec.encode_quality)
