@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from manifests.fileio import sha256_file, write_text_atomic
 from manifests.version import REPO_ROOT
 from manifests.version import code_version as current_code_version
 
@@ -111,29 +110,6 @@ def decide_promotion(candidate_score: float | None, champion_score: float | None
     return PromotionDecision(False, f"{word}: gain {gain:.6g} <= {min_improvement:g}", candidate_score, champion_score)
 
 
-def _sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # Own tiny atomic write: manifests may not import curation.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -170,7 +146,7 @@ class ModelRegistry:
 
     @staticmethod
     def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-        _write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def list(self) -> list[RegistryEntry]:
         return [RegistryEntry.from_dict(r) for r in self._read_jsonl(self.registry_path)]
@@ -194,7 +170,7 @@ class ModelRegistry:
         checkpoint = Path(checkpoint).resolve()
         if not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        sha = _sha256_file(checkpoint)
+        sha = sha256_file(checkpoint)
         with self._locked():
             rows = self._read_jsonl(self.registry_path)
             if parent_id is not None and not any(r["entry_id"] == parent_id for r in rows):
