@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.download import STATUSES
+from curation.invariants import INGEST_DONE, check_invariants
 from curation.io import read_json, sha256_file, write_json_atomic
 from curation.layout import BuildLayout, shard_name
 from curation.reshard import SHARD_META_KEY
@@ -95,25 +97,31 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
         rejected_by_reason.update(pq.read_table(part, columns=["reason"])["reason"].to_pylist())
     ingested = _parts_rows(layout, layout.ingest_dir)
     rejected = sum(rejected_by_reason.values())
-    ingest_result = stage_results.get("ingest") or {}
-    read = ingest_result.get("read", ingested + rejected)
+    done = layout.root / INGEST_DONE
+    # The source's rows as ingest counted them while reading it; never derived from the parts it wrote.
+    read = int(read_json(done)["result"]["source_rows"]) if done.exists() else None
 
     parsed = _parts_rows(layout, layout.captions_dir)
-    parse_failed = _sum(stage_results.get("parse"), "failed") or 0
+    # Parse keeps every row; captions parts missing rows show up as ingested != parsed, never as "failed".
+    parse_failed = 0
 
-    sel = selected_counts(layout.root)
+    dropped_by_reason = selected_counts(layout.root)["dropped_by_reason"]  # why: select's own record
+    selected = _parts_rows(layout, layout.selected_dir)  # how many: the parts themselves
+    sel = {"parsed": parsed, "selected": selected, "dropped": parsed - selected,
+           "dropped_by_reason": dropped_by_reason}
 
     downloads = pq.read_table(layout.downloads, columns=["status", "error_message"])
     statuses = Counter(downloads["status"].to_pylist())
     errors = Counter(e for e in downloads["error_message"].to_pylist() if e)
     success = statuses.pop("success", 0)
-    failed_by_reason = {s: statuses.get(s, 0) for s in ("failed_to_download", "failed_to_resize", "missing")}
-    failed_by_reason.update(statuses)
+    # Only known failure statuses count as failures: an unknown status then breaks selected = success + failed.
+    failed_by_reason = {s: statuses.get(s, 0) for s in STATUSES if s != "success"}
 
     kept = _rows(layout.kept)
     removed_by_kind: dict[str, int] = {"exact": 0, "near": 0}
     if layout.duplicates.exists():
         removed_by_kind.update(Counter(pq.read_table(layout.duplicates, columns=["kind"])["kind"].to_pylist()))
+    dedup_input = kept + sum(removed_by_kind.values())  # what dedup decided on, from its own two files
 
     partners = pq.read_table(layout.partners, columns=["sample_id"])
     with_partners = len(pc.unique(partners["sample_id"])) if partners.num_rows else 0
@@ -122,13 +130,13 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
 
     meta_rows = _parts_rows(layout, layout.meta_dir)
     return {
-        "ingest": {"read": read, "ingested": ingested, "rejected": rejected,
+        "ingest": {"read": ingested + rejected if read is None else read, "ingested": ingested, "rejected": rejected,
                    "rejected_by_reason": dict(sorted(rejected_by_reason.items()))},
         "parse": {"ingested": ingested, "parsed": parsed, "failed": parse_failed},
         "select": sel,
         "download": {"selected": downloads.num_rows, "success": success, "failed": sum(failed_by_reason.values()),
                      "failed_by_reason": failed_by_reason, "errors": dict(errors.most_common(MAX_ERROR_KINDS))},
-        "dedup": {"success": success, "removed_duplicate": sum(removed_by_kind.values()),
+        "dedup": {"success": dedup_input, "removed_duplicate": sum(removed_by_kind.values()),
                   "removed_by_kind": removed_by_kind, "kept": kept},
         "index": {"kept": kept, "partner_rows": partners.num_rows, "samples_with_partners": with_partners,
                   "samples_without_partners": kept - with_partners, "classes": classes,
@@ -200,6 +208,7 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
     counts = collect_counts(layout, stage_results, cfg.shard.samples_per_shard)
     shards, problems = _shard_entries(layout, counts["reshard"]["shards"])
     problems += _cross_check(counts, stage_results) + count_problems(counts, shards)
+    problems += check_invariants(layout.root)
     if problems:
         raise ManifestCountError(f"build {layout.root}: counts do not add up:\n  " + "\n  ".join(problems))
 
@@ -233,6 +242,25 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
 
 
 # ------------------------------------------------------------------------------------------------------ verification
+def _diff_counts(where: str, recorded: Any, recounted: Any, out: list[str]) -> None:
+    if isinstance(recorded, dict) and isinstance(recounted, dict):
+        for key in sorted(set(recorded) | set(recounted), key=str):
+            _diff_counts(f"{where}.{key}", recorded.get(key), recounted.get(key), out)
+    elif recorded != recounted:
+        out.append(f"count {where}: the manifest says {recorded!r}, the build's files give {recounted!r}")
+
+
+def recount_problems(layout: BuildLayout, recorded: dict[str, Any]) -> list[str]:
+    """Every count of the manifest, recounted from the build's files now; one problem per count that differs."""
+    try:
+        recounted = collect_counts(layout, {}, recorded["reshard"]["samples_per_shard"])
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        return [f"count: the build's files cannot be recounted ({type(err).__name__}: {err})"]
+    problems: list[str] = []
+    _diff_counts("counts", recorded, recounted, problems)
+    return problems
+
+
 @dataclass
 class VerifyReport:
     ok: bool
@@ -272,6 +300,8 @@ def verify_manifest(manifest_path: str | Path) -> VerifyReport:
         return report
     report.problems += count_problems(manifest["counts"], manifest["shards"])
     layout = BuildLayout(path.parent)
+    report.problems += recount_problems(layout, manifest["counts"])
+    report.problems += check_invariants(layout.root)
 
     for entry in manifest["shards"]:
         shard = layout.shards_dir / entry["name"]

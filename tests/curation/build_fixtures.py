@@ -3,6 +3,7 @@ also answers as an HTTP proxy, and caption/selected parts written straight to th
 from __future__ import annotations
 
 import io
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -121,6 +122,8 @@ def write_staged_build(root: Path, n: int = 26, per_staging_shard: int = 10, fai
     rejects = [{"sample_id": 2 * i, "line": 2 * i + 1, "raw": "no tab", "reason": "missing_tab"}
                for i in range(n_rejects)]
     pq.write_table(pa.Table.from_pylist(rejects, schema=reject_schema), layout.rejects_dir / part)
+    # What ingest records when it has read the whole source (the manifest takes `read` from here).
+    (layout.ingest_dir / "ingest-done.json").write_text(json.dumps({"result": {"source_rows": n + n_rejects}}))
     select_result = select_part(root, part, SelectConfig())
     selected = pq.read_table(layout.selected_dir / part)["sample_id"].to_pylist()
     fail_ids = {selected[i] for i in fail_idx}
