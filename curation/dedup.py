@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import write_parquet_atomic
+from curation.download import DOWNLOAD_CONTENT_COLUMNS
+from curation.io import parquet_digest, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.version import code_version
 
@@ -347,9 +348,10 @@ def find_duplicates(
 def _fingerprint(layout: BuildLayout, cfg: DedupConfig) -> str:
     # `workers` changes how fast, not what: a rerun with another worker count is still "done"
     result_config = {k: v for k, v in cfg.to_dict().items() if k != "workers"}
-    return json.dumps(
-        {"config": result_config, "downloads_mtime_ns": layout.downloads.stat().st_mtime_ns}, sort_keys=True
-    )
+    # The downloads' content that decides dedup (which samples, which original bytes), never the file's mtime: a
+    # copied build is still done, and a re-downloaded image changes its sha256 and so the fingerprint.
+    downloads = parquet_digest(layout.downloads, DOWNLOAD_CONTENT_COLUMNS)
+    return json.dumps({"config": result_config, "downloads": downloads}, sort_keys=True)
 
 
 def _counts_from_outputs(layout: BuildLayout) -> dict[str, Any]:

@@ -60,6 +60,9 @@ DOWNLOADS_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("staging_shard", pa.string()),
     ("staging_key", pa.string()),
 ])
+# The downloads.parquet columns that decide what later stages write (which samples, which bytes, where they are
+# staged): their content, not the file's bytes or mtime, is what dedup and reshard fingerprint.
+DOWNLOAD_CONTENT_COLUMNS = ["sample_id", "status", "width", "height", "sha256", "staging_shard", "staging_key"]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ the file and its folder, then rename); this module adds the parquet writer and r
 importing from `curation.io`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,8 +22,8 @@ from manifests.fileio import (
 )
 
 __all__ = [
-    "atomic_path", "read_json", "remove_stale_temporaries", "sha256_file", "write_bytes_atomic", "write_json_atomic",
-    "write_parquet_atomic", "write_text_atomic",
+    "atomic_path", "parquet_digest", "read_json", "remove_stale_temporaries", "sha256_file", "table_digest",
+    "write_bytes_atomic", "write_json_atomic", "write_parquet_atomic", "write_text_atomic",
 ]
 
 
@@ -30,6 +31,21 @@ def write_parquet_atomic(path: str | os.PathLike, table: pa.Table, **kwargs: Any
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **kwargs)
     return Path(path)
+
+
+def table_digest(table: pa.Table) -> str:
+    """sha256 of a table's content (schema metadata excluded): the identity of a stage input, whatever its mtime,
+    its path or the run-time details a writer put in the file's metadata."""
+    table = table.replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def parquet_digest(path: str | os.PathLike, columns: list[str]) -> str:
+    """table_digest of some columns of a parquet file."""
+    return table_digest(pq.read_table(path, columns=columns))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -2,7 +2,8 @@
 
     <build>/
       config.json                 frozen BuildConfig as used
-      manifest.json               manifests/schema.py: inputs, versions, config, per-stage counts, shards + sha256
+      manifest.json               manifests/schema.py: inputs, versions, content config, counts, shards + sha256
+      run.json                    this run's time, paths and run-time settings (kept out of the manifest's identity)
       ingest/part-NNNNN.parquet   sample_id, url, caption                       (rows that could be read)
       rejects/part-NNNNN.parquet  sample_id, line, raw, reason                  (rows that could not)
       captions/part-NNNNN.parquet sample_id, url, caption, entities, entity_words{word,class,start,end}
@@ -57,6 +58,7 @@ class BuildLayout:
 
     config = property(lambda self: self.root / "config.json")
     manifest = property(lambda self: self.root / "manifest.json")
+    run_record = property(lambda self: self.root / "run.json")  # when, where, with which run-time settings
     ingest_dir = property(lambda self: self.root / "ingest")
     rejects_dir = property(lambda self: self.root / "rejects")
     captions_dir = property(lambda self: self.root / "captions")

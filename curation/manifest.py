@@ -12,8 +12,9 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -188,11 +189,18 @@ def _shard_entries(layout: BuildLayout, n_shards: int) -> tuple[list[dict[str, A
 
 
 def manifest_files(layout: BuildLayout) -> list[Path]:
-    """The non-shard files a manifest checksums (meta parts, index files and the stage decisions)."""
-    files = [*layout.parts(layout.meta_dir)]
+    """The non-shard files a manifest checksums: the stage inputs and decisions (ingest, rejects, captions, selected
+    parts, kept, duplicates), the index and the meta parts, so an edited caption or decision fails verification.
+
+    downloads.parquet is not among them: it records how the web answered this run (wall times, attempt times), which
+    differs between two builds of the same inputs. Its content is still checked, by the recounts and invariants
+    (one row per selected sample, known statuses, kept + duplicates = successes)."""
+    files: list[Path] = []
+    for folder in (layout.ingest_dir, layout.rejects_dir, layout.captions_dir, layout.selected_dir):
+        files += layout.parts(folder)
+    files += [p for p in (layout.kept, layout.duplicates) if p.exists()]
     files += [p for p in (layout.entity_index, layout.partners, layout.cooccurrence, layout.locator) if p.exists()]
-    files += [p for p in (layout.kept, layout.duplicates, layout.downloads) if p.exists()]
-    return files
+    return files + layout.parts(layout.meta_dir)
 
 
 def _file_entry(layout: BuildLayout, path: Path) -> dict[str, Any]:
@@ -213,32 +221,51 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
         raise ManifestCountError(f"build {layout.root}: counts do not add up:\n  " + "\n  ".join(problems))
 
     ingest_result = stage_results.get("ingest") or {}
-    source = Path(cfg.source)
-    source_sha = ingest_result.get("source_sha256") or sha256_file(source)
+    source_sha = ingest_result.get("source_sha256") or sha256_file(cfg.source)
     vocab, spacy_model = _versions(layout, stage_results.get("parse"))
     manifest = BuildManifest.from_dict({
         "schema_version": SCHEMA_VERSION,
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "code_version": code_version(),
-        "inputs": {"source": str(source), "sha256": source_sha,
+        "inputs": {"source": source_name(cfg.source), "sha256": source_sha,
                    "rows": int(ingest_result.get("source_rows", counts["ingest"]["read"]))},
         "vocabulary_version": vocab,
         "spacy_model": spacy_model,
-        "config": cfg.to_dict(),
+        "config": content_config(cfg),
         "counts": counts,
         "shards": shards,
         "files": [_file_entry(layout, p) for p in manifest_files(layout)],
     }).to_dict()
 
-    if layout.manifest.exists():
-        try:
-            old = read_json(layout.manifest)
-        except ValueError:
-            old = None
-        if old is not None and {**old, "created_at": None} == {**manifest, "created_at": None}:
-            return layout.manifest
-    write_json_atomic(layout.manifest, manifest)
+    unchanged = layout.manifest.exists() and _read_or_none(layout.manifest) == manifest
+    if not unchanged:
+        write_json_atomic(layout.manifest, manifest)
+    if not unchanged or not layout.run_record.exists():
+        write_json_atomic(layout.run_record, {
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "build_dir": str(layout.root.resolve()),
+            "source": str(cfg.source), "config": cfg.to_dict(), "code_version": code_version(),
+            "manifest_sha256": sha256_file(layout.manifest),
+        })
     return layout.manifest
+
+
+def _read_or_none(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except ValueError:
+        return None
+
+
+def source_name(source: str) -> str:
+    """The source's file name (a URL's last path segment): its folder is a run-time detail, its sha256 the identity."""
+    return PurePosixPath(urlsplit(str(source)).path).name or str(source)
+
+
+def content_config(cfg: BuildConfig) -> dict[str, Any]:
+    """The settings that decide what a build holds: BuildConfig.identity() without the source path (identified by
+    its sha256) and without the run-time settings (ports, process counts, paths)."""
+    identity = cfg.identity()
+    identity.pop("source", None)
+    return identity
 
 
 # ------------------------------------------------------------------------------------------------------ verification

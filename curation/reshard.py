@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import iter_staged_images
-from curation.io import atomic_path, sha256_file, write_parquet_atomic
+from curation.download import DOWNLOAD_CONTENT_COLUMNS, iter_staged_images
+from curation.io import atomic_path, parquet_digest, sha256_file, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,10 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def _fingerprint(layout: BuildLayout, cfg: ShardConfig) -> str:
     """Inputs that decide the shards' bytes (staged images are pinned by kept.parquet's sha256 of the stored JPEG)."""
-    inputs = [layout.kept, layout.partners, layout.downloads, *layout.parts(layout.selected_dir)]
     digest = hashlib.sha256(json.dumps({"samples_per_shard": cfg.samples_per_shard}).encode())
-    for path in inputs:
+    # Content, never mtimes or run-time metadata: a copied build is done, an edited input is not.
+    digest.update(b"downloads" + parquet_digest(layout.downloads, DOWNLOAD_CONTENT_COLUMNS).encode())
+    for path in [layout.kept, layout.partners, *layout.parts(layout.selected_dir)]:
         digest.update(path.name.encode() + sha256_file(path).encode())
     return digest.hexdigest()
 

@@ -1,7 +1,7 @@
 """The build manifest: what one CC4M build holds and how it was made. Written by `curation.manifest`, read by training
 (`ovseg_core` records the manifest's checksum in its checkpoints) and by `cc4m verify`.
 
-The JSON Schema lives in manifests/schemas/build-manifest.v1.json; `validate_manifest` checks a manifest dict against
+The JSON Schema lives in manifests/schemas/build-manifest.v2.json; `validate_manifest` checks a manifest dict against
 it with a small built-in interpreter of the keywords that file uses, so no jsonschema package is needed at run time.
 The frozen dataclasses below give typed access (`BuildManifest.from_dict(json.load(f))`).
 """
@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "cc4m-build-manifest/1"
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "build-manifest.v1.json"
+SCHEMA_VERSION = "cc4m-build-manifest/2"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "build-manifest.v2.json"
 STAGES = ("ingest", "parse", "select", "download", "dedup", "index", "reshard")
 
 
@@ -53,7 +53,6 @@ class FileEntry:
 @dataclass(frozen=True)
 class BuildManifest:
     schema_version: str
-    created_at: str
     code_version: str
     inputs: InputInfo
     vocabulary_version: str
@@ -85,7 +84,7 @@ class BuildManifest:
         if problems:
             raise ValueError("invalid build manifest:\n  " + "\n  ".join(problems))
         return cls(
-            schema_version=d["schema_version"], created_at=d["created_at"], code_version=d["code_version"],
+            schema_version=d["schema_version"], code_version=d["code_version"],
             inputs=InputInfo(**d["inputs"]), vocabulary_version=d["vocabulary_version"],
             spacy_model=ModelInfo(**d["spacy_model"]), config=d["config"], counts=d["counts"],
             shards=tuple(ShardEntry(**s) for s in d["shards"]), files=tuple(FileEntry(**f) for f in d["files"]),
@@ -147,7 +146,7 @@ def _check(value: Any, schema: dict[str, Any], where: str, problems: list[str]) 
 
 
 def validate_manifest(manifest: dict[str, Any]) -> list[str]:
-    """Problems of a manifest dict against the v1 JSON schema (required fields, types, patterns); [] when valid."""
+    """Problems of a manifest dict against the JSON schema (required fields, types, patterns); [] when valid."""
     problems: list[str] = []
     _check(manifest, load_schema(), "manifest", problems)
     return problems

@@ -8,7 +8,7 @@ from curation.build import BuildConfigMismatch, build_stage_plan, prepare_build_
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
 from curation.layout import BuildLayout
-from curation.manifest import verify_manifest
+from curation.manifest import content_config, verify_manifest
 from curation.reshard import ShardConfig
 from curation.verify import VerifyConfig
 from manifests.schema import count_problems
@@ -63,9 +63,7 @@ def _snapshot(root) -> dict[str, bytes]:
     files = [*layout.shards(), *layout.parts(layout.meta_dir), layout.locator, layout.partners, layout.entity_index,
              layout.cooccurrence, layout.kept, layout.duplicates, layout.downloads, *layout.parts(layout.selected_dir)]
     snap = {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
-    manifest = json.loads(layout.manifest.read_text())
-    manifest.pop("created_at")
-    snap["manifest"] = json.dumps(manifest, sort_keys=True).encode()
+    snap["manifest"] = layout.manifest.read_bytes()  # no time, path or port in it: byte-identical across runs
     return snap
 
 
@@ -87,7 +85,7 @@ def test_run_build_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
         assert c["select"]["selected"] == (c["reshard"]["written"] + c["download"]["failed"]
                                            + c["dedup"]["removed_duplicate"])
         assert c["download"]["failed"] >= 1 and c["reshard"]["written"] > 0  # the sample fails some URLs on purpose
-        assert manifest["spacy_model"]["name"] != "unknown" and manifest["config"] == cfg.to_dict()
+        assert manifest["spacy_model"]["name"] != "unknown" and manifest["config"] == content_config(cfg)
         report = verify_manifest(manifest_path)
         assert report.ok, report.problems
         assert report.samples_checked == c["reshard"]["written"]
@@ -133,3 +131,36 @@ def test_run_build_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
         assert resumed["reshard"]["shards_written"] == 1  # only the shard the crash interrupted
         assert _snapshot(build_dir) == first
         assert verify_manifest(manifest_path).ok
+
+
+@pytest.mark.slow
+def test_same_inputs_give_the_same_manifest_and_a_copied_build_reruns_without_work(tmp_path):
+    """Two builds of one source in two folders, through two proxies on different ports, give byte-identical
+    manifests (same sha256, so the same registry lineage); a `cp -r` of a finished build reruns with every stage
+    skipped and nothing rewritten."""
+    import shutil
+
+    from curation.sample import SampleImageServer, make_sample
+    from manifests.fileio import sha256_file
+
+    sample = make_sample(tmp_path / "sample", n_rows=60, image_size=64, eval_images=1, eval_selection_images=0)
+    manifests = []
+    for name in ("first", "second"):
+        with SampleImageServer(sample.root, slow_seconds=0.5) as server:
+            cfg = _cfg(sample.source_tsv, tmp_path / name, http_proxy=server.proxy_url, processes_count=1)
+            manifests.append(run_build(cfg))
+    assert sha256_file(manifests[0]) == sha256_file(manifests[1])
+    assert json.loads(BuildLayout(tmp_path / "first").run_record.read_text())["config"]["download"]["http_proxy"]
+    assert "http_proxy" not in json.loads(manifests[0].read_text())["config"]["download"]
+
+    copy = tmp_path / "copied"
+    shutil.copytree(tmp_path / "first", copy)  # new mtimes, new inode numbers, new folder
+    layout = BuildLayout(copy)
+    watched = [*layout.shards(), *layout.parts(layout.meta_dir), layout.locator, layout.kept, layout.manifest]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched}
+    results: dict = {}
+    with SampleImageServer(sample.root, slow_seconds=0.5) as server:
+        run_build(_cfg(sample.source_tsv, copy, http_proxy=server.proxy_url), results=results)
+    assert all(r["skipped"] for r in results["parse"] + results["select"])
+    assert all(results[s]["skipped"] for s in ("download", "dedup", "index", "reshard"))
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched} == before

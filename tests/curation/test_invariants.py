@@ -6,7 +6,6 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,20 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from build_fixtures import write_staged_build
 
+from curation.config import BuildConfig
 from curation.invariants import check_invariants
 from curation.layout import BuildLayout
 from curation.manifest import ManifestCountError, verify_manifest, write_manifest
 from curation.reshard import ShardConfig, reshard
-
-
-@dataclass(frozen=True)
-class _Cfg:
-    source: str
-    build_dir: str
-    shard: ShardConfig = field(default_factory=lambda: ShardConfig(samples_per_shard=6))
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "build_dir": self.build_dir, "shard": self.shard.to_dict()}
 
 
 def _rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
@@ -116,7 +106,7 @@ def finished(tmp_path: Path):
     fx = write_staged_build(root)
     source = tmp_path / "source.tsv"
     source.write_text("irrelevant\n")
-    cfg = _Cfg(str(source), str(root))
+    cfg = BuildConfig(source=str(source), build_dir=str(root), shard=ShardConfig(samples_per_shard=6))
     results = {"ingest": {"source_sha256": "0" * 64}, "reshard": reshard(root, cfg.shard)}
     assert fx["n_rejects"] == 2
     return root, cfg, results

@@ -2,27 +2,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 
 import pytest
 from build_fixtures import write_staged_build
 
+from curation.config import BuildConfig
 from curation.layout import BuildLayout
 from curation.manifest import ManifestCountError, add_verify_arguments, cli_verify, verify_manifest, write_manifest
 from curation.reshard import ShardConfig, reshard
 from manifests.schema import BuildManifest, count_problems
-
-
-@dataclass(frozen=True)
-class _Cfg:
-    """The part of BuildConfig write_manifest uses (kept minimal so this test does not depend on every stage)."""
-
-    source: str
-    build_dir: str
-    shard: ShardConfig = field(default_factory=lambda: ShardConfig(samples_per_shard=6))
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "build_dir": self.build_dir, "shard": self.shard.to_dict()}
 
 
 @pytest.fixture()
@@ -31,7 +19,7 @@ def finished(tmp_path):
     fx = write_staged_build(root)
     source = tmp_path / "source.tsv"
     source.write_text("irrelevant\n")
-    cfg = _Cfg(str(source), str(root))
+    cfg = BuildConfig(source=str(source), build_dir=str(root), shard=ShardConfig(samples_per_shard=6))
     results = {"ingest": {"read": 26 + fx["n_rejects"], "ingested": 26, "rejected": fx["n_rejects"],
                           "source_sha256": "0" * 64, "source_rows": 28},
                "select": [fx["select"]], "reshard": reshard(root, cfg.shard)}
@@ -52,7 +40,9 @@ def test_manifest_counts_add_up(finished):
     assert c["index"]["samples_without_partners"] == 4
     assert [s.name for s in manifest.shards] == [p.name for p in BuildLayout(root).shards()]
     assert {f.path for f in manifest.files} >= {"meta/part-00000.parquet", "index/locator.parquet",
-                                                "index/partners.parquet", "kept.parquet", "downloads.parquet"}
+                                                "index/partners.parquet", "kept.parquet", "selected/part-00000.parquet",
+                                                "captions/part-00000.parquet", "ingest/part-00000.parquet"}
+    assert "downloads.parquet" not in {f.path for f in manifest.files}  # run-specific: checked by invariants
     assert manifest.inputs.rows == 28 and manifest.vocabulary_version == "cc4m-vocab-v1"
 
     # Rerun on an unchanged build: the manifest is left as is.

