@@ -9,15 +9,25 @@ partial write, and "the output exists" means "the unit is done". Temporaries of 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 TMP_SUFFIX = ".tmp"
+# Fault injection (benchmarks/bench_faults.py): with CC4M_FAILPOINT_WRITE=N the process SIGKILLs itself half-way
+# through its N-th atomic write (the temporary holds half the data, nothing is renamed), as an OOM kill would.
+# CC4M_WRITE_LOG=PATH appends every completed write's path, so a clean run tells which write belongs to which stage.
+FAILPOINT_ENV = "CC4M_FAILPOINT_WRITE"
+WRITE_LOG_ENV = "CC4M_WRITE_LOG"
+_write_counter = itertools.count(1)
+_counter_lock = threading.Lock()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -47,14 +57,35 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
+        _maybe_fail_mid_write(tmp_path)
         if tmp_path.is_file():
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, final)
         fsync_dir(final.parent)
+        _log_write(final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _maybe_fail_mid_write(tmp_path: Path) -> None:
+    target = os.environ.get(FAILPOINT_ENV)
+    if not target:
+        return
+    with _counter_lock:
+        n = next(_write_counter)
+    if n == int(target):
+        if tmp_path.is_file():
+            os.truncate(tmp_path, tmp_path.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log_write(final: Path) -> None:
+    log_path = os.environ.get(WRITE_LOG_ENV)
+    if log_path:
+        with _counter_lock, open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{final}\n")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -72,3 +72,19 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert fileio.sha256_file(path) == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+
+
+def test_failpoint_kills_half_way_through_the_nth_write_and_the_log_names_completed_writes(tmp_path: Path):
+    script = textwrap.dedent(f"""
+        from manifests.fileio import write_bytes_atomic
+        for i in range(3):
+            write_bytes_atomic({str(tmp_path)!r} + f"/f{{i}}.bin", bytes(range(200)))
+    """)
+    env = {**os.environ, fileio.FAILPOINT_ENV: "2", fileio.WRITE_LOG_ENV: str(tmp_path / "writes.log")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, check=False, cwd=Path(fileio.__file__).parents[1])
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "f0.bin").read_bytes() == bytes(range(200))
+    assert not (tmp_path / "f1.bin").exists() and not (tmp_path / "f2.bin").exists()
+    (half,) = [p for p in tmp_path.iterdir() if p.name.startswith(".f1.bin.")]
+    assert half.stat().st_size == 100  # killed in the middle of the write, not before it
+    assert (tmp_path / "writes.log").read_text().splitlines() == [str(tmp_path / "f0.bin")]
