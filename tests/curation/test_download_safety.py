@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import tarfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from build_fixtures import CAPTIONS_SCHEMA
@@ -19,6 +20,7 @@ from curation.download import SAMPLE_PROXY_HOSTS, DownloadConfig, download_selec
 from curation.fetch import FetchError, FetchPolicy, address_refusal, fetch, is_transient, parse_target, reason_of
 from curation.layout import BuildLayout, part_name
 from curation.sample import SAMPLE_HOST
+from curation.verify import BuildQualityError, VerifyConfig, verify_downloads
 
 LOOPBACK_ONLY = ("127.0.0.1/32",)
 
@@ -175,8 +177,6 @@ def _write_selected(layout: BuildLayout, rows: dict[str, tuple[str, str]]) -> di
         by_id[sid] = (name, outcome)
         records.append({"sample_id": sid, "url": url, "caption": f"a dog number {sid}", "entities": ["dog"],
                         "entity_words": [{"word": "dog", "class": "dog", "start": 2, "end": 5}]})
-    import pyarrow as pa
-
     table = pa.Table.from_pylist(records, schema=CAPTIONS_SCHEMA)
     layout.selected_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, layout.selected_dir / part_name(0))
@@ -243,9 +243,23 @@ def test_hostile_web_through_the_download_stage(tmp_path):
         assert ids == sorted(ids) and flaky in ids  # retry rounds interleave, still in sample_id order
         assert web.canary.connections == 0
 
+    # verify checks every round's stats against its parquet and downloads.parquet against both.
+    checked = verify_downloads(tmp_path, VerifyConfig(min_success_rate=0.0))
+    assert checked["failed_by_reason"] == {k: v for k, v in again["failed_by_reason"].items()}
+    assert {s["shard"] for s in checked["per_shard"]} >= {"00000", "retry-0001/00000"}
+
     # The bound on attempts: nothing is tried a third time.
     third = download_selected(tmp_path, DownloadConfig(**{**cfg.to_dict(), "retry_transient": True,
                                                           "max_attempts": 2}))
     assert third["skipped"] is True
     with tarfile.open(layout.staging_dir / "retry-0001" / "00000.tar") as tar:
         assert any(m.name.endswith(".jpg") for m in tar)
+
+    # A downloads.parquet that disagrees with staging is caught.
+    tampered = pq.read_table(layout.downloads)
+    status = tampered["status"].to_pylist()
+    status[flaky] = "failed_to_download"
+    tampered = tampered.set_column(tampered.schema.get_field_index("status"), "status", pa.array(status))
+    pq.write_table(tampered, layout.downloads)
+    with pytest.raises(BuildQualityError, match="disagree"):
+        verify_downloads(tmp_path, VerifyConfig(min_success_rate=0.0))
