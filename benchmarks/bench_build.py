@@ -220,6 +220,7 @@ def serve_images(folder: Path, port_file: Path) -> int:
 def fast_main(args: argparse.Namespace) -> int:
     from manifests.vocabulary import load_vocabulary
 
+    code = code_identity()  # at the start: the code this process imported, not what the tree holds at the end
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-fast-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -288,7 +289,7 @@ def fast_main(args: argparse.Namespace) -> int:
         "pairs": pairs, "render_s": round(render_s, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
-        "code": code_identity(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = args.out if args.out != RESULTS else FAST_RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
