@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess

@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import psutil  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from benchmarks.bench_build import code_identity  # noqa: E402
-from curation.download import DownloadConfig, download_selected  # noqa: E402
-from curation.layout import BuildLayout, part_name  # noqa: E402
+from benchmarks.bench_build import code_identity
+from curation.download import DownloadConfig, download_selected
+from curation.layout import BuildLayout, part_name
 
 RESULTS = REPO / "benchmarks" / "results" / "download_memory.json"
 KINDS = ("png_bomb_100mp", "png_81mp", "jpeg_header_bomb", "endless", "big_garbage", "drip")

@@ -48,7 +48,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, FetchPolicy, is_transient, parse_networks, reason_of
+from curation.fetch import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REDIRECTS,
+    FetchPolicy,
+    is_transient,
+    parse_networks,
+    reason_of,
+)
 from curation.imaging import DEFAULT_MAX_PIXELS
 from curation.io import write_parquet_atomic
 from curation.layout import BuildLayout
@@ -137,7 +144,8 @@ class DownloadConfig:
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"DownloadConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if not isinstance(self.retry_transient, bool):
-            raise ValueError(f"DownloadConfig.retry_transient must be true or false, got {self.retry_transient!r}")
+            raise ValueError(  # noqa: TRY004 - the team contract: every config error is a ValueError
+                f"DownloadConfig.retry_transient must be true or false, got {self.retry_transient!r}")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"DownloadConfig.encode_quality must be in 1..100, got {self.encode_quality!r}")
         if self.resize_mode not in RESIZE_MODES:
@@ -152,7 +160,7 @@ class DownloadConfig:
         for name in ("allowed_networks", "proxy_hosts"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                raise ValueError(f"DownloadConfig.{name} must be a list of strings, got {value!r}")
+                raise ValueError(f"DownloadConfig.{name} must be a list of strings, got {value!r}")  # noqa: TRY004
             object.__setattr__(self, name, tuple(value))
         parse_networks(self.allowed_networks)  # a typo fails here, before any work
         self.fetch_policy()  # validates proxy and proxy_hosts
@@ -476,9 +484,9 @@ def _merge_rounds(layout: BuildLayout, urls: pa.Table, per_shard: list[dict[str,
                              f"e.g. {unknown['sample_id'].to_pylist()[:5]}")
         joined = base.join(staged, keys="sample_id", join_type="left outer").sort_by("sample_id")
         hit = pc.is_valid(joined["status"])
-        for name in merged:
+        for name, previous in merged.items():
             if name != "first_attempt_at":
-                merged[name] = pc.if_else(hit, joined[name], merged[name])
+                merged[name] = pc.if_else(hit, joined[name], previous)
         merged["first_attempt_at"] = pc.coalesce(merged["first_attempt_at"], joined["attempt_at"])
         attempts = pc.add(attempts, pc.cast(hit, pa.int32()))
     merged["attempts"] = attempts

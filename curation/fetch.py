@@ -263,7 +263,7 @@ def normalize_url(url: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------ deadlines
 class _Watch:
-    __slots__ = ("sock", "expired", "done")
+    __slots__ = ("done", "expired", "sock")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
@@ -317,7 +317,7 @@ _SSL_CONTEXT: ssl.SSLContext | None = None
 
 
 def _ssl_context() -> ssl.SSLContext:
-    global _SSL_CONTEXT  # noqa: PLW0603 - one context per process: creating one loads the CA store (slow)
+    global _SSL_CONTEXT
     if _SSL_CONTEXT is None:
         _SSL_CONTEXT = ssl.create_default_context()
     return _SSL_CONTEXT
@@ -392,7 +392,7 @@ def _read_body(resp: http.client.HTTPResponse, policy: FetchPolicy, watch: _Watc
     announced = resp.getheader("Content-Length")
     if announced and announced.strip().isdigit() and int(announced) > policy.max_bytes:
         raise FetchError("too_large", f"Content-Length {announced} > cap {policy.max_bytes}")
-    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned open, closed on failure
     try:
         total = 0
         while chunk := resp.read1(CHUNK_BYTES):

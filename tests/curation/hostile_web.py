@@ -235,7 +235,7 @@ class HostileServer(ThreadingHTTPServer):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def route(self, path: str):  # noqa: C901 - one table of behaviours, read top to bottom
+    def route(self, path: str):
         images, canary = self.images, self.canary_port
         if path.startswith("/img/"):
             name = path[len("/img/"):]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from build_fixtures import CAPTIONS_SCHEMA
-from hostile_web import KINDS, TRANSIENT_KINDS, HostileWeb
+from hostile_web import TRANSIENT_KINDS, HostileWeb
 from PIL import Image
 
 from curation import fetch as fetch_mod
