@@ -55,17 +55,19 @@ def code_identity() -> dict[str, str | None]:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=True).stdout
 
     commit = git("rev-parse", "HEAD").decode().strip()
-    status = git("status", "--porcelain")
+    changed = []  # tracked changes, and untracked regular files (not e.g. a .venv symlink)
+    for line in git("status", "--porcelain").decode().splitlines():
+        path = REPO / line[3:].strip()
+        if not line.startswith("??") or (path.is_file() and not path.is_symlink()):
+            changed.append(line)
     content = None
-    if status.strip():
+    if changed:
         digest = hashlib.sha256(git("diff", "HEAD", "--binary"))
-        for line in status.decode().splitlines():
+        for line in changed:
             if line.startswith("??"):
-                path = REPO / line[3:].strip()
-                if path.is_file():
-                    digest.update(path.read_bytes())
+                digest.update((REPO / line[3:].strip()).read_bytes())
         content = digest.hexdigest()
-    return {"commit": commit, "dirty": bool(status.strip()), "content_sha256": content, "code_version": code_version()}
+    return {"commit": commit, "dirty": bool(changed), "content_sha256": content, "code_version": code_version()}
 
 
 def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig) -> float:
