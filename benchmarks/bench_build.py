@@ -7,7 +7,15 @@
 Repetitions alternate a, b, a, b, ... so drift on the noisy 2-core box hits both alike; medians and their ratio go to
 benchmarks/results/build.json. Target: ratio <= 1.10 (the curation around the download costs at most 10 %).
 
+`--mode fast` (results/build_fast.json) measures the guarded download itself: >= 10,000 distinct JPEGs (320x240,
+rendered once) served by a fast local server in its own process, no slow or failing URLs. Each repetition runs the
+pair (a) and (b) back to back, in alternating order (a,b / b,a / ...), and the result is the median of the paired
+ratios a/b with their spread, for the whole build and for the download stage alone; the stages after the download
+are reported as seconds per 1,000 written images. The build allows 127.0.0.1/32 (download.allowed_networks), as an
+operator would open an internal mirror.
+
     .venv/bin/python benchmarks/bench_build.py [--rows 4000] [--repeats 3]
+    .venv/bin/python benchmarks/bench_build.py --mode fast --images 10000 --repeats 3
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -32,9 +41,20 @@ from curation.config import BuildConfig
 from curation.download import DownloadConfig
 from curation.sample import SampleImageServer, make_sample
 from curation.verify import VerifyConfig
-from manifests.version import code_version
+from manifests.version import code_version, dirty_content_hash
 
 RESULTS = REPO / "benchmarks" / "results" / "build.json"
+FAST_RESULTS = REPO / "benchmarks" / "results" / "build_fast.json"
+AFTER_DOWNLOAD = ("verify", "dedup", "index", "reshard", "manifest", "report")
+
+
+def code_identity() -> dict[str, str | bool | None]:
+    """The commit, and when the tree is dirty a hash of the uncommitted content (manifests.version, the project's one
+    implementation), so a result names exactly its code."""
+    version = code_version()
+    changes = dirty_content_hash() if version.startswith("git:") else None
+    return {"commit": version.removeprefix("git:").split("-dirty")[0], "dirty": changes is not None,
+            "content_sha256": changes, "code_version": version}
 
 
 def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig) -> float:
@@ -60,6 +80,10 @@ def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("sample", "fast"), default="sample")
+    parser.add_argument("--images", type=int, default=10_000, help="fast mode: distinct images served")
+    parser.add_argument("--serve-images", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=4000, help="sample rows (the bundled file has 4000)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
@@ -68,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.serve_images:
+        return serve_images(args.serve_images, args.port_file)
+    if args.mode == "fast":
+        return fast_main(args)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-build-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -124,6 +152,158 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------ fast mode
+def render_images(folder: Path, n: int) -> None:
+    """n distinct 320x240 JPEGs (random shapes and colours per image), rendered once and reused."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        if path.exists():
+            continue
+        rng = random.Random(i)
+        img = Image.new("RGB", (320, 240), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(8):
+            x, y = rng.randrange(300), rng.randrange(220)
+            box = (x, y, x + rng.randrange(20, 160), y + rng.randrange(20, 120))
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        img.save(path, format="JPEG", quality=90)
+
+
+def serve_images(folder: Path, port_file: Path) -> int:
+    """The fast server (own process): GET /img/<i>.jpg from memory, until SIGTERM."""
+    import signal
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    images = {f"/img/{p.name}": p.read_bytes() for p in folder.glob("*.jpg")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = images.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    port_file.write_text(str(server.server_address[1]))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    server.server_close()
+    return 0
+
+
+def fast_main(args: argparse.Namespace) -> int:
+    from manifests.vocabulary import load_vocabulary
+
+    code = code_identity()  # at the start: the code this process imported, not what the tree holds at the end
+    work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-fast-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    render_images(work / "images", args.images)
+    render_s = time.perf_counter() - t0
+    port_file = work / "port"
+    port_file.unlink(missing_ok=True)
+    server = subprocess.Popen([sys.executable, __file__, "--serve-images", str(work / "images"), "--port-file",
+                               str(port_file)])
+    try:
+        while not port_file.exists():
+            if server.poll() is not None:
+                raise RuntimeError("image server died")
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        words = [w for w in load_vocabulary().surface_words if w.isalpha()][:40]
+        source = work / "source.tsv"
+        source.write_text("".join(f"{base}/img/{i}.jpg\ta {words[i % len(words)]} in picture number {i}\n"
+                                  for i in range(args.images)))
+        dl = DownloadConfig(image_size=args.image_size, processes_count=args.processes, thread_count=args.threads,
+                            timeout=10, number_sample_per_shard=1000, allowed_networks=("127.0.0.1/32",))
+        pairs = []
+        for rep in range(args.repeats):
+            order = ("build", "raw") if rep % 2 == 0 else ("raw", "build")
+            pair: dict = {"order": list(order)}
+            for variant in order:
+                if variant == "build":
+                    pair.update(_fast_build(work, source, dl))
+                else:
+                    urls = work / "urls.parquet"
+                    if not urls.exists():  # the raw run needs the build's selected URLs: make them once
+                        _fast_build(work, source, dl)
+                    raw_dir = work / "raw"
+                    shutil.rmtree(raw_dir, ignore_errors=True)
+                    pair["raw_img2dataset_s"] = round(raw_img2dataset(urls, raw_dir, dl), 3)
+                    shutil.rmtree(raw_dir, ignore_errors=True)
+            pair["ratio_build"] = round(pair["build_s"] / pair["raw_img2dataset_s"], 4)
+            pair["ratio_download_stage"] = round(pair["stage_seconds"]["download"] / pair["raw_img2dataset_s"], 4)
+            pairs.append(pair)
+            print(json.dumps({k: pair[k] for k in ("order", "build_s", "raw_img2dataset_s", "ratio_build",
+                                                   "ratio_download_stage")}), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    def summary(key: str) -> dict:
+        values = sorted(p[key] for p in pairs)
+        return {"median": round(statistics.median(values), 4), "min": values[0], "max": values[-1],
+                "all": [p[key] for p in pairs]}
+
+    after = [sum(p["stage_seconds"][s] for s in AFTER_DOWNLOAD) / p["written"] * 1000 for p in pairs]
+    result = {
+        "benchmark": "build_vs_raw_img2dataset_fast_local",
+        "what": "(a) run_build (guarded fetch, caps, imaging decoder, all stages) and (b) the img2dataset CLI on the "
+                "same selected URLs and settings, from a fast local server of distinct 320x240 JPEGs; pairs run back "
+                "to back in alternating order; ratios a/b per pair, median and spread",
+        "images": args.images, "repeats": args.repeats,
+        "settings": {"processes_count": args.processes, "thread_count": args.threads, "image_size": args.image_size,
+                     "resize_mode": dl.resize_mode, "number_sample_per_shard": dl.number_sample_per_shard,
+                     "timeout": dl.timeout},
+        "ratio_build_vs_raw": summary("ratio_build"), "ratio_download_stage_vs_raw": summary("ratio_download_stage"),
+        "target_ratio": 1.10,
+        "meets_target": statistics.median(p["ratio_build"] for p in pairs) <= 1.10,
+        "after_download_s_per_1000_images": {"median": round(statistics.median(after), 3),
+                                             "all": [round(a, 3) for a in after], "stages": list(AFTER_DOWNLOAD)},
+        "pairs": pairs, "render_s": round(render_s, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_avg_at_end": os.getloadavg()},
+        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = args.out if args.out != RESULTS else FAST_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ratio_build_vs_raw", "ratio_download_stage_vs_raw",
+                                             "after_download_s_per_1000_images", "meets_target")}))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _fast_build(work: Path, source: Path, dl: DownloadConfig) -> dict:
+    build_dir = work / "build"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    cfg = BuildConfig(source=str(source), build_dir=str(build_dir), download=dl,
+                      verify=VerifyConfig(min_success_rate=0.99))
+    results: dict = {}
+    start = time.perf_counter()
+    manifest = run_build(cfg, results=results)
+    seconds = time.perf_counter() - start
+    counts = json.loads(manifest.read_text())["counts"]
+    shutil.copyfile(build_dir / "staging" / "urls.parquet", work / "urls.parquet")
+    shutil.rmtree(build_dir, ignore_errors=True)
+    return {"build_s": round(seconds, 3), "stage_seconds": results["seconds"], "selected": counts["select"]["selected"],
+            "success": counts["download"]["success"], "written": counts["reshard"]["written"]}
 
 
 if __name__ == "__main__":  # img2dataset's spawn pool needs the guard (the build runs it in a subprocess anyway)

@@ -26,7 +26,8 @@ STAGE_CONFIGS: dict[str, type] = {
 RUNTIME_ONLY: dict[str, frozenset[str]] = {
     "ingest": frozenset({"progress"}),
     "parse": frozenset({"batch_size", "chunk_rows"}),
-    "download": frozenset({"http_proxy", "processes_count", "thread_count", "distributor", "subprocess_timeout_s"}),
+    "download": frozenset({"http_proxy", "processes_count", "thread_count", "distributor", "subprocess_timeout_s",
+                          "retry_transient", "max_attempts", "progress_interval_s"}),
     "shard": frozenset({"rehash_existing"}),
 }
 

@@ -4,11 +4,22 @@ Why a subprocess: img2dataset uses a `spawn` multiprocessing pool (workers re-im
 Prefect's flow loader and hangs scripts without a main guard) and its own heavy imports; running it as
 `python -m curation.download <json>` (this module, main-guarded) isolates all of that.
 
+What runs there is img2dataset with two parts swapped (`curation.download_worker`): the fetch is the guarded fetcher
+(`curation.fetch`: http/https only, address guard on every connection and redirect hop, size cap, whole-transfer
+deadline) and the decoder is `curation.imaging.to_stored_jpeg` (pixel cap from the header, EXIF-upright, resized).
+
 Why our own sample_id: img2dataset's keys depend on the shard size and tar members come in completion order, so
 `sample_id` rides along via `save_additional_columns` and every mapping goes through the staging parquets.
 
-downloads.parquet's `sha256` is img2dataset's hash of the ORIGINAL downloaded bytes (provenance; before resizing);
-the stored JPEG's hash is dedup's (kept.parquet) and the shards' (meta).
+Failures are classified (`curation.fetch`): every failed row has a `reason` (blocked_address, http_404, timeout,
+too_large, too_many_pixels, undecodable, ...) and `transient` (timeouts, resets, 408/425/429, 5xx: may pass later).
+With `retry_transient`, a rerun of a finished download fetches the transient failures again into a new round
+(`staging/retry-NNNN/`), up to `max_attempts` per sample; `attempts`, `first_attempt_at` and `last_attempt_at`
+record it (an attempt = one round that fetched the sample; a round makes up to 1 + `retries` requests for a
+transient failure). downloads.parquet is always recomputed from staging/ and its rounds, latest round winning.
+
+downloads.parquet's `sha256` is the hash of the ORIGINAL downloaded bytes (provenance; before resizing); the stored
+JPEG's hash is dedup's (kept.parquet) and the shards' (meta).
 
 Nothing is lost silently: downloads.parquet has exactly one row per selected sample. Rows img2dataset never reported
 (e.g. a shard that failed all its retries) get status "missing" with an error message.
@@ -16,6 +27,7 @@ Nothing is lost silently: downloads.parquet has exactly one row per selected sam
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -26,7 +38,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -36,6 +48,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.fetch import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REDIRECTS,
+    FetchPolicy,
+    is_transient,
+    parse_networks,
+    reason_of,
+)
+from curation.imaging import DEFAULT_MAX_PIXELS
 from curation.io import write_parquet_atomic
 from curation.layout import BuildLayout
 
@@ -43,32 +64,51 @@ log = logging.getLogger(__name__)
 
 URLS_NAME = "urls.parquet"
 LOG_NAME = "img2dataset.log"
+RETRY_PREFIX = "retry-"
 DOWNLOADS_META_KEY = b"cc4m.download"
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "missing")
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+# The embedded sample's reserved host (curation.sample.SAMPLE_HOST): the only host `http_proxy` serves by default.
+SAMPLE_PROXY_HOSTS = ("cc4m-sample.invalid",)
 # Arguments the stage itself owns: overriding them through `extra_img2dataset_args` would break the contract.
 RESERVED_ARGS = frozenset({
     "url_list", "output_folder", "input_format", "output_format", "url_col", "caption_col", "save_additional_columns",
     "incremental_mode", "enable_wandb", "image_size", "resize_mode", "processes_count", "thread_count", "timeout",
     "retries", "number_sample_per_shard", "encode_quality", "distributor", "encode_format", "compute_hash",
 })
+# img2dataset's cv2 resizer options that curation.imaging (the one decoder of every route) does not implement.
+UNSUPPORTED_ARGS = frozenset({
+    "resize_only_if_bigger", "upscale_interpolation", "downscale_interpolation", "skip_reencode",
+    "disable_all_reencoding", "bbox_col",
+})
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
 DOWNLOADS_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()), ("url", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("staging_shard", pa.string()),
-    ("staging_key", pa.string()),
+    ("sample_id", pa.int64()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("transient", pa.bool_()), ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("sha256", pa.string()), ("attempts", pa.int32()), ("first_attempt_at", TIMESTAMP),
+    ("last_attempt_at", TIMESTAMP), ("staging_shard", pa.string()), ("staging_key", pa.string()),
 ])
 # The downloads.parquet columns that decide what later stages write (which samples, which bytes, where they are
 # staged): their content, not the file's bytes or mtime, is what dedup and reshard fingerprint.
 DOWNLOAD_CONTENT_COLUMNS = ["sample_id", "status", "width", "height", "sha256", "staging_shard", "staging_key"]
 
+Progress = Callable[[dict[str, Any]], None]
+
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """img2dataset settings. `http_proxy` (e.g. the embedded sample's local server) goes into the subprocess env;
-    `extra_img2dataset_args` are passed through verbatim (e.g. {"min_image_size": 64}), except the RESERVED_ARGS."""
+    """img2dataset settings plus the guard and caps (curation.fetch).
+
+    `allowed_networks`: CIDRs the address guard lets through (default none: only globally routable addresses).
+    `max_bytes`: response size cap; `max_pixels`: decoded pixel cap, read from the header; `max_seconds`: deadline of
+    one whole fetch, redirects included; `timeout`: per socket operation.
+    `http_proxy` (the embedded sample's local server) serves only `proxy_hosts`, reserved `.invalid` names.
+    `retry_transient`: a rerun of a finished download fetches the transient failures again, while a sample has had
+    fewer than `max_attempts` rounds. `extra_img2dataset_args` are passed through verbatim (e.g.
+    {"min_image_size": 64}), except the RESERVED_ARGS and UNSUPPORTED_ARGS."""
 
     image_size: int = 256
     resize_mode: str = "border"
@@ -80,31 +120,61 @@ class DownloadConfig:
     encode_quality: int = 95
     distributor: str = "multiprocessing"
     http_proxy: str | None = None
+    proxy_hosts: tuple[str, ...] = SAMPLE_PROXY_HOSTS
+    allowed_networks: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_seconds: float = 60.0
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
+    retry_transient: bool = False
+    max_attempts: int = 3
     subprocess_timeout_s: float | None = None
+    progress_interval_s: float = 5.0
     extra_img2dataset_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "processes_count", "thread_count", "timeout", "number_sample_per_shard")
+        positive = ("image_size", "processes_count", "thread_count", "timeout", "number_sample_per_shard",
+                    "max_bytes", "max_pixels", "max_attempts")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"DownloadConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"DownloadConfig.retries must be an int >= 0, got {self.retries!r}")
+        for name in ("retries", "max_redirects"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"DownloadConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("max_seconds", "progress_interval_s"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"DownloadConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+        if not isinstance(self.retry_transient, bool):
+            raise ValueError(  # noqa: TRY004 - the team contract: every config error is a ValueError
+                f"DownloadConfig.retry_transient must be true or false, got {self.retry_transient!r}")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"DownloadConfig.encode_quality must be in 1..100, got {self.encode_quality!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"DownloadConfig.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.distributor not in DISTRIBUTORS:
             raise ValueError(f"DownloadConfig.distributor must be one of {DISTRIBUTORS}, got {self.distributor!r}")
-        if self.http_proxy is not None and not str(self.http_proxy).startswith(("http://", "https://")):
-            raise ValueError(f"DownloadConfig.http_proxy must be an http(s):// URL or None, got {self.http_proxy!r}")
+        if self.http_proxy is not None and not str(self.http_proxy).startswith("http://"):
+            raise ValueError(f"DownloadConfig.http_proxy must be an http://host:port URL or None, got "
+                             f"{self.http_proxy!r}")
         if self.subprocess_timeout_s is not None and self.subprocess_timeout_s <= 0:
             raise ValueError("DownloadConfig.subprocess_timeout_s must be positive or None")
+        for name in ("allowed_networks", "proxy_hosts"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ValueError(f"DownloadConfig.{name} must be a list of strings, got {value!r}")  # noqa: TRY004
+            object.__setattr__(self, name, tuple(value))
+        parse_networks(self.allowed_networks)  # a typo fails here, before any work
+        self.fetch_policy()  # validates proxy and proxy_hosts
         extra = dict(self.extra_img2dataset_args or {})
         clash = sorted(set(extra) & RESERVED_ARGS)
         if clash:
             raise ValueError(f"DownloadConfig.extra_img2dataset_args may not set {clash}: use the config fields")
+        unsupported = sorted(set(extra) & UNSUPPORTED_ARGS)
+        if unsupported:
+            raise ValueError(f"DownloadConfig.extra_img2dataset_args: {unsupported} are img2dataset resizer options "
+                             "that cc4m's decoder (curation.imaging) does not implement")
         try:
             json.dumps(extra)
         except TypeError as err:
@@ -117,13 +187,23 @@ class DownloadConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         d["extra_img2dataset_args"] = dict(self.extra_img2dataset_args)
+        d["allowed_networks"] = list(self.allowed_networks)
+        d["proxy_hosts"] = list(self.proxy_hosts)
         return d
 
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(allowed_networks=self.allowed_networks, max_bytes=self.max_bytes, timeout=self.timeout,
+                           max_seconds=self.max_seconds, max_redirects=self.max_redirects, proxy=self.http_proxy,
+                           proxy_hosts=self.proxy_hosts)
+
     def staging_fingerprint(self) -> dict[str, Any]:
-        """Settings that change what lands in staging/ (proxy, parallelism and distributor do not)."""
+        """Settings that change what lands in staging/ (proxy, parallelism, distributor and retries do not)."""
         return {
             "image_size": self.image_size, "resize_mode": self.resize_mode, "encode_quality": self.encode_quality,
             "number_sample_per_shard": self.number_sample_per_shard, "extra": dict(self.extra_img2dataset_args),
+            "guard": {"allowed_networks": list(self.allowed_networks), "max_bytes": self.max_bytes,
+                      "max_pixels": self.max_pixels, "max_seconds": self.max_seconds,
+                      "max_redirects": self.max_redirects, "proxy_hosts": list(self.proxy_hosts)},
         }
 
     def img2dataset_kwargs(self, url_list: Path, output_folder: Path) -> dict[str, Any]:
@@ -152,6 +232,17 @@ def staging_shards(staging_dir: Path) -> list[str]:
     return sorted(p.name[: -len("_stats.json")] for p in Path(staging_dir).glob("*_stats.json"))
 
 
+def staging_rounds(staging_dir: Path) -> list[str]:
+    """"" (the first round, staging/ itself) and the retry rounds ("retry-0001", ...), in order."""
+    retries = sorted(p.name for p in Path(staging_dir).glob(f"{RETRY_PREFIX}*") if p.is_dir())
+    return ["", *retries]
+
+
+def round_shards(staging_dir: Path) -> list[str]:
+    """Finished staging shards of every round, as staging_shard values ("00000", "retry-0001/00000", ...)."""
+    return [f"{r}/{s}" if r else s for r in staging_rounds(staging_dir) for s in staging_shards(staging_dir / r)]
+
+
 def collect_selected(build_dir: str | Path) -> pa.Table:
     """sample_id, url, caption of every selected sample, in sample_id order (sample ids must be unique)."""
     layout = BuildLayout(Path(build_dir))
@@ -166,26 +257,66 @@ def collect_selected(build_dir: str | Path) -> pa.Table:
     return table.cast(pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]))
 
 
-def run_img2dataset(kwargs: dict[str, Any], cfg: DownloadConfig, log_path: Path) -> None:
-    """Run img2dataset in a fresh interpreter (this module's main guard); raise with the log's tail on failure."""
+def _stats_progress(output_folder: Path, total: int, done_before: int, started: float) -> dict[str, Any]:
+    done = successes = 0
+    for path in Path(output_folder).glob("*_stats.json"):
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written: counted at the next poll
+            continue
+        done += int(stats.get("count", 0))
+        successes += int(stats.get("successes", 0))
+    elapsed = max(time.monotonic() - started, 1e-6)
+    rate = (done - done_before) / elapsed
+    eta = (total - done) / rate if rate > 0 else None
+    return {"stage": "download", "done": done, "total": total, "unit": "images", "rate": round(rate, 3),
+            "eta_s": None if eta is None else round(eta, 1), "successes": successes}
+
+
+def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path, total: int,
+                    progress: Progress | None = None) -> None:
+    """Run img2dataset in a fresh interpreter (this module's main guard); raise with the log's tail on failure.
+    While it runs, its finished shards' `*_stats.json` give the progress (logged, and passed to `progress`)."""
     env = dict(os.environ)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("WANDB_MODE", "disabled")
-    if cfg.http_proxy:
-        # urllib reads both spellings; a stray no_proxy could bypass the sample server, so drop it in the child.
-        env["http_proxy"] = env["HTTP_PROXY"] = cfg.http_proxy
-        for name in ("no_proxy", "NO_PROXY"):
-            env.pop(name, None)
-    cmd = [sys.executable, "-m", "curation.download", json.dumps(kwargs)]
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        env.pop(name, None)  # the guarded fetcher takes its proxy from the config only
+    output = Path(payload["img2dataset"]["output_folder"])
+    cmd = [sys.executable, "-m", "curation.download", json.dumps(payload)]
+    started = time.monotonic()
+    done_before = _stats_progress(output, total, 0, started)["done"]
     with open(log_path, "ab") as log_file:
         log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd[:3])}\n".encode())
         log_file.flush()
-        proc = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                              timeout=cfg.subprocess_timeout_s, check=False)
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=cfg.progress_interval_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if cfg.subprocess_timeout_s is not None and time.monotonic() - started > cfg.subprocess_timeout_s:
+                    raise subprocess.TimeoutExpired(cmd[:3], cfg.subprocess_timeout_s)
+                _report(_stats_progress(output, total, done_before, started), progress)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    _report(_stats_progress(output, total, done_before, started), progress)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"img2dataset subprocess failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+
+
+def _report(state: dict[str, Any], progress: Progress | None) -> None:
+    eta = "?" if state["eta_s"] is None else f"{state['eta_s']:.0f}s"
+    log.info("download: %d/%d images done, %d successes, %.1f images/s, ETA %s", state["done"], state["total"],
+             state["successes"], state["rate"], eta)
+    if progress is not None:
+        progress({k: state[k] for k in ("stage", "done", "total", "unit", "rate", "eta_s")})
 
 
 def _read_staging_parquet(path: Path) -> pa.Table:
@@ -197,10 +328,42 @@ def _read_staging_parquet(path: Path) -> pa.Table:
     return table.select(wanted)
 
 
+def _payload(cfg: DownloadConfig, urls_path: Path, output: Path) -> dict[str, Any]:
+    policy = cfg.fetch_policy()
+    return {"img2dataset": cfg.img2dataset_kwargs(urls_path, output), "max_pixels": cfg.max_pixels,
+            "policy": {"allowed_networks": list(policy.allowed_networks), "max_bytes": policy.max_bytes,
+                       "timeout": policy.timeout, "max_seconds": policy.max_seconds,
+                       "max_redirects": policy.max_redirects, "proxy": policy.proxy,
+                       "proxy_hosts": list(policy.proxy_hosts)}}
+
+
+def _write_round_urls(path: Path, urls: pa.Table, fingerprint: str) -> None:
+    meta = {DOWNLOADS_META_KEY: json.dumps({"fingerprint": fingerprint}).encode()}
+    write_parquet_atomic(path, urls.replace_schema_metadata(meta))
+
+
+def _round_fingerprint(path: Path) -> str | None:
+    old = (pq.read_schema(path).metadata or {}).get(DOWNLOADS_META_KEY)
+    return json.loads(old).get("fingerprint") if old else None
+
+
+def _run_round(folder: Path, urls: pa.Table, cfg: DownloadConfig, log_path: Path,
+               progress: Progress | None) -> None:
+    """img2dataset over urls (written to folder/urls.parquet already) unless every shard of the round is done."""
+    n_expected_shards = -(-urls.num_rows // cfg.number_sample_per_shard)
+    done = set(staging_shards(folder))
+    if urls.num_rows and len(done) < n_expected_shards:
+        log.info("download: %d urls in %s, %d/%d staging shards already done", urls.num_rows, folder, len(done),
+                 n_expected_shards)
+        run_img2dataset(_payload(cfg, folder / URLS_NAME, folder), cfg, log_path, urls.num_rows, progress)
+
+
 # -------------------------------------------------------------------------------------------------------- the stage
-def download_selected(build_dir: str | Path, cfg: DownloadConfig) -> dict[str, Any]:
+def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Progress | None = None) -> dict[str, Any]:
     """selected/* -> staging/ -> downloads.parquet (one row per selected sample). Idempotent; resumable (img2dataset's
-    incremental mode continues from finished staging shards). Returns counts by status and error."""
+    incremental mode continues from finished staging shards). With cfg.retry_transient, a finished download fetches
+    its transient failures again (a new round). `progress` is called with {"stage": "download", "done", "total",
+    "unit": "images", "rate", "eta_s"} while img2dataset runs. Returns counts by status and reason."""
     layout = BuildLayout(Path(build_dir))
     staging = layout.staging_dir
     urls = collect_selected(build_dir)
@@ -213,72 +376,130 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig) -> dict[str, A
         recorded = json.loads(meta) if meta else {}
         # "missing" rows mean img2dataset gave up on a shard: a rerun retries just those shards (incremental mode).
         if recorded.get("fingerprint") == fingerprint and recorded["counts"].get("missing", 0) == 0:
-            return {**recorded["counts"], "skipped": True}
+            retry = _retry_candidates(layout, cfg) if cfg.retry_transient else None
+            if retry is None or retry.num_rows == 0:
+                return {**recorded["counts"], "skipped": True}
+            return _retry_round(layout, urls, retry, cfg, fingerprint, progress)
 
     urls_path = staging / URLS_NAME
-    if urls_path.exists():
-        old = (pq.read_schema(urls_path).metadata or {}).get(DOWNLOADS_META_KEY)
-        if not old or json.loads(old).get("fingerprint") != fingerprint:
-            # Different input or settings: img2dataset's incremental mode would mix old and new shards. Start over.
-            log.warning("download: staging input changed, discarding %s", staging)
-            shutil.rmtree(staging)
-            layout.downloads.unlink(missing_ok=True)
+    if urls_path.exists() and _round_fingerprint(urls_path) != fingerprint:
+        # Different input or settings: img2dataset's incremental mode would mix old and new shards. Start over.
+        log.warning("download: staging input changed, discarding %s", staging)
+        shutil.rmtree(staging)
+        layout.downloads.unlink(missing_ok=True)
     staging.mkdir(parents=True, exist_ok=True)
     if not urls_path.exists():
-        meta = {DOWNLOADS_META_KEY: json.dumps({"fingerprint": fingerprint}).encode()}
-        write_parquet_atomic(urls_path, urls.replace_schema_metadata(meta))
+        _write_round_urls(urls_path, urls, fingerprint)
 
-    n_expected_shards = -(-urls.num_rows // cfg.number_sample_per_shard)
-    done = set(staging_shards(staging))
     started = time.perf_counter()
-    if urls.num_rows and len(done) < n_expected_shards:
-        log.info("download: %d urls, %d/%d staging shards already done", urls.num_rows, len(done), n_expected_shards)
-        run_img2dataset(cfg.img2dataset_kwargs(urls_path, staging), cfg, staging / LOG_NAME)
-    download_seconds = time.perf_counter() - started
+    _run_round(staging, urls, cfg, staging / LOG_NAME, progress)
+    return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
 
-    counts = _collect(layout, urls, cfg, download_seconds)
+
+def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprint: str,
+            seconds: float) -> dict[str, Any]:
+    counts = _collect(layout, urls, cfg, seconds)
     table = counts.pop("_table")
     meta = {DOWNLOADS_META_KEY: json.dumps({"fingerprint": fingerprint, "counts": counts}, sort_keys=True).encode()}
     write_parquet_atomic(layout.downloads, table.replace_schema_metadata(meta))
     return {**counts, "skipped": False}
 
 
+def _retry_candidates(layout: BuildLayout, cfg: DownloadConfig) -> pa.Table:
+    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "transient", "attempts"])
+    mask = pc.and_(pc.and_(pc.not_equal(table["status"], "success"), pc.fill_null(table["transient"], False)),
+                   pc.less(table["attempts"], cfg.max_attempts))
+    return table.filter(mask).select(["sample_id"])
+
+
+def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: DownloadConfig, fingerprint: str,
+                 progress: Progress | None) -> dict[str, Any]:
+    """Fetch the transient failures again into staging/retry-NNNN/ (an unfinished round is resumed first)."""
+    staging = layout.staging_dir
+    subset = urls.filter(pc.is_in(urls["sample_id"], value_set=retry["sample_id"]))
+    rounds = staging_rounds(staging)[1:]
+    last = staging / rounds[-1] if rounds else None
+    if last is not None and (last / URLS_NAME).exists() and _round_fingerprint(last / URLS_NAME) == fingerprint:
+        last_urls = pq.read_table(last / URLS_NAME)
+        if len(staging_shards(last)) < -(-last_urls.num_rows // cfg.number_sample_per_shard):
+            subset = last_urls.select(["sample_id", "url", "caption"])  # resume the unfinished round
+        else:
+            last = None
+    else:
+        last = None
+    folder = last or staging / f"{RETRY_PREFIX}{len(rounds) + 1:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / URLS_NAME).exists():
+        _write_round_urls(folder / URLS_NAME, subset, fingerprint)
+    log.info("download: retrying %d transient failures in %s", subset.num_rows, folder.name)
+    started = time.perf_counter()
+    _run_round(folder, subset, cfg, staging / LOG_NAME, progress)
+    return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
+
+
 STAGED_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("staging_shard", pa.string()),
+    ("attempt_at", TIMESTAMP),
 ])
-MISSING_MESSAGE = "not reported by any finished img2dataset staging shard"
+MISSING_MESSAGE = "missing: not reported by any finished img2dataset staging shard"
 
 
-def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: float) -> dict[str, Any]:
-    """Join every finished staging shard's parquet onto the selected urls (vectorised: CC12M-sized inputs)."""
-    staging = layout.staging_dir
-    tables: list[pa.Table] = []
-    per_shard: list[dict[str, Any]] = []
-    for shard in staging_shards(staging):
-        path = staging / f"{shard}.parquet"
+def _read_round(folder: Path, prefix: str, per_shard: list[dict[str, Any]]) -> pa.Table:
+    """Every finished shard of one round, with its staging_shard name and its start time."""
+    tables = []
+    for shard in staging_shards(folder):
+        path = folder / f"{shard}.parquet"
         if not path.exists():
-            raise FileNotFoundError(f"download: {shard}_stats.json exists but {path.name} does not")
+            raise FileNotFoundError(f"download: {shard}_stats.json exists but {path} does not")
+        stats = json.loads((folder / f"{shard}_stats.json").read_text())
         table = _read_staging_parquet(path)
-        table = table.append_column("staging_shard", pa.array([shard] * table.num_rows, pa.string()))
+        name = f"{prefix}/{shard}" if prefix else shard
+        table = table.append_column("staging_shard", pa.array([name] * table.num_rows, pa.string()))
+        started_ms = int(float(stats.get("start_time") or 0) * 1000)
+        table = table.append_column("attempt_at", pa.array([started_ms] * table.num_rows, pa.int64()).cast(TIMESTAMP))
         table = table.cast(STAGED_SCHEMA)
         statuses = Counter(table["status"].to_pylist())
-        per_shard.append({"shard": shard, "rows": table.num_rows, **{s: statuses.get(s, 0) for s in STATUSES[:3]}})
-        log.info("download: staging shard %s: %d rows, %s", shard, table.num_rows, dict(statuses))
+        per_shard.append({"shard": name, "rows": table.num_rows, **{s: statuses.get(s, 0) for s in STATUSES[:3]}})
+        log.info("download: staging shard %s: %d rows, %s", name, table.num_rows, dict(statuses))
         tables.append(table)
     staged = pa.concat_tables(tables) if tables else STAGED_SCHEMA.empty_table()
-
     if len(pc.unique(staged["sample_id"])) != staged.num_rows:
         counts = pc.value_counts(staged["sample_id"])
         dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[0].as_py()
-        raise ValueError(f"download: sample_id {dup} appears more than once in staging")
-    unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=urls["sample_id"])))
-    if unknown.num_rows:  # staging rows whose sample_id was never selected: the staging folder is not ours
-        raise ValueError(f"download: staging holds {unknown.num_rows} unknown sample ids, "
-                         f"e.g. {unknown['sample_id'].to_pylist()[:5]}")
+        raise ValueError(f"download: sample_id {dup} appears more than once in staging round {prefix or 'first'}")
+    return staged
 
-    joined = urls.select(["sample_id", "url"]).join(staged, keys="sample_id", join_type="left outer")
-    joined = joined.sort_by("sample_id")
+
+def _merge_rounds(layout: BuildLayout, urls: pa.Table, per_shard: list[dict[str, Any]]) -> pa.Table:
+    """One row per selected sample: its latest round's result, attempts = rounds that reported it."""
+    base = urls.select(["sample_id", "url"])
+    n = base.num_rows
+    merged: dict[str, pa.Array] = {name: pa.nulls(n, STAGED_SCHEMA.field(name).type)
+                                   for name in STAGED_SCHEMA.names if name != "sample_id"}
+    merged["first_attempt_at"] = pa.nulls(n, TIMESTAMP)
+    attempts = pa.array([0] * n, pa.int32())
+    for prefix in staging_rounds(layout.staging_dir):
+        staged = _read_round(layout.staging_dir / prefix, prefix, per_shard)
+        unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=urls["sample_id"])))
+        if unknown.num_rows:  # staging rows whose sample_id was never selected: the staging folder is not ours
+            raise ValueError(f"download: staging holds {unknown.num_rows} unknown sample ids, "
+                             f"e.g. {unknown['sample_id'].to_pylist()[:5]}")
+        joined = base.join(staged, keys="sample_id", join_type="left outer").sort_by("sample_id")
+        hit = pc.is_valid(joined["status"])
+        for name, previous in merged.items():
+            if name != "first_attempt_at":
+                merged[name] = pc.if_else(hit, joined[name], previous)
+        merged["first_attempt_at"] = pc.coalesce(merged["first_attempt_at"], joined["attempt_at"])
+        attempts = pc.add(attempts, pc.cast(hit, pa.int32()))
+    merged["attempts"] = attempts
+    return pa.table({"sample_id": base["sample_id"], "url": base["url"], **merged})
+
+
+def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: float) -> dict[str, Any]:
+    """Join every finished staging shard of every round onto the selected urls (vectorised: CC12M-sized inputs)."""
+    per_shard: list[dict[str, Any]] = []
+    joined = _merge_rounds(layout, urls, per_shard)
     raw_status = joined["status"]
     missing = pc.is_null(raw_status)
     known = pc.is_in(raw_status, value_set=pa.array(STATUSES[:3]))
@@ -286,40 +507,70 @@ def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: 
     success = pc.equal(status, "success")
     null_str = pa.scalar(None, pa.string())
     error = pc.if_else(success, null_str, pc.if_else(
-        missing, MISSING_MESSAGE, pc.coalesce(joined["error_message"], "img2dataset gave no error message")))
+        missing, MISSING_MESSAGE, pc.coalesce(joined["error_message"], "other: img2dataset gave no error message")))
+    reasons = [None if e is None else reason_of(e) for e in error.to_pylist()]
+    reason = pa.array(reasons, pa.string())
+    transient = pa.array([None if r is None else is_transient(r) for r in reasons], pa.bool_())
     null_int = pa.scalar(None, pa.int32())
     table = pa.table({
-        "sample_id": joined["sample_id"], "url": joined["url"], "status": status, "error_message": error,
+        "sample_id": joined["sample_id"], "url": joined["url"], "status": status, "reason": reason,
+        "transient": transient, "error_message": error,
         "width": pc.if_else(success, joined["width"], null_int),
         "height": pc.if_else(success, joined["height"], null_int),
         "sha256": pc.if_else(success, joined["sha256"], null_str),
+        "attempts": joined["attempts"], "first_attempt_at": joined["first_attempt_at"],
+        "last_attempt_at": joined["attempt_at"],
         "staging_shard": joined["staging_shard"], "staging_key": joined["key"],
     }, schema=DOWNLOADS_SCHEMA)
 
     status_counts = Counter(table["status"].to_pylist())
+    reason_counts = Counter(r for r in reasons if r is not None)
     errors = Counter(e for e in table["error_message"].to_pylist() if e)
     layout_counts = {s: status_counts.get(s, 0) for s in STATUSES}
     counts = {
         "selected": urls.num_rows,
         **layout_counts,
-        "failed_by_reason": {s: layout_counts[s] for s in STATUSES[1:]},
+        "failed": urls.num_rows - layout_counts["success"],
+        "failed_by_reason": dict(sorted(reason_counts.items())),
+        "failed_by_status": {s: layout_counts[s] for s in STATUSES[1:]},
+        "transient": sum(1 for r in reasons if r is not None and is_transient(r)),
         "errors": dict(errors.most_common(50)),
+        "rounds": len(staging_rounds(layout.staging_dir)),
         "staging_shards": per_shard,
         "download_seconds": round(seconds, 3),
         "settings": {"image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
                      "processes_count": cfg.processes_count, "thread_count": cfg.thread_count},
     }
-    if table.num_rows != urls.num_rows or counts["selected"] != sum(layout_counts.values()):
+    if table.num_rows != urls.num_rows or counts["selected"] != sum(layout_counts.values()) \
+            or counts["failed"] != sum(reason_counts.values()):
         raise AssertionError(f"download: counts do not add up: {counts}")
     counts["_table"] = table
     return counts
 
 
 # ----------------------------------------------------------------------------------------------- reading the images
+def _shard_images(staging: Path, shard: str, keys: dict[str, int]) -> Iterator[tuple[int, bytes]]:
+    images: dict[int, bytes] = {}
+    with tarfile.open(staging / f"{shard}.tar") as tar:
+        for member in tar:
+            stem, _, ext = member.name.rpartition(".")
+            if ext == "jpg" and stem in keys:
+                images[keys[stem]] = tar.extractfile(member).read()
+    lost = sorted(set(keys.values()) - set(images))
+    if lost:
+        raise FileNotFoundError(f"staging shard {shard}.tar lacks images of successful samples {lost[:10]}")
+    for sid in sorted(images):
+        yield sid, images[sid]
+
+
 def iter_staged_images(build_dir: str | Path, sample_ids: Iterable[int] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(sample_id, jpg bytes) of successful downloads, read from the staging tars, in ascending sample_id order
-    (staging shards hold consecutive sample_id ranges because urls.parquet is sorted). `sample_ids` restricts the
-    output (staging tars holding none of them are not opened). Raises if a successful sample's image is absent."""
+    """(sample_id, jpg bytes) of successful downloads, read from the staging tars, in ascending sample_id order.
+    `sample_ids` restricts the output (staging tars holding none of them are not opened). Raises if a successful
+    sample's image is absent.
+
+    Each staging shard holds ascending sample ids (every round's urls.parquet is sorted); shards of the first round
+    cover consecutive ranges, retry rounds' shards interleave with them. A shard is opened only when its smallest
+    wanted id is next, so about one shard per round is held in memory."""
     layout = BuildLayout(Path(build_dir))
     table = pq.read_table(layout.downloads, columns=["sample_id", "status", "staging_shard", "staging_key"])
     wanted = None if sample_ids is None else {int(s) for s in sample_ids}
@@ -332,27 +583,31 @@ def iter_staged_images(build_dir: str | Path, sample_ids: Iterable[int] | None =
         unknown = wanted - {sid for keys in by_shard.values() for sid in keys.values()}
         if unknown:
             raise KeyError(f"iter_staged_images: not successful downloads: {sorted(unknown)[:10]}")
-    for shard in sorted(by_shard):
-        keys = by_shard[shard]
-        images: dict[int, bytes] = {}
-        with tarfile.open(layout.staging_dir / f"{shard}.tar") as tar:
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if ext == "jpg" and stem in keys:
-                    images[keys[stem]] = tar.extractfile(member).read()
-        lost = sorted(set(keys.values()) - set(images))
-        if lost:
-            raise FileNotFoundError(f"staging shard {shard}.tar lacks images of successful samples {lost[:10]}")
-        for sid in sorted(images):
-            yield sid, images[sid]
+    pending = sorted((min(keys.values()), shard) for shard, keys in by_shard.items())
+    active: list[tuple[int, int, bytes, Iterator[tuple[int, bytes]]]] = []
+    order = 0
+    while pending or active:
+        while pending and (not active or pending[0][0] <= active[0][0]):
+            _, shard = pending.pop(0)
+            images = _shard_images(layout.staging_dir, shard, by_shard[shard])
+            sid, data = next(images)
+            order += 1
+            heapq.heappush(active, (sid, order, data, images))
+        sid, rank, data, images = heapq.heappop(active)
+        yield sid, data
+        nxt = next(images, None)
+        if nxt is not None:
+            heapq.heappush(active, (nxt[0], rank, nxt[1], images))
 
 
 def _driver_main(argv: list[str]) -> int:
-    """Entry point of the img2dataset subprocess: argv[0] is the JSON of img2dataset.download's kwargs."""
-    kwargs = json.loads(argv[0])
-    from img2dataset import download  # imported here: the parent process never pays for it
+    """Entry point of the img2dataset subprocess: argv[0] is the JSON payload (img2dataset kwargs, fetch policy,
+    pixel cap)."""
+    payload = json.loads(argv[0])
+    from curation import download_worker  # imported here: the parent process never pays for img2dataset
 
-    download(**kwargs)
+    policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
+    download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
     return 0
 
 

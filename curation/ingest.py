@@ -6,6 +6,11 @@ Decisions (documented here because downstream stages and the manifest depend on 
   quote. One trailing b"\\r" is stripped (CRLF files).
 - A row is split on its FIRST tab only: a url cannot contain a tab, so any further tab belongs to the caption and is
   KEPT verbatim in it (friendlier than rejecting; CC12M has exactly two columns so this is rare).
+- A UTF-8 byte-order mark at the start of the first line is stripped (spreadsheet exports add one).
+- A url must be able to be a web address: it needs a scheme (`www.example.com/a.jpg` has none: `no_scheme`) and
+  may not contain control characters (C0/C1 such as NUL, a lone CR or U+0085, and the line/paragraph separators
+  U+2028/U+2029: `control_characters`). Which schemes are fetched is the download stage's decision (anything but
+  http/https fails there as `blocked_scheme`, counted like every other failure).
 - url and caption are stripped of surrounding whitespace; the stored caption is the stripped one, so entity
   offsets computed later index the stored caption.
 - sample_id = 0-based line (row) number in the source, counting rejected and blank lines, so ids are stable across
@@ -17,7 +22,9 @@ Decisions (documented here because downstream stages and the manifest depend on 
 from __future__ import annotations
 
 import gzip
+import re
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -43,7 +50,20 @@ REJECT_REASONS = (
     "url_too_long",    # len(url) > max_url_chars
     "caption_too_long",  # len(caption) > max_caption_chars
     "line_too_long",   # raw line longer than max_line_bytes: not even decoded, to bound memory
+    "no_scheme",       # the url has no scheme: it cannot be a web address
+    "control_characters",  # the url holds a control character (NUL, lone CR, U+0085, U+2028, ...)
 )
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+BOM = b"\xef\xbb\xbf"
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` (already stripped) cannot be a web address, or None. The download stage checks the rest."""
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") for ch in url):
+        return "control_characters"
+    if not _SCHEME.match(url):
+        return "no_scheme"
+    return None
 
 INGEST_SCHEMA = pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())])
 REJECT_SCHEMA = pa.schema(
@@ -98,6 +118,8 @@ def _open_bytes(path: Path) -> BinaryIO:
 
 
 def _check_row(sample_id: int, url: str, caption: str, cfg: IngestConfig, raw: str) -> _Row:
+    # Controls are looked for before stripping: str.strip() would silently eat a trailing CR, U+0085 or U+2028.
+    problem = url_problem(url.strip(" "))
     url, caption = url.strip(), caption.strip()
     reason = None
     if not url:
@@ -106,6 +128,8 @@ def _check_row(sample_id: int, url: str, caption: str, cfg: IngestConfig, raw: s
         reason = "empty_caption"
     elif len(url) > cfg.max_url_chars:
         reason = "url_too_long"
+    elif problem:
+        reason = problem
     elif len(caption) > cfg.max_caption_chars:
         reason = "caption_too_long"
     if reason:
@@ -130,6 +154,8 @@ def _tsv_rows(path: Path, cfg: IngestConfig, progress: Any) -> Iterator[_Row]:
                 yield _Row(sample_id, reason="line_too_long", raw=raw)
                 sample_id += 1
                 continue
+            if sample_id == 0 and line.startswith(BOM):
+                line = line[len(BOM):]
             if line.endswith(b"\n"):
                 line = line[:-1]
             if line.endswith(b"\r"):

@@ -111,12 +111,19 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
     sel = {"parsed": parsed, "selected": selected, "dropped": parsed - selected,
            "dropped_by_reason": dropped_by_reason}
 
-    downloads = pq.read_table(layout.downloads, columns=["status", "error_message"])
+    downloads = pq.read_table(layout.downloads)
     statuses = Counter(downloads["status"].to_pylist())
     errors = Counter(e for e in downloads["error_message"].to_pylist() if e)
     success = statuses.pop("success", 0)
-    # Only known failure statuses count as failures: an unknown status then breaks selected = success + failed.
-    failed_by_reason = {s: statuses.get(s, 0) for s in STATUSES if s != "success"}
+    # Only rows with a known status count, as failures by status and by class (curation.fetch: blocked_address,
+    # http_404, too_large, ...; a row without a class, from an older build, under its status). An unknown status
+    # is then in neither success nor failed, and breaks selected = success + failed.
+    failed_by_status = {s: statuses.get(s, 0) for s in STATUSES if s != "success"}
+    status_list = downloads["status"].to_pylist()
+    reasons = downloads["reason"].to_pylist() if "reason" in downloads.column_names else [None] * len(status_list)
+    transient = downloads["transient"].to_pylist() if "transient" in downloads.column_names else [None] * len(reasons)
+    failed_by_reason = Counter(reason or status for reason, status in zip(reasons, status_list)
+                               if status != "success" and status in STATUSES)
 
     kept = _rows(layout.kept)
     removed_by_kind: dict[str, int] = {"exact": 0, "near": 0}
@@ -136,7 +143,9 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
         "parse": {"ingested": ingested, "parsed": parsed, "failed": parse_failed},
         "select": sel,
         "download": {"selected": downloads.num_rows, "success": success, "failed": sum(failed_by_reason.values()),
-                     "failed_by_reason": failed_by_reason, "errors": dict(errors.most_common(MAX_ERROR_KINDS))},
+                     "failed_by_reason": dict(sorted(failed_by_reason.items())), "failed_by_status": failed_by_status,
+                     "failed_transient": sum(1 for t in transient if t),
+                     "errors": dict(errors.most_common(MAX_ERROR_KINDS))},
         "dedup": {"success": dedup_input, "removed_duplicate": sum(removed_by_kind.values()),
                   "removed_by_kind": removed_by_kind, "kept": kept},
         "index": {"kept": kept, "partner_rows": partners.num_rows, "samples_with_partners": with_partners,

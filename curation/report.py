@@ -24,6 +24,13 @@ PLOTS = {
     "download_outcomes.png": "Download outcomes",
 }
 MANIFEST_COUNT_KEYS = ("stage_results", "stages", "counts")
+# Every failed download by class: blocked_scheme/blocked_address (the address guard), too_large/too_many_pixels
+# (caps), http_404, timeout, ...; `transient` ones are fetched again by a rebuild with download.retry_transient.
+DOWNLOAD_REASONS_SQL = (
+    "SELECT coalesce(reason, status) AS reason, CASE WHEN transient THEN 'transient' ELSE 'permanent' END AS kind, "
+    "count(*) AS samples, max(attempts) AS max_attempts FROM downloads WHERE status <> 'success' "
+    "GROUP BY ALL ORDER BY samples DESC, reason"
+)
 
 
 Table = tuple[str, list[str], list[tuple[Any, ...]]]  # title, columns, rows
@@ -58,6 +65,9 @@ def _collect(build_dir: Path) -> dict[str, Any]:
         if "downloads" in views:
             data["outcomes"] = q(READY_QUERIES["download_outcomes"])
             data["errors"] = q(READY_QUERIES["download_errors"])
+            columns = {row[0] for row in con.execute("DESCRIBE downloads").fetchall()}
+            if {"reason", "transient"} <= columns:  # failure classes (curation.fetch); older builds lack them
+                data["failure_reasons"] = q(DOWNLOAD_REASONS_SQL)
         if "duplicates" in views:
             data["duplicates"] = q(READY_QUERIES["duplicates_by_kind"])
         if "rejects" in views:
@@ -99,6 +109,7 @@ def _tables(layout: BuildLayout, data: dict[str, Any]) -> list[Table]:
     tables.append(("Rows per file (counted from the build)", ["view", "rows"], data["rows"]))
     for key, title in [
         ("outcomes", "Download outcomes"),
+        ("failure_reasons", "Download failures by reason"),
         ("errors", "Download errors"),
         ("duplicates", "Duplicates"),
         ("rejects", "Rejected source rows"),

@@ -1,5 +1,7 @@
 """Verify stage: a quality gate on the download. img2dataset never fails loudly (it returns None and only prints
-failed shards), so the build checks its numbers here and stops under a minimum success rate."""
+failed shards), so the build checks its numbers here and stops under a minimum success rate: img2dataset's stats
+against its own shard parquets (every round, retry rounds included), downloads.parquet against those, and every
+failure's reason and transient flag."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curation.download import STATUSES, staging_shards
+from curation.download import STATUSES, round_shards
+from curation.fetch import is_transient
 from curation.layout import BuildLayout
 
 
@@ -27,40 +30,62 @@ class VerifyConfig:
             raise ValueError(f"VerifyConfig.min_success_rate must be in [0, 1], got {self.min_success_rate!r}")
 
 
+def _shard_problems(layout: BuildLayout, shard: str, stats: dict[str, Any], pointing: dict[str, str]) -> list[str]:
+    """img2dataset's stats vs its own shard parquet, and the downloads rows that point at this shard vs that parquet."""
+    staged = pq.read_table(layout.staging_dir / f"{shard}.parquet", columns=["key", "status"])
+    statuses = Counter(staged["status"].to_pylist())
+    problems = []
+    for theirs, mine in (("count", staged.num_rows), ("successes", statuses["success"]),
+                         ("failed_to_download", statuses["failed_to_download"]),
+                         ("failed_to_resize", statuses["failed_to_resize"])):
+        if stats.get(theirs) is not None and stats[theirs] != mine:
+            problems.append(f"staging shard {shard}: stats say {theirs}={stats[theirs]}, its parquet {mine}")
+    by_key = dict(zip(staged["key"].to_pylist(), staged["status"].to_pylist()))
+    wrong = [k for k, status in pointing.items() if by_key.get(k) != status]
+    if wrong:
+        problems.append(f"staging shard {shard}: {len(wrong)} downloads.parquet rows disagree with it (e.g. key "
+                        f"{wrong[0]}: {pointing[wrong[0]]} vs {by_key.get(wrong[0])})")
+    return problems
+
+
 def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]:
-    """Check downloads.parquet against staging's own `*_stats.json`; raise BuildQualityError under the success rate.
-    Returns {"selected", "success", "failed_by_reason", "success_rate", "per_shard": [...], "problems": []}."""
+    """Check downloads.parquet against staging's own `*_stats.json` and parquets (every round); raise
+    BuildQualityError under the success rate. Returns {"selected", "success", "failed_by_reason", "success_rate",
+    "per_shard": [...], "problems": []}."""
     layout = BuildLayout(Path(build_dir))
     if not layout.downloads.exists():
         raise FileNotFoundError(f"verify: {layout.downloads} does not exist (run download first)")
-    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "staging_shard"])
-    statuses = Counter(table["status"].to_pylist())
+    table = pq.read_table(layout.downloads,
+                          columns=["sample_id", "status", "reason", "transient", "staging_shard", "staging_key"])
+    rows = {c: table[c].to_pylist() for c in table.column_names}
+    statuses = Counter(rows["status"])
     unknown = sorted(set(statuses) - set(STATUSES))
     if unknown:
         raise BuildQualityError(f"verify: unknown download statuses {unknown} in {layout.downloads}")
     selected = table.num_rows
     counts = {s: statuses.get(s, 0) for s in STATUSES}
     problems: list[str] = []
+    reasons: Counter[str] = Counter()
+    for sid, status, reason, transient in zip(rows["sample_id"], rows["status"], rows["reason"], rows["transient"]):
+        if status == "success":
+            continue
+        reasons[reason or status] += 1
+        if reason is None or transient != is_transient(reason):
+            problems.append(f"sample {sid}: failed without a consistent reason ({reason!r}, transient={transient})")
+            break
 
-    # Per staging shard: img2dataset's stats file vs the rows we collected from its parquet.
-    by_shard: dict[str, Counter] = {}
-    for shard, status in zip(table["staging_shard"].to_pylist(), table["status"].to_pylist()):
+    pointing: dict[str, dict[str, str]] = {}
+    for shard, key, status in zip(rows["staging_shard"], rows["staging_key"], rows["status"]):
         if shard is not None:
-            by_shard.setdefault(shard, Counter())[status] += 1
+            pointing.setdefault(shard, {})[key] = status
     per_shard = []
-    for shard in staging_shards(layout.staging_dir):
+    for shard in round_shards(layout.staging_dir):
         stats = json.loads((layout.staging_dir / f"{shard}_stats.json").read_text())
-        ours = by_shard.pop(shard, Counter())
-        entry = {"shard": shard, "count": stats.get("count"), "successes": stats.get("successes"),
-                 "failed_to_download": stats.get("failed_to_download"),
-                 "failed_to_resize": stats.get("failed_to_resize"), "duration_s": stats.get("duration")}
-        per_shard.append(entry)
-        for theirs, mine in (("count", sum(ours.values())), ("successes", ours["success"]),
-                             ("failed_to_download", ours["failed_to_download"]),
-                             ("failed_to_resize", ours["failed_to_resize"])):
-            if stats.get(theirs) is not None and stats[theirs] != mine:
-                problems.append(f"staging shard {shard}: stats say {theirs}={stats[theirs]}, downloads.parquet {mine}")
-    for shard in sorted(by_shard):
+        per_shard.append({"shard": shard, "count": stats.get("count"), "successes": stats.get("successes"),
+                          "failed_to_download": stats.get("failed_to_download"),
+                          "failed_to_resize": stats.get("failed_to_resize"), "duration_s": stats.get("duration")})
+        problems += _shard_problems(layout, shard, stats, pointing.pop(shard, {}))
+    for shard in sorted(pointing):
         problems.append(f"downloads.parquet refers to staging shard {shard} which has no _stats.json")
 
     if selected != sum(counts.values()):
@@ -68,7 +93,8 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
     rate = counts["success"] / selected if selected else 0.0
     result = {
         "selected": selected, "success": counts["success"],
-        "failed_by_reason": {s: counts[s] for s in STATUSES[1:]},
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "failed_by_status": {s: counts[s] for s in STATUSES[1:]},
         "success_rate": round(rate, 6), "min_success_rate": cfg.min_success_rate,
         "per_shard": per_shard, "problems": problems,
     }
@@ -77,7 +103,8 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
     if rate < cfg.min_success_rate:
         raise BuildQualityError(
             f"verify: download success rate {rate:.1%} ({counts['success']}/{selected} selected samples) is below the "
-            f"minimum {cfg.min_success_rate:.1%}; failures: {result['failed_by_reason']}. Check the network/proxy, or "
-            f"lower VerifyConfig.min_success_rate."
+            f"minimum {cfg.min_success_rate:.1%}; failures: {result['failed_by_reason']}. Check the network/proxy "
+            f"(blocked_address: an internal mirror needs download.allowed_networks), or lower "
+            f"VerifyConfig.min_success_rate."
         )
     return result

@@ -25,6 +25,14 @@ PROMOTION_METRIC = "val_mIoU"
 SAMPLE_VALIDATION_SPLIT = "train"
 
 
+def with_transient_retries(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The weekly rebuild fetches last week's transient download failures again (timeouts, resets, 429, 5xx), up to
+    download.max_attempts per sample, unless the caller's config says otherwise."""
+    merged = dict(config or {})
+    merged["download"] = {"retry_transient": True, **dict(merged.get("download") or {})}
+    return merged
+
+
 @task(name="champion", cache_policy=None)
 def champion_task(registry_dir: str) -> dict[str, Any] | None:
     champion = ModelRegistry(registry_dir).champion()
@@ -47,8 +55,8 @@ def retrain(source: str | None = None, build_dir: str = ".cc4m-runs/retrain/cc4m
     """
     logger = get_run_logger()
     registry_path = str(Path(registry_dir or default_registry_dir()).resolve())
-    built = build_cc4m(source=source, build_dir=build_dir, config=config, sample=sample, sample_dir=sample_dir,
-                       sample_rows=sample_rows)
+    built = build_cc4m(source=source, build_dir=build_dir, config=with_transient_retries(config), sample=sample,
+                       sample_dir=sample_dir, sample_rows=sample_rows)
     if validation_datasets is None:
         if not built["sample"]:
             raise ValueError("retrain needs validation_datasets (a checkpoint-selection split, not the eval split)")

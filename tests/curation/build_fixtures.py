@@ -138,7 +138,8 @@ def write_staged_build(root: Path, n: int = 26, per_staging_shard: int = 10, fai
         for pos, sid in enumerate(selected[s:s + per_staging_shard]):
             key = f"{s // per_staging_shard:05d}{pos:04d}"
             if sid in fail_ids:
-                downloads.append({"sample_id": sid, "url": "u", "status": "failed_to_download", "error_message": "404",
+                downloads.append({"sample_id": sid, "url": "u", "status": "failed_to_download", "reason": "http_404",
+                                  "transient": False, "error_message": "http_404: HTTP Error 404: Not Found",
                                   "width": None, "height": None, "sha256": None, "staging_shard": shard,
                                   "staging_key": key})
                 continue

@@ -54,6 +54,9 @@ def test_download_one_row_per_selected_sample(tmp_path):
     assert [r["sample_id"] for r in table] == ids
     status = {r["sample_id"]: r["status"] for r in table}
     assert status[8] == "failed_to_download" and status[21] == "failed_to_resize"
+    reason = {r["sample_id"]: (r["reason"], r["transient"]) for r in table}
+    assert reason[8] == ("http_404", False) and reason[21] == ("undecodable", False)
+    assert result["failed_by_reason"] == {"http_404": 1, "undecodable": 1} and result["failed"] == 2
     assert all(status[s] == "success" for s in ids if s not in (8, 21))
     for r in table:
         assert (r["error_message"] is None) == (r["status"] == "success")
@@ -80,6 +83,9 @@ def test_download_one_row_per_selected_sample(tmp_path):
     resumed = download_selected(tmp_path, DownloadConfig(image_size=32, thread_count=4, number_sample_per_shard=3,
                                                          timeout=2, http_proxy="http://127.0.0.1:9"))
     assert resumed["selected"] == 7 and resumed["success"] == 4 and resumed["failed_to_download"] == 2
+    # the proxy is gone: sample 55 (the redone shard) is transient (connection refused); the others are as before
+    assert resumed["failed_by_reason"] == {"connection_refused": 1, "http_404": 1, "undecodable": 1}
+    assert resumed["transient"] == 1
 
 
 def test_missing_rows_are_reported(tmp_path, monkeypatch):

@@ -190,3 +190,32 @@ def test_real_captions(tmp_path, cc3m_captions_tsv):
     assert result["read"] == 10_000 and result["rejected"] == 0 and len(result["parts"]) == 3
     ok, _ = read_all(tmp_path / "build")
     assert ok.column("sample_id").to_pylist() == list(range(10_000))
+
+
+URL_CASES: list[tuple[bytes, str | None, str | None]] = [
+    (b"\xef\xbb\xbfhttp://a/0.jpg\tfirst row with a byte-order mark", None, "http://a/0.jpg"),
+    (b"www.example.com/a.jpg\tno scheme", "no_scheme", None),
+    (b"//example.com/a.jpg\tscheme-relative", "no_scheme", None),
+    (b"http://a/3\x00.jpg\tNUL", "control_characters", None),
+    (b"http://a/4\r.jpg\tlone CR", "control_characters", None),
+    (b"http://a/5.jpg\r\tCR at the end of the url", "control_characters", None),
+    ("http://a/6\u2028.jpg\tline separator".encode(), "control_characters", None),
+    ("http://a/7\u0085.jpg\tNEL".encode(), "control_characters", None),
+    (b"http://a/8\x1b.jpg\tescape", "control_characters", None),
+    ("http://a/caf\u00e9 9.jpg\tnon-ASCII and a space: kept, the fetcher encodes them".encode(), None,
+     "http://a/caf\u00e9 9.jpg"),
+    (b"file:///etc/passwd\ta scheme: the download stage refuses it", None, "file:///etc/passwd"),
+    (b"\xef\xbb\xbfhttp://a/11.jpg\ta BOM after the first row is not stripped", "no_scheme", None),
+]
+
+
+def test_urls_that_cannot_be_web_addresses(tmp_path):
+    src = tmp_path / "src.tsv"
+    src.write_bytes(b"\n".join(line for line, *_ in URL_CASES) + b"\n")
+    result = ingest_source(str(src), tmp_path / "build", CFG)
+    ok, bad = read_all(tmp_path / "build")
+    assert {r["sample_id"]: r["url"] for r in ok.to_pylist()} == {
+        i: url for i, (_, reason, url) in enumerate(URL_CASES) if reason is None}
+    assert {r["sample_id"]: r["reason"] for r in bad.to_pylist()} == {
+        i: reason for i, (_, reason, _) in enumerate(URL_CASES) if reason is not None}
+    assert result["rejects_by_reason"] == {"control_characters": 6, "no_scheme": 3}

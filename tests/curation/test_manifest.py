@@ -34,7 +34,8 @@ def test_manifest_counts_add_up(finished):
     assert c["ingest"] == {"read": 28, "ingested": 26, "rejected": 2, "rejected_by_reason": {"missing_tab": 2}}
     assert c["select"]["parsed"] == 26 and c["select"]["selected"] == 22
     assert c["select"]["dropped_by_reason"]["no_entity"] == 4
-    assert c["download"]["success"] == 21 and c["download"]["failed_by_reason"]["failed_to_download"] == 1
+    assert c["download"]["success"] == 21 and c["download"]["failed_by_reason"] == {"http_404": 1}
+    assert c["download"]["failed_by_status"]["failed_to_download"] == 1
     assert c["dedup"]["removed_duplicate"] == 1 and c["dedup"]["kept"] == 20
     assert c["reshard"]["written"] == 20 == sum(s.samples for s in manifest.shards)
     assert c["index"]["samples_without_partners"] == 4

@@ -1,0 +1,105 @@
+"""What runs inside the img2dataset subprocess (`python -m curation.download`): img2dataset's own sharding, writer,
+stats and distributors, with two parts swapped for ours.
+
+- The fetch: img2dataset's `download_image_with_retry` (urllib: file:/data: URLs, any address, no size cap) is
+  replaced in each worker by `curation.fetch.fetch` under the build's FetchPolicy. In-run retries (`retries`) repeat
+  only transient failures.
+- The decode: img2dataset's `Resizer` (cv2.imdecode: ignores EXIF orientation, decodes any pixel count) is replaced by
+  `StoredImageResizer`, i.e. `curation.imaging.to_stored_jpeg` (header-checked pixel cap, upright decode, the same
+  resize modes), the one encoder every route into a build uses.
+
+How: `img2dataset.main.download` looks `Downloader` and `Resizer` up in its module at call time, so the driver swaps
+them there. Workers are spawned and receive the Downloader by pickling: `GuardedDownloader` is importable from here,
+and it installs the fetch replacement in the worker process the first time it is called.
+
+Only the subprocess imports this module (it imports img2dataset).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+import img2dataset.downloader as i2d_downloader
+
+from curation.fetch import FetchError, FetchPolicy, fetch
+from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
+
+# `img2dataset.main` the attribute is the CLI function (the package re-exports it); the module is what we patch.
+i2d_main = importlib.import_module("img2dataset.main")
+
+
+def guarded_download_with_retry(row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None,
+                                disallowed_header_directives: Any, *, policy: FetchPolicy
+                                ) -> tuple[int, IO[bytes] | None, str | None]:
+    """img2dataset's `download_image_with_retry` contract: (key, body or None, error message or None)."""
+    key, url = row
+    error: FetchError | None = None
+    for _ in range(retries + 1):
+        try:
+            return key, fetch(url, policy), None
+        except FetchError as err:
+            error = err
+            if not err.transient:  # a 404 or a blocked address will not change in the next second
+                break
+    return key, None, str(error)
+
+
+class GuardedDownloader(i2d_downloader.Downloader):
+    """img2dataset's Downloader whose worker fetches go through the guarded fetcher."""
+
+    def __init__(self, *args: Any, policy: FetchPolicy, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        directives = tuple(sorted(self.disallowed_header_directives or ()))
+        self.policy = replace(policy, user_agent_token=self.user_agent_token,
+                              disallowed_header_directives=directives)
+
+    def __call__(self, row: Any) -> Any:
+        # download_shard calls the module-level name: point it at ours (per process, idempotent).
+        i2d_downloader.download_image_with_retry = functools.partial(guarded_download_with_retry, policy=self.policy)
+        return super().__call__(row)
+
+
+@dataclass(frozen=True)
+class StoredImageResizer:
+    """img2dataset's Resizer contract: (img_bytes, width, height, original_width, original_height, error)."""
+
+    spec: ImageSpec
+    min_image_size: int = 0
+    max_image_area: float = float("inf")
+    max_aspect_ratio: float = float("inf")
+
+    def __call__(self, img_stream: IO[bytes], blurring_bbox_list: Any = None) -> tuple:
+        if blurring_bbox_list is not None:
+            return None, None, None, None, None, "other: bounding-box blurring is not supported"
+        img_stream.seek(0)
+        try:
+            stored = to_stored_jpeg(img_stream.read(), self.spec)
+        except ImageRejected as err:
+            return None, None, None, None, None, f"{err.reason}: {err.detail}"
+        w, h = stored.original_width, stored.original_height
+        if min(w, h) < self.min_image_size:
+            return None, None, None, None, None, f"image_too_small: {w}x{h} < {self.min_image_size}"
+        if w * h > self.max_image_area:
+            return None, None, None, None, None, f"image_area_too_large: {w}x{h} > {self.max_image_area}"
+        if max(w, h) / min(w, h) > self.max_aspect_ratio:
+            return None, None, None, None, None, f"aspect_ratio_too_large: {w}x{h} > {self.max_aspect_ratio}"
+        return stored.jpeg, stored.width, stored.height, w, h, None
+
+
+def make_resizer(max_pixels: int, image_size: int, resize_mode: str, encode_quality: int = 95,
+                 min_image_size: int = 0, max_image_area: float = float("inf"),
+                 max_aspect_ratio: float = float("inf"), **_ignored: Any) -> StoredImageResizer:
+    """Built from the keyword arguments img2dataset.main.download passes to its Resizer. The ones ignored here
+    (interpolation, encode format, reencoding switches, blurrer) are refused up front by DownloadConfig."""
+    spec = ImageSpec(image_size=image_size, resize_mode=resize_mode, encode_quality=encode_quality,
+                     max_pixels=max_pixels)
+    return StoredImageResizer(spec, min_image_size, max_image_area, max_aspect_ratio)
+
+
+def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int) -> None:
+    """img2dataset.download with the guarded fetch and our decoder swapped in."""
+    i2d_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
+    i2d_main.Resizer = functools.partial(make_resizer, max_pixels)
+    i2d_main.download(**img2dataset_kwargs)
