@@ -27,7 +27,7 @@ RUNTIME_ONLY: dict[str, frozenset[str]] = {
     "ingest": frozenset({"progress"}),
     "parse": frozenset({"batch_size", "chunk_rows"}),
     "download": frozenset({"http_proxy", "processes_count", "thread_count", "distributor", "subprocess_timeout_s",
-                          "retry_transient", "max_attempts", "progress_interval_s"}),
+                          "retry_transient", "max_attempts", "progress_interval_s", "stall_timeout_s"}),
     "shard": frozenset({"rehash_existing"}),
 }
 

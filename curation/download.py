@@ -26,6 +26,7 @@ Nothing is lost silently: downloads.parquet has exactly one row per selected sam
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import io
@@ -59,6 +60,7 @@ from curation.fetch import (
 from curation.imaging import DEFAULT_MAX_PIXELS
 from curation.io import write_parquet_atomic
 from curation.layout import BuildLayout
+from curation.lifetime import exit_with_parent, kill_process_group
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class DownloadConfig:
     retry_transient: bool = False
     max_attempts: int = 3
     subprocess_timeout_s: float | None = None
+    stall_timeout_s: float = 1800.0
     progress_interval_s: float = 5.0
     extra_img2dataset_args: Mapping[str, Any] = field(default_factory=dict)
 
@@ -143,7 +146,7 @@ class DownloadConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"DownloadConfig.{name} must be an int >= 0, got {value!r}")
-        for name in ("max_seconds", "progress_interval_s"):
+        for name in ("max_seconds", "progress_interval_s", "stall_timeout_s"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"DownloadConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if not isinstance(self.retry_transient, bool):
@@ -290,7 +293,10 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
     with open(log_path, "ab") as log_file:
         log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd[:3])}\n".encode())
         log_file.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+        # Its own session: img2dataset's spawned workers join its group, so one killpg stops them all (lifetime).
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                start_new_session=True)
+        stall = _StallWatch(output, cfg.stall_timeout_s)
         try:
             while True:
                 try:
@@ -299,16 +305,60 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
                 except subprocess.TimeoutExpired:
                     pass
                 if cfg.subprocess_timeout_s is not None and time.monotonic() - started > cfg.subprocess_timeout_s:
-                    raise subprocess.TimeoutExpired(cmd[:3], cfg.subprocess_timeout_s)
+                    raise DownloadStalled(f"download: img2dataset ran past subprocess_timeout_s="
+                                          f"{cfg.subprocess_timeout_s:g}s; it and its workers were stopped (log "
+                                          f"{log_path})")
+                stall.check(log_path)
                 _report(_stats_progress(output, total, done_before, started), progress)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if proc.poll() is None or _group_alive(proc.pid):
+                kill_process_group(proc)
     _report(_stats_progress(output, total, done_before, started), progress)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"img2dataset subprocess failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+
+
+class DownloadStalled(RuntimeError):
+    """img2dataset ran past its time limit, or made no progress for stall_timeout_s (disk full, hung worker)."""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class _StallWatch:
+    """No byte written under the staging round (tars, parquets, img2dataset's _tmp) and no new stats file for
+    `timeout_s`: the download is stuck, e.g. on a full disk, where img2dataset waits forever."""
+
+    def __init__(self, folder: Path, timeout_s: float) -> None:
+        self.folder, self.timeout_s = folder, timeout_s
+        self.last_state: tuple[int, int] | None = None
+        self.last_change = time.monotonic()
+
+    def _state(self) -> tuple[int, int]:
+        size = files = 0
+        for path in self.folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    size += path.stat().st_size
+                    files += 1
+        return size, files
+
+    def check(self, log_path: Path) -> None:
+        state = self._state()
+        now = time.monotonic()
+        if state != self.last_state:
+            self.last_state, self.last_change = state, now
+        elif now - self.last_change > self.timeout_s:
+            raise DownloadStalled(
+                f"download: no progress for {self.timeout_s:g}s (nothing written under {self.folder}): a full disk "
+                f"or a hung worker? img2dataset and its workers were stopped; free space and rerun (finished shards "
+                f"are kept). Log: {log_path}")
 
 
 def _report(state: dict[str, Any], progress: Progress | None) -> None:
@@ -606,6 +656,7 @@ def _driver_main(argv: list[str]) -> int:
     payload = json.loads(argv[0])
     from curation import download_worker  # imported here: the parent process never pays for img2dataset
 
+    exit_with_parent()  # an orphaned img2dataset must never write into the folder of a build that died
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
     download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
     return 0
