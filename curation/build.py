@@ -24,6 +24,7 @@ from curation.index import build_index
 from curation.ingest import ingest_source
 from curation.io import read_json
 from curation.layout import BuildLayout
+from curation.lock import BuildLock
 from curation.manifest import write_manifest
 from curation.parse import parse_part
 from curation.reshard import reshard
@@ -107,7 +108,14 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
 def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
               results: dict[str, Any] | None = None) -> Path:
     """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
-    counts (with "skipped" flags) and its wall time under results["seconds"]."""
+    counts (with "skipped" flags) and its wall time under results["seconds"]. One build at a time per folder: a
+    second one fails at once naming the holder (curation.lock); a killed build's lock and temporaries are taken
+    over."""
+    with BuildLock(cfg.build_dir):
+        return _run_stages(cfg, allow_config_change, results)
+
+
+def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None) -> Path:
     layout = prepare_build_dir(cfg, allow_config_change)
     build_dir = layout.root
     out: dict[str, Any] = results if results is not None else {}

@@ -71,3 +71,20 @@ def test_lock_of_a_killed_build_is_taken_over_and_its_temporaries_removed(tmp_pa
 def test_same_process_cannot_hold_two_builds_of_one_folder(tmp_path: Path):
     with BuildLock(tmp_path), pytest.raises(BuildLocked):
         BuildLock(tmp_path).acquire()
+
+
+def test_run_build_refuses_a_folder_another_build_holds(tmp_path: Path):
+    from curation.build import run_build
+    from curation.config import BuildConfig
+
+    source = tmp_path / "src.tsv"
+    source.write_text("http://example.invalid/a.jpg\ta dog\n")
+    build = tmp_path / "build"
+    holder = _hold_lock_in_child(build)
+    try:
+        with pytest.raises(BuildLocked, match=f"pid {holder.pid}"):
+            run_build(BuildConfig(source=str(source), build_dir=str(build)))
+        assert not (build / "config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
