@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,7 +216,9 @@ def cli_build(args: Any) -> int:
         print(f"cc4m build: {exc}")
         return 2
     results: dict[str, Any] = {}
-    run = {"allow_config_change": args.allow_config_change, "results": results, "progress": TerminalProgress()}
+    # On a terminal, one live progress line; elsewhere (CI logs) the stages' own progress log lines suffice.
+    terminal = TerminalProgress() if sys.stderr.isatty() else None
+    run = {"allow_config_change": args.allow_config_change, "results": results, "progress": terminal}
     if args.sample:
         from curation.sample.make import make_sample
         from curation.sample.server import SampleImageServer

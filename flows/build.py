@@ -149,7 +149,9 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
                sample_rows: int | None = None, task_runner: TaskRunnerKind = "threads",
                dask_address: str | None = None, dask_workers: int = 2, then_train: bool = False,
                train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build CC4M into `build_dir` from `source` (TSV/parquet path or http(s) URL), or from the embedded sample.
+    """Build CC4M into `build_dir` from `source`, or from the embedded sample. `source`: a TSV/parquet path or
+    http(s) URL, or webdataset shards (a folder of .tar, a glob or a brace pattern, local or http(s)) whose images
+    are extracted instead of downloaded.
 
     Args:
         config: overrides of BuildConfig.to_dict() (nested per stage) or shortcuts: samples_per_shard, processes,
@@ -168,7 +170,7 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
         sample_info = make_sample_task(str(sample_root), sample_rows)
         source = source or sample_info["source_tsv"]
     if not source:
-        raise ValueError("build-cc4m needs a source (TSV/parquet path or URL) or sample=True")
+        raise ValueError("build-cc4m needs a source (TSV/parquet path or URL, or webdataset shards) or sample=True")
     source_path = fetch_source(source, build_path)
     cfg = BuildConfig.from_dict(merge_config(BuildConfig(source=source_path, build_dir=build_path).to_dict(), config))
     cfg_dict = cfg.to_dict()
@@ -186,7 +188,7 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
 
     download_cfg = dict(cfg_dict["download"])
     with _sample_server(sample_info["root"] if sample_info else None, download_cfg["timeout"]) as proxy_url:
-        results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url)
+        results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url, source=source_path)
     _log_counts("download", results["download"])
     for stage, config_key, run in (("verify", "verify", verify_task), ("dedup", "dedup", dedup_task),
                                    ("index", "index", index_task), ("reshard", "shard", reshard_task)):
