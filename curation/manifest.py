@@ -211,7 +211,7 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
         "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "code_version": code_version(),
-        "inputs": {"source": str(source), "sha256": source_sha,
+        "inputs": {"source": cfg.source, "sha256": source_sha,  # verbatim: a URL or brace pattern is no path
                    "rows": int(ingest_result.get("source_rows", counts["ingest"]["read"]))},
         "vocabulary_version": vocab,
         "spacy_model": spacy_model,
