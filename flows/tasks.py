@@ -100,7 +100,7 @@ class ArtifactProgress:
                 self.artifact_id = create_progress_artifact(progress=percent, description=text)
             else:
                 update_progress_artifact(self.artifact_id, progress=percent, description=text)
-            if percent - self.logged >= self.log_step or percent >= 100.0:
+            if percent - self.logged >= self.log_step or (percent >= 100.0 > self.logged):
                 self.logged = percent
                 get_run_logger().info("%s", text)
         except Exception as err:  # noqa: BLE001 - the stage's work matters more than its progress bar
