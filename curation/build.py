@@ -32,7 +32,7 @@ from curation.progress import ProgressCallback, TerminalProgress
 from curation.reshard import reshard
 from curation.select import select_part
 from curation.verify import verify_downloads
-from curation.wds_source import extract_selected, ingest_wds, is_wds_source
+from curation.wds_source import expand_shards, extract_selected, ingest_wds, is_wds_source
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,9 @@ def cli_build(args: Any) -> int:
     else:
         try:
             cfg = config_with_overrides(args.source, args.out, base, overrides)
-        except ValueError as exc:
+            if is_wds_source(cfg.source):
+                expand_shards(cfg.source)  # a missing shard is one clear error now, not a traceback later
+        except (OSError, ValueError) as exc:
             print(f"cc4m build: {exc}")
             return 2
         manifest = run_build(cfg, **run)

@@ -199,6 +199,14 @@ def test_extraction_writes_the_download_layout(tmp_path):
         extract_selected(layout.root, DownloadConfig(image_size=48))
 
 
+def test_cli_refuses_missing_shards_with_one_clear_error(tmp_path, capsys):
+    from flows.cli import main
+
+    crawl(tmp_path / "crawl")
+    assert main(["build", "--source", f"{tmp_path}/crawl/{{00000..00002}}.tar", "--out", str(tmp_path / "b")]) == 2
+    assert "1 shard(s) not found" in capsys.readouterr().out and not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_cli_build_from_brace_pattern_matches_the_tsv_route(tmp_path):
     """`cc4m build --source 'DIR/{00000..00003}.tar'` with no network, and the same selected and kept ids as the
