@@ -116,11 +116,12 @@ def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
     return ingest_source(source, build_dir, cfg)
 
 
-def download_any(source: str, build_dir: str | Path, cfg: DownloadConfig,
+def download_any(source: str | None, build_dir: str | Path, cfg: DownloadConfig,
                  progress: ProgressCallback | None = None) -> dict[str, Any]:
     """The download stage: extraction from the shards for a webdataset source (nothing is downloaded), else
-    img2dataset. Both write downloads.parquet + staging/ in one layout, so later stages do not know which ran."""
-    if is_wds_source(source):
+    (a TSV/parquet source, or None) img2dataset. Both write downloads.parquet + staging/ in one layout, so later
+    stages do not know which ran."""
+    if source is not None and is_wds_source(source):
         return extract_selected(build_dir, cfg, progress)
     # download_selected reports no progress here yet (its progress callback is being added on another branch).
     return download_selected(build_dir, cfg)

@@ -85,7 +85,9 @@ def _is_url(text: str) -> bool:
 
 def is_wds_source(source: str | Path) -> bool:
     """A folder, a `.tar` file or glob, or a brace pattern: a webdataset source (a TSV/parquet otherwise)."""
-    text = str(source)
+    text = str(source).strip()
+    if not text:
+        return False  # Path("") would be the working directory
     if re.search(r"\{[^{}]*(\.\.|,)[^{}]*\}", text):
         return True
     if text.split("?", 1)[0].endswith(".tar"):
@@ -172,13 +174,18 @@ def iter_shard_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 # --------------------------------------------------------------------------------------------------------- ingest
-def sample_id_for(key: str, shard_index: int, position: int) -> int:
-    base = key.rpartition("/")[2]
-    if base.isdigit() and len(base) <= MAX_NUMERIC_KEY_DIGITS:
-        return int(base)
+def positional_id(shard_index: int, position: int) -> int:
     if position >= SHARD_STRIDE:
         raise ValueError(f"shard {shard_index} has more than {SHARD_STRIDE} samples: positional ids would collide")
     return POSITIONAL_BASE + shard_index * SHARD_STRIDE + position
+
+
+def sample_id_for(key: str, shard_index: int, position: int) -> int:
+    """The img2dataset key when numeric, else the positional id (see the module docstring)."""
+    base = key.rpartition("/")[2]
+    if base.isdigit() and len(base) <= MAX_NUMERIC_KEY_DIGITS:
+        return int(base)
+    return positional_id(shard_index, position)
 
 
 def _caption(files: dict[str, bytes]) -> tuple[str | None, str | None, str | None]:
@@ -210,7 +217,7 @@ def _shard_rows(shard: str, index: int, cfg: IngestConfig) -> tuple[list[dict], 
             sid = sample_id_for(key, index, position)
             caption, url, reason = _caption(files)
             if key in seen:  # a repeated key: rejected under its positional id, which no other sample has
-                reason, sid = "duplicate_key", sample_id_for("~", index, position)
+                reason, sid = "duplicate_key", positional_id(index, position)
             elif reason is None and not caption:
                 reason = "empty_caption"
             elif reason is None and len(caption) > cfg.max_caption_chars:

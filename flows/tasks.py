@@ -152,7 +152,7 @@ def select_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any
 @task(name="download",
       cache_policy=stage_cache(("downloads.parquet",), ("selected/part-*.parquet",), exclude=("http_proxy",)))
 def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None,
-                  source: str = "") -> dict[str, Any]:
+                  source: str | None = None) -> dict[str, Any]:
     return download_any(source, build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}),
                         ArtifactProgress())
 

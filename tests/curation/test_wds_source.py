@@ -86,6 +86,7 @@ def test_source_kinds_and_shard_names(tmp_path):
     assert is_wds_source(folder) and is_wds_source(f"{folder}/*.tar") and is_wds_source(f"{folder}/{{00000..00001}}.tar")
     assert is_wds_source("https://host/cc12m-{00000..01242}.tar") and is_wds_source(shards["first"])
     assert not is_wds_source(tmp_path / "cc12m.tsv") and not is_wds_source("https://host/cc12m.tsv")
+    assert not is_wds_source("")  # not the working directory
     both = [str(shards["first"]), str(shards["second"])]
     assert expand_shards(folder) == both
     assert expand_shards(f"{folder}/*.tar") == both
