@@ -89,8 +89,13 @@ class TerminalProgress:
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.finished: tuple[str, int] | None = None
 
     def __call__(self, state: dict[str, Any]) -> None:
+        if state["total"] is not None and state["done"] >= state["total"]:
+            if self.finished == (state["stage"], state["done"]):
+                return  # the last advance and finish() both report 100 %: show it once
+            self.finished = (state["stage"], state["done"])
         line = format_progress(state)
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)

@@ -49,5 +49,10 @@ def test_terminal_line():
     state = {"stage": "reshard", "done": 500, "total": 2000, "unit": "sample", "rate": 50.0, "eta_s": 3725.0}
     assert format_progress(state) == "reshard: 500/2,000 (25%) samples, 50.0 samples/s, ETA 1:02:05"
     stream = io.StringIO()  # not a tty: one line per update
-    TerminalProgress(stream)(state)
+    terminal = TerminalProgress(stream)
+    terminal(state)
     assert stream.getvalue() == format_progress(state) + "\n"
+    done = {**state, "done": 2000, "eta_s": 0.0}
+    terminal(done)
+    terminal({**done, "rate": 49.0})  # the same completion reported again (advance, then finish): shown once
+    assert stream.getvalue().count("2,000/2,000") == 1
