@@ -242,3 +242,16 @@ def test_cli_build_from_brace_pattern_matches_the_tsv_route(tmp_path):
     same_images = wds.ids_with_image
     assert ids("from-wds", "selected") == ids("from-tsv", "selected") & same_images
     assert ids("from-wds", "kept") == ids("from-tsv", "kept") & same_images
+
+
+def test_parallel_extraction_gives_the_same_rows(tmp_path):
+    crawl(tmp_path / "crawl")
+    tables = []
+    for processes in (1, 2):
+        _, layout = _ingest(tmp_path / f"p{processes}", f"{tmp_path}/crawl/{{00000..00001}}.tar")
+        _select_everything(layout)
+        extract_selected(layout.root, DownloadConfig(image_size=32, processes_count=processes))
+        tables.append(pq.read_table(layout.downloads).replace_schema_metadata(None).to_pylist())
+        assert sorted(p.name for p in layout.staging_dir.glob("*_stats.json")) == ["00000_stats.json",
+                                                                                  "00001_stats.json"]
+    assert tables[0] == tables[1]
