@@ -109,10 +109,11 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
 
 
 def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
-               progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """The ingest stage for either kind of source: webdataset shards (curation.wds_source) or a TSV/parquet."""
+               progress: ProgressCallback | None = None, processes: int = 1) -> dict[str, Any]:
+    """The ingest stage for either kind of source: webdataset shards (curation.wds_source, `processes` shards read
+    at once) or a TSV/parquet."""
     if is_wds_source(source):
-        return ingest_wds(source, build_dir, cfg, progress)
+        return ingest_wds(source, build_dir, cfg, progress, processes)
     return ingest_source(source, build_dir, cfg)
 
 
@@ -145,7 +146,8 @@ def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
         log.info("build: %s done in %.2fs", name, seconds[name])
         return value
 
-    out["ingest"] = timed("ingest", lambda: ingest_any(cfg.source, build_dir, cfg.ingest, progress))
+    out["ingest"] = timed("ingest", lambda: ingest_any(cfg.source, build_dir, cfg.ingest, progress,
+                                                       cfg.download.processes_count))
     parts = list(out["ingest"]["parts"])
     out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse, progress) for p in parts])
     out["select"] = timed("select", lambda: [select_part(build_dir, p, cfg.select) for p in parts])

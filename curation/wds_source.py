@@ -37,7 +37,7 @@ import tarfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -264,10 +264,18 @@ def _check_unique_ids(layout: BuildLayout, parts: list[str]) -> None:
                          f"same numeric key?); the ids would not be unique. Remove the duplicate shard.")
 
 
+def _ingest_one(job: tuple[str, str, int, IngestConfig]) -> dict[str, Any]:
+    build_dir, shard, index, cfg = job
+    ok, bad, info = _shard_rows(shard, index, cfg)
+    _write_shard_part(BuildLayout(Path(build_dir)), index, ok, bad, info)
+    return info
+
+
 def ingest_wds(source: str, build_dir: str | Path, cfg: IngestConfig = IngestConfig(),
-               progress: ProgressCallback | None = None) -> dict[str, Any]:
+               progress: ProgressCallback | None = None, processes: int = 1) -> dict[str, Any]:
     """Every source shard -> ingest/part-<shard index> + rejects/part-<shard index>; returns the ingest counts.
-    Resumable per shard; a finished ingest of the same shards returns its recorded counts."""
+    Resumable per shard; a finished ingest of the same shards returns its recorded counts. `processes` shards are
+    read at once (the build passes download.processes_count: for this source, reading shards is the download)."""
     layout = BuildLayout(Path(build_dir))
     shards = expand_shards(source)
     identity = {"source_kind": "webdataset", "shards": shards,
@@ -287,13 +295,11 @@ def ingest_wds(source: str, build_dir: str | Path, cfg: IngestConfig = IngestCon
             raise ValueError(f"{directory} holds parts of another source ({sorted(stale)[:3]}); use a fresh folder")
 
     meter = Progress("ingest", len(shards), "shard", progress)
-    infos = []
-    for index, shard in enumerate(shards):
-        info = _recorded_shard(layout, index, shard)
-        if info is None:
-            ok, bad, info = _shard_rows(shard, index, cfg)
-            _write_shard_part(layout, index, ok, bad, info)
-        infos.append(info)
+    infos = [_recorded_shard(layout, i, s) for i, s in enumerate(shards)]
+    meter.advance(sum(info is not None for info in infos))
+    todo = [(str(layout.root), s, i, cfg) for i, (s, info) in enumerate(zip(shards, infos)) if info is None]
+    for job, info in zip(todo, _map(_ingest_one, todo, processes)):
+        infos[job[2]] = info
         meter.advance()
     meter.finish()
     parts = [part_name(i) for i in range(len(shards))]
@@ -315,6 +321,16 @@ def ingest_wds(source: str, build_dir: str | Path, cfg: IngestConfig = IngestCon
     }
     write_json_atomic(done_path, {**identity, "result": result})
     return result
+
+
+def _map(fn: Callable[[Any], Any], jobs: list[Any], processes: int) -> Iterator[Any]:
+    """fn over jobs, in order: in this process, or in `processes` worker processes (one shard per job)."""
+    if processes <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    # spawn: a forked copy of a Prefect worker or a threaded caller is not safe; fn is importable.
+    with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(fn, jobs)
 
 
 # ----------------------------------------------------------------------------------------------------- extraction
@@ -473,14 +489,8 @@ def _plan_jobs(wanted: dict[str, dict[str, int]], infos: dict[str, tuple[int, st
 
 
 def _run_jobs(jobs: list[_ShardJob], processes: int, meter: Progress) -> None:
-    if processes <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            meter.advance(_extract_one(job))
-        return
-    # spawn: a forked copy of a Prefect worker or a threaded caller is not safe; _extract_one is importable.
-    with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
-        for rows in pool.map(_extract_one, jobs):
-            meter.advance(rows)
+    for rows in _map(_extract_one, jobs, processes):
+        meter.advance(rows)
 
 
 def _collect(layout: BuildLayout, selected: pa.Table, names: list[str], cfg: DownloadConfig,

@@ -177,7 +177,8 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
     prepare_task(cfg_dict)
     logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
 
-    results: dict[str, Any] = {"ingest": ingest_task(source_path, build_path, cfg_dict["ingest"])}
+    results: dict[str, Any] = {"ingest": ingest_task(source_path, build_path, cfg_dict["ingest"],
+                                                     processes=cfg_dict["download"]["processes_count"])}
     _log_counts("ingest", results["ingest"])
 
     fan_out = parse_select.with_options(task_runner=make_task_runner(task_runner, dask_address, dask_workers))

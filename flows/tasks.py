@@ -130,9 +130,10 @@ def fetch_source(source: str, build_dir: str) -> str:
     return str(target)
 
 
-@task(name="ingest", cache_policy=stage_cache(("ingest/ingest-done.json",)))
-def ingest_task(source: str, build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return ingest_any(source, build_dir, stage_config("ingest", cfg), ArtifactProgress())
+# `processes` (download.processes_count) only speeds up reading webdataset shards: not in the cache key.
+@task(name="ingest", cache_policy=stage_cache(("ingest/ingest-done.json",), exclude=("processes",)))
+def ingest_task(source: str, build_dir: str, cfg: dict[str, Any], processes: int = 1) -> dict[str, Any]:
+    return ingest_any(source, build_dir, stage_config("ingest", cfg), ArtifactProgress(), processes)
 
 
 @task(name="parse", cache_policy=stage_cache(("captions/{part}",), ("ingest/{part}",)))

@@ -244,14 +244,17 @@ def test_cli_build_from_brace_pattern_matches_the_tsv_route(tmp_path):
     assert ids("from-wds", "kept") == ids("from-tsv", "kept") & same_images
 
 
-def test_parallel_extraction_gives_the_same_rows(tmp_path):
+def test_parallel_ingest_and_extraction_give_the_same_rows(tmp_path):
     crawl(tmp_path / "crawl")
     tables = []
     for processes in (1, 2):
-        _, layout = _ingest(tmp_path / f"p{processes}", f"{tmp_path}/crawl/{{00000..00001}}.tar")
+        layout = BuildLayout(tmp_path / f"p{processes}")
+        ingest_wds(f"{tmp_path}/crawl/{{00000..00001}}.tar", layout.root, IngestConfig(), processes=processes)
         _select_everything(layout)
+        tables.append(pa.concat_tables(pq.read_table(p).replace_schema_metadata(None)
+                                       for p in layout.parts(layout.ingest_dir)).to_pylist())
         extract_selected(layout.root, DownloadConfig(image_size=32, processes_count=processes))
         tables.append(pq.read_table(layout.downloads).replace_schema_metadata(None).to_pylist())
         assert sorted(p.name for p in layout.staging_dir.glob("*_stats.json")) == ["00000_stats.json",
                                                                                   "00001_stats.json"]
-    assert tables[0] == tables[1]
+    assert tables[0] == tables[2] and tables[1] == tables[3]  # ingest rows, downloads rows
