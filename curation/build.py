@@ -1,5 +1,6 @@
 """Run a whole build without Prefect: ingest -> parse -> select -> download -> verify -> dedup -> index -> reshard ->
-manifest -> report, in order, in this process (tests, the CLI, benchmarks). The Prefect flow calls the same stage
+manifest -> report, in order, in this process (tests, the CLI, benchmarks). A webdataset source (curation.wds_source)
+has its own ingest and, instead of downloading, extracts the selected images from its shards. The Prefect flow calls the same stage
 functions (see `build_stage_plan`).
 
 Every stage is idempotent (a unit whose output exists and matches its inputs is skipped), so a rerun of a finished
@@ -11,6 +12,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,17 +21,19 @@ from typing import Any
 
 from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.dedup import deduplicate
-from curation.download import download_selected
+from curation.download import DownloadConfig, download_selected
 from curation.index import build_index
-from curation.ingest import ingest_source
+from curation.ingest import IngestConfig, ingest_source
 from curation.io import read_json
 from curation.layout import BuildLayout
 from curation.lock import BuildLock
 from curation.manifest import write_manifest
 from curation.parse import parse_part
+from curation.progress import ProgressCallback, TerminalProgress
 from curation.reshard import reshard
 from curation.select import select_part
 from curation.verify import verify_downloads
+from curation.wds_source import expand_shards, extract_selected, ingest_wds, is_wds_source
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +109,37 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
     return layout
 
 
+def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
+               progress: ProgressCallback | None = None, processes: int = 1) -> dict[str, Any]:
+    """The ingest stage for either kind of source: webdataset shards (curation.wds_source, `processes` shards read
+    at once) or a TSV/parquet."""
+    if is_wds_source(source):
+        return ingest_wds(source, build_dir, cfg, progress, processes)
+    return ingest_source(source, build_dir, cfg)
+
+
+def download_any(source: str | None, build_dir: str | Path, cfg: DownloadConfig,
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """The download stage: extraction from the shards for a webdataset source (nothing is downloaded), else
+    (a TSV/parquet source, or None) img2dataset. Both write downloads.parquet + staging/ in one layout, so later
+    stages do not know which ran."""
+    if source is not None and is_wds_source(source):
+        return extract_selected(build_dir, cfg, progress)
+    return download_selected(build_dir, cfg, progress)
+
+
 def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
-              results: dict[str, Any] | None = None) -> Path:
+              results: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Path:
     """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
-    counts (with "skipped" flags) and its wall time under results["seconds"]. One build at a time per folder: a
-    second one fails at once naming the holder (curation.lock); a killed build's lock and temporaries are taken
-    over."""
+    counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
+    progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
+    (curation.lock); a killed build's lock and temporaries are taken over."""
     with BuildLock(cfg.build_dir):
-        return _run_stages(cfg, allow_config_change, results)
+        return _run_stages(cfg, allow_config_change, results, progress)
 
 
-def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None) -> Path:
+def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None,
+                progress: ProgressCallback | None) -> Path:
     layout = prepare_build_dir(cfg, allow_config_change)
     build_dir = layout.root
     out: dict[str, Any] = results if results is not None else {}
@@ -129,15 +153,16 @@ def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, 
         log.info("build: %s done in %.2fs", name, seconds[name])
         return value
 
-    out["ingest"] = timed("ingest", lambda: ingest_source(cfg.source, build_dir, cfg.ingest))
+    out["ingest"] = timed("ingest", lambda: ingest_any(cfg.source, build_dir, cfg.ingest, progress,
+                                                       cfg.download.processes_count))
     parts = list(out["ingest"]["parts"])
-    out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse) for p in parts])
+    out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse, progress) for p in parts])
     out["select"] = timed("select", lambda: [select_part(build_dir, p, cfg.select) for p in parts])
-    out["download"] = timed("download", lambda: download_selected(build_dir, cfg.download))
+    out["download"] = timed("download", lambda: download_any(cfg.source, build_dir, cfg.download, progress))
     out["verify"] = timed("verify", lambda: verify_downloads(build_dir, cfg.verify))
-    out["dedup"] = timed("dedup", lambda: deduplicate(build_dir, cfg.dedup))
+    out["dedup"] = timed("dedup", lambda: deduplicate(build_dir, cfg.dedup, progress=progress))
     out["index"] = timed("index", lambda: build_index(build_dir, cfg.index))
-    out["reshard"] = timed("reshard", lambda: reshard(build_dir, cfg.shard))
+    out["reshard"] = timed("reshard", lambda: reshard(build_dir, cfg.shard, progress))
     stage_results = {k: v for k, v in out.items() if k != "seconds"}
     manifest = timed("manifest", lambda: write_manifest(build_dir, cfg, stage_results))
     if importlib.util.find_spec("curation.report") is not None:
@@ -175,10 +200,15 @@ def config_with_overrides(source: str, build_dir: str, base: dict[str, Any] | No
 
 def add_build_arguments(p: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--source", help="CC12M-layout TSV (url<TAB>caption, .tsv or .tsv.gz) or parquet (url, caption)")
+    src.add_argument("--source", help="CC12M-layout TSV (url<TAB>caption, .tsv or .tsv.gz) or parquet (url, caption), "
+                                      "or webdataset shards: a folder of .tar, a glob or a brace pattern such as "
+                                      "'DIR/cc12m-{00000..01242}.tar' (local or http(s)); images come from the shards")
     src.add_argument("--sample", metavar="SAMPLE_DIR",
                      help="build the embedded sample: render it into SAMPLE_DIR (reused when complete) and serve "
                           "its images from a local server on 127.0.0.1 for the download stage")
+    p.add_argument("--sample-format", choices=["tsv", "wds"], default="tsv",
+                   help="with --sample: build from the sample's TSV through its image server (tsv), or from the "
+                        "sample written as webdataset shards into SAMPLE_DIR/wds (wds: no server, no download)")
     p.add_argument("--out", required=True, help="build folder (created; a rerun resumes or does nothing)")
     p.add_argument("--config", help="a BuildConfig JSON (e.g. another build's config.json) to start from")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.SETTING=VALUE",
@@ -196,19 +226,34 @@ def cli_build(args: Any) -> int:
         print(f"cc4m build: {exc}")
         return 2
     results: dict[str, Any] = {}
+    # On a terminal, one live progress line; elsewhere (CI logs) the stages' own progress log lines suffice.
+    terminal = TerminalProgress() if sys.stderr.isatty() else None
+    run = {"allow_config_change": args.allow_config_change, "results": results, "progress": terminal}
     if args.sample:
         from curation.sample.make import make_sample
         from curation.sample.server import SampleImageServer
 
         info = make_sample(args.sample)
-        with SampleImageServer(info.root) as server:
-            server.start()
-            overrides.setdefault("download", {})["http_proxy"] = server.proxy_url
-            cfg = config_with_overrides(str(info.source_tsv), args.out, base, overrides)
-            manifest = run_build(cfg, allow_config_change=args.allow_config_change, results=results)
+        if args.sample_format == "wds":
+            from curation.sample.wds import make_wds_source
+
+            wds = make_wds_source(info, Path(args.sample) / "wds")
+            manifest = run_build(config_with_overrides(wds.pattern, args.out, base, overrides), **run)
+        else:
+            with SampleImageServer(info.root) as server:
+                server.start()
+                overrides.setdefault("download", {})["http_proxy"] = server.proxy_url
+                cfg = config_with_overrides(str(info.source_tsv), args.out, base, overrides)
+                manifest = run_build(cfg, **run)
     else:
-        cfg = config_with_overrides(args.source, args.out, base, overrides)
-        manifest = run_build(cfg, allow_config_change=args.allow_config_change, results=results)
+        try:
+            cfg = config_with_overrides(args.source, args.out, base, overrides)
+            if is_wds_source(cfg.source):
+                expand_shards(cfg.source)  # a missing shard is one clear error now, not a traceback later
+        except (OSError, ValueError) as exc:
+            print(f"cc4m build: {exc}")
+            return 2
+        manifest = run_build(cfg, **run)
     layout = BuildLayout(Path(args.out))
     print(f"manifest: {manifest}")
     print(f"shards:   {layout.shards_dir} ({len(layout.shards())} shards)")

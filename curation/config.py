@@ -111,7 +111,8 @@ class BuildConfig:
     def identity(self) -> dict[str, Any]:
         """to_dict() without the runtime-only settings: two configs with the same identity produce the same build."""
         d = self.to_dict()
-        d["source"] = str(Path(self.source).resolve())
+        # A URL (e.g. webdataset shards over http) is kept verbatim: resolving it as a path would mangle it.
+        d["source"] = self.source if "://" in self.source else str(Path(self.source).resolve())
         d.pop("build_dir")
         for stage, names in RUNTIME_ONLY.items():
             for name in names:

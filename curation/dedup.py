@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from curation.download import DOWNLOAD_CONTENT_COLUMNS
 from curation.io import parquet_digest, write_parquet_atomic
 from curation.layout import BuildLayout
+from curation.progress import Progress, ProgressCallback
 from manifests.version import code_version
 
 DUPLICATES_SCHEMA = pa.schema(
@@ -229,7 +230,7 @@ def _batches(
 
 
 def _hash_images(
-    images: Iterable[tuple[int, bytes]], sample_ids: np.ndarray, cfg: DedupConfig
+    images: Iterable[tuple[int, bytes]], sample_ids: np.ndarray, cfg: DedupConfig, progress: Progress | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """sha256 digests (n, 32) uint8, phash (n,) uint64, phash_ok (n,) bool for `sample_ids`, plus counts.
 
@@ -250,6 +251,8 @@ def _hash_images(
         sha[pos], phash[pos], phash_ok[pos] = batch_sha, batch_phash, batch_ok
         if cfg.near:
             counts["phash_failed"] += int((~batch_ok).sum())
+        if progress is not None:
+            progress.advance(len(ids))
 
     batches = _batches(images, sample_ids, counts, seen)
     if cfg.workers == 1:
@@ -373,6 +376,7 @@ def deduplicate(
     build_dir: str | Path,
     cfg: DedupConfig = DedupConfig(),
     images: Iterable[tuple[int, bytes]] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """downloads.parquet (+ staged images) -> duplicates.parquet, kept.parquet. Skipped when both exist and were made
     with the same config from the same downloads.parquet.
@@ -398,7 +402,9 @@ def deduplicate(
             from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
 
             images = iter_staged_images(layout.root, sample_ids=set(sample_ids.tolist()))
-        sha, phash, phash_ok, extra = _hash_images(_checked(images), sample_ids, cfg)
+        meter = Progress("dedup", n, "image", progress)
+        sha, phash, phash_ok, extra = _hash_images(_checked(images), sample_ids, cfg, meter)
+        meter.finish()
         removed, keepers, is_exact, distance = find_duplicates(
             sample_ids, sha, phash if cfg.near else None, phash_ok, cfg
         )

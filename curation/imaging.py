@@ -11,6 +11,7 @@ of a few hundred kB costs gigabytes). Here the size comes from the header first,
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -21,12 +22,16 @@ DEFAULT_MAX_PIXELS = 89_478_485
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
 # img2dataset composites transparent images on white and pads "border" with white; we keep both.
 BACKGROUND = (255, 255, 255)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class ImageRejected(ValueError):
     """The bytes are not an image we store. `reason` is a failure class: too_many_pixels or undecodable."""
 
     def __init__(self, reason: str, detail: str) -> None:
+        # Pillow names the stream object with its memory address ("<_io.BytesIO object at 0x7f...>"): drop it, so the
+        # same bytes always give the same message (messages are counted, and the counts are in the manifest).
+        detail = _ADDRESS.sub("", detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -23,6 +23,7 @@ from curation.entities import DEFAULT_SPACY_MODEL, EntityExtractor
 from curation.ingest import REJECT_SCHEMA, IngestConfig, ingest_source
 from curation.io import atomic_path, write_parquet_atomic
 from curation.layout import BuildLayout
+from curation.progress import Progress, ProgressCallback
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
@@ -77,7 +78,8 @@ def _parquet_metadata(extractor: EntityExtractor) -> dict[bytes, bytes]:
     }
 
 
-def parse_table(table: pa.Table, extractor: EntityExtractor, chunk_rows: int = 20_000) -> pa.Table:
+def parse_table(table: pa.Table, extractor: EntityExtractor, chunk_rows: int = 20_000,
+                progress: Progress | None = None) -> pa.Table:
     """sample_id, url, caption -> the captions schema (entities sorted unique; entity_words in caption order)."""
     captions = table.column("caption").to_pylist()
     entities: list[list[str]] = []
@@ -86,6 +88,8 @@ def parse_table(table: pa.Table, extractor: EntityExtractor, chunk_rows: int = 2
         for words in extractor.extract(captions[lo:lo + chunk_rows]):
             entities.append(sorted({w.cls for w in words}))
             entity_words.append([w.to_struct() for w in words])
+        if progress is not None:
+            progress.advance(len(captions[lo:lo + chunk_rows]))
     return pa.table(
         {
             "sample_id": table.column("sample_id").cast(pa.int64()),
@@ -109,8 +113,10 @@ def _counts(table: pa.Table) -> dict[str, Any]:
             "per_class": dict(sorted(per_class.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 
-def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig()) -> dict[str, Any]:
-    """ingest/<part> -> captions/<part>. Idempotent: an existing output is not recomputed, only re-counted."""
+def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig(),
+               progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """ingest/<part> -> captions/<part>. Idempotent: an existing output is not recomputed, only re-counted.
+    `progress` receives rows/s while the part is parsed (curation.progress)."""
     layout = BuildLayout(Path(build_dir))
     source = layout.ingest_dir / part
     target = layout.captions_dir / part
@@ -120,7 +126,10 @@ def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig(
         raise FileNotFoundError(f"parse_part: {source} does not exist (run ingest first)")
     extractor = get_extractor(cfg.vocabulary, cfg.spacy_model, cfg.batch_size)
     t0 = time.perf_counter()
-    table = parse_table(pq.read_table(source), extractor, cfg.chunk_rows)
+    rows = pq.read_table(source)
+    meter = Progress(f"parse {part}", rows.num_rows, "row", progress)
+    table = parse_table(rows, extractor, cfg.chunk_rows, meter)
+    meter.finish()
     table = table.replace_schema_metadata(_parquet_metadata(extractor))
     write_parquet_atomic(target, table)
     return {"part": part, "skipped": False, "seconds": round(time.perf_counter() - t0, 3), **_counts(table)}

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from curation.download import DOWNLOAD_CONTENT_COLUMNS, iter_staged_images
 from curation.io import atomic_path, parquet_digest, sha256_file, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
+from curation.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def shard_locator(path: Path) -> list[tuple[int, int, int]]:
     return out
 
 
-def reshard(build_dir: str | Path, cfg: ShardConfig) -> dict[str, Any]:
+def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """kept + staging + partners -> shards/, meta/, index/locator.parquet. Returns {"written", "shards",
     "shards_written", "shards_skipped", "samples_per_shard", "skipped"}."""
     layout = BuildLayout(Path(build_dir))
@@ -241,6 +242,7 @@ def reshard(build_dir: str | Path, cfg: ShardConfig) -> dict[str, Any]:
         todo_set = set(todo)
         images: dict[int, bytes] = {}
         current = todo[0]
+        meter = Progress("reshard", len(wanted), "sample", progress)
         # Staged images arrive in ascending sample_id order, so shards complete one after the other and at most one
         # shard's images are held in memory.
         for sid, jpg in iter_staged_images(layout.root, sample_ids=wanted):
@@ -251,11 +253,13 @@ def reshard(build_dir: str | Path, cfg: ShardConfig) -> dict[str, Any]:
             if len(images) == bounds[current][1] - bounds[current][0]:
                 lo, hi = bounds[current]
                 _write_shard(layout, current, samples.slice(lo, hi - lo).to_pylist(), images, partners, fingerprint)
+                meter.advance(hi - lo)
                 images = {}
                 todo_set.discard(current)
                 current = min(todo_set) if todo_set else -1
         if todo_set:
             raise ValueError(f"reshard: staged images missing for shards {sorted(todo_set)}")
+        meter.finish()
 
     locator_meta = (pq.read_schema(layout.locator).metadata or {}) if layout.locator.exists() else {}
     if todo or json.loads(locator_meta.get(SHARD_META_KEY, b"{}")).get("fingerprint") != fingerprint:

@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from curation.config import BuildConfig
+from curation.lock import BuildLock
 from flows.tasks import (
     dedup_task,
     download_task,
@@ -149,7 +150,9 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
                sample_rows: int | None = None, task_runner: TaskRunnerKind = "threads",
                dask_address: str | None = None, dask_workers: int = 2, then_train: bool = False,
                train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build CC4M into `build_dir` from `source` (TSV/parquet path or http(s) URL), or from the embedded sample.
+    """Build CC4M into `build_dir` from `source`, or from the embedded sample. `source`: a TSV/parquet path or
+    http(s) URL, or webdataset shards (a folder of .tar, a glob or a brace pattern, local or http(s)) whose images
+    are extracted instead of downloaded.
 
     Args:
         config: overrides of BuildConfig.to_dict() (nested per stage) or shortcuts: samples_per_shard, processes,
@@ -168,38 +171,41 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
         sample_info = make_sample_task(str(sample_root), sample_rows)
         source = source or sample_info["source_tsv"]
     if not source:
-        raise ValueError("build-cc4m needs a source (TSV/parquet path or URL) or sample=True")
-    source_path = fetch_source(source, build_path)
-    cfg = BuildConfig.from_dict(merge_config(BuildConfig(source=source_path, build_dir=build_path).to_dict(), config))
-    cfg_dict = cfg.to_dict()
-    prepare_task(cfg_dict)
-    logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
+        raise ValueError("build-cc4m needs a source (TSV/parquet path or URL, or webdataset shards) or sample=True")
+    # One build at a time per folder, held for the whole flow run (curation.lock): a second run fails at once.
+    with BuildLock(build_path):
+        source_path = fetch_source(source, build_path)
+        cfg = BuildConfig.from_dict(merge_config(BuildConfig(source=source_path, build_dir=build_path).to_dict(), config))
+        cfg_dict = cfg.to_dict()
+        prepare_task(cfg_dict)
+        logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
 
-    results: dict[str, Any] = {"ingest": ingest_task(source_path, build_path, cfg_dict["ingest"])}
-    _log_counts("ingest", results["ingest"])
+        results: dict[str, Any] = {"ingest": ingest_task(source_path, build_path, cfg_dict["ingest"],
+                                                         processes=cfg_dict["download"]["processes_count"])}
+        _log_counts("ingest", results["ingest"])
 
-    fan_out = parse_select.with_options(task_runner=make_task_runner(task_runner, dask_address, dask_workers))
-    per_part = fan_out(build_path, results["ingest"]["parts"], cfg_dict["parse"], cfg_dict["select"])
-    for stage in ("parse", "select"):
-        results[stage] = per_part[stage]  # per-part lists: the manifest adds them up and reads parse's versions
-        _log_counts(stage, sum_counts(per_part[stage]))
+        fan_out = parse_select.with_options(task_runner=make_task_runner(task_runner, dask_address, dask_workers))
+        per_part = fan_out(build_path, results["ingest"]["parts"], cfg_dict["parse"], cfg_dict["select"])
+        for stage in ("parse", "select"):
+            results[stage] = per_part[stage]  # per-part lists: the manifest adds them up and reads parse's versions
+            _log_counts(stage, sum_counts(per_part[stage]))
 
-    download_cfg = dict(cfg_dict["download"])
-    with _sample_server(sample_info["root"] if sample_info else None, download_cfg["timeout"]) as proxy_url:
-        results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url)
-    _log_counts("download", results["download"])
-    for stage, config_key, run in (("verify", "verify", verify_task), ("dedup", "dedup", dedup_task),
-                                   ("index", "index", index_task), ("reshard", "shard", reshard_task)):
-        results[stage] = run(build_path, cfg_dict[config_key])
-        _log_counts(stage, results[stage])
+        download_cfg = dict(cfg_dict["download"])
+        with _sample_server(sample_info["root"] if sample_info else None, download_cfg["timeout"]) as proxy_url:
+            results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url, source=source_path)
+        _log_counts("download", results["download"])
+        for stage, config_key, run in (("verify", "verify", verify_task), ("dedup", "dedup", dedup_task),
+                                       ("index", "index", index_task), ("reshard", "shard", reshard_task)):
+            results[stage] = run(build_path, cfg_dict[config_key])
+            _log_counts(stage, results[stage])
 
-    manifest_path = manifest_task(build_path, cfg_dict, results)
-    report = report_task(build_path)
-    logger.info("manifest %s, report %s", manifest_path, report["path"])
-    create_markdown_artifact(markdown=report["markdown"], key="build-cc4m-report",
-                             description=f"CC4M build report for {build_path}")
-    create_table_artifact(table=counts_table(results), key="build-cc4m-counts",
-                          description=f"Per-stage counts of {build_path}")
+        manifest_path = manifest_task(build_path, cfg_dict, results)
+        report = report_task(build_path)
+        logger.info("manifest %s, report %s", manifest_path, report["path"])
+        create_markdown_artifact(markdown=report["markdown"], key="build-cc4m-report",
+                                 description=f"CC4M build report for {build_path}")
+        create_table_artifact(table=counts_table(results), key="build-cc4m-counts",
+                              description=f"Per-stage counts of {build_path}")
 
     summary: dict[str, Any] = {"build_dir": build_path, "manifest": manifest_path, "report": report["path"],
                                "counts": results, "sample": sample_info}

@@ -3,6 +3,12 @@
     with LocalPrefect(log_dir) as stack:          # server on 127.0.0.1:<free port>, pool, deploy --all, worker
         state = stack.run("build-cc4m/sample", {"build_dir": ...})
 
+The production stack (docker/compose.yaml) runs the server on PostgreSQL; `LocalPostgres` runs that database from the
+distribution's packages (Debian: postgresql) without Docker, and LocalPrefect(database_url=...) points the server at
+it:
+
+    with LocalPostgres(folder) as pg, LocalPrefect(log_dir, database_url=pg.async_url()) as stack: ...
+
 Server and worker are started with `setsid` (their own process groups: the worker's signal forwarding must not
 hit us) and are ALWAYS stopped on exit: SIGTERM to the group, wait, then SIGKILL (the worker ignores the first
 SIGTERM). Each stack has its own SQLite database (<log_dir>/prefect.db: two stacks never share one, and a rerun
@@ -14,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -63,7 +71,7 @@ class LocalPrefect:
 
     def __init__(self, log_dir: str | os.PathLike, port: int | None = None, pool: str = POOL_NAME,
                  prefect_file: Path = PREFECT_FILE, startup_timeout_s: float = 120.0, deploy: bool = True,
-                 worker: bool = True) -> None:
+                 worker: bool = True, database_url: str | None = None) -> None:
         self.log_dir = Path(log_dir).resolve()
         self.port = port or free_port()
         self.pool = pool
@@ -73,6 +81,8 @@ class LocalPrefect:
         self.start_worker = worker
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.database = self.log_dir / "prefect.db"
+        # None: the demo's own SQLite file; else e.g. LocalPostgres.async_url() (postgresql+asyncpg://...).
+        self.database_url = database_url or f"sqlite+aiosqlite:///{self.database}"
         self.server: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self._settings = ExitStack()
@@ -82,7 +92,7 @@ class LocalPrefect:
         env = dict(os.environ)
         env.update({
             "PREFECT_API_URL": self.api_url,
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url,
             "PREFECT_HOME": env.get("PREFECT_HOME", str(REPO_ROOT / ".prefect-home")),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
@@ -175,6 +185,123 @@ class LocalPrefect:
     def result(self, flow_run: Any) -> Any:
         """The flow run's return value (persisted by the flow: results are stored in PREFECT_HOME/storage)."""
         return flow_run.state.result()
+
+
+# ------------------------------------------------------------------------------------------------------ PostgreSQL
+def postgres_bin(name: str) -> Path:
+    """A PostgreSQL server program: Debian keeps them in /usr/lib/postgresql/<version>/bin, off the PATH."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    found = candidates[-1] if candidates else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"PostgreSQL's {name} not found: install the distribution's package "
+                                f"(Debian: apt-get install postgresql; .ci/setup does this)")
+    return Path(found)
+
+
+class LocalPostgres:
+    """A throw-away PostgreSQL server: initdb in a fresh folder, listening on 127.0.0.1:<free port> only (trust
+    authentication: local tests only), started with setsid and stopped by PID (fast shutdown, then SIGKILL).
+
+    PostgreSQL refuses to run as root; as root, its folder is created under /tmp (pytest's own temp folders are
+    private to root) and owned by the `postgres` system user (created by the Debian package), which runs it."""
+
+    def __init__(self, folder: str | os.PathLike, port: int | None = None, database: str = "prefect",
+                 run_as: str = "postgres", startup_timeout_s: float = 60.0) -> None:
+        self.log_path = Path(folder).resolve() / "postgres.log"
+        self.port = port or free_port()
+        self.database = database
+        self.run_as = run_as if os.geteuid() == 0 else None
+        self.startup_timeout_s = startup_timeout_s
+        self.data_dir: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _user_kwargs(self) -> dict[str, Any]:
+        if self.run_as is None:
+            return {}
+        import pwd
+
+        entry = pwd.getpwnam(self.run_as)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+    def _run(self, *args: str) -> str:
+        done = subprocess.run(list(args), capture_output=True, text=True, check=False, timeout=120,
+                              **self._user_kwargs())
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def start(self) -> Self:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        parent = Path(tempfile.mkdtemp(prefix="cc4m-pg-")) if self.run_as else self.log_path.parent
+        if self.run_as:
+            import pwd
+
+            entry = pwd.getpwnam(self.run_as)
+            os.chown(parent, entry.pw_uid, entry.pw_gid)
+        self.data_dir = parent / "data"
+        try:
+            self._run(str(postgres_bin("initdb")), "-D", str(self.data_dir), "-U", "postgres", "-A", "trust",
+                      "-E", "UTF8", "--locale=C", "--no-sync")
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [str(postgres_bin("postgres")), "-D", str(self.data_dir), "-p", str(self.port),
+                     "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir}",
+                     "-c", "fsync=off", "-c", "max_connections=50"],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                    **self._user_kwargs())
+            self._wait_ready()
+            self.sql(f"CREATE DATABASE {self.database}", database="postgres")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.proc.returncode}); see {self.log_path}")
+            ready = subprocess.run([str(postgres_bin("pg_isready")), "-h", "127.0.0.1", "-p", str(self.port),
+                                    "-U", "postgres"],
+                                   capture_output=True, check=False)
+            if ready.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"postgres not ready after {self.startup_timeout_s} s; see {self.log_path}")
+
+    def sql(self, query: str, database: str | None = None) -> list[list[str]]:
+        """Run one SQL statement with psql over TCP; rows as lists of strings."""
+        out = subprocess.run([str(postgres_bin("psql")), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                              "-d", database or self.database, "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1",
+                              "-c", query], capture_output=True, text=True, check=False, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"psql failed ({out.returncode}): {out.stderr}")
+        return [line.split("\t") for line in out.stdout.splitlines()]
+
+    def async_url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for sig, wait_s in ((signal.SIGINT, 30.0), (signal.SIGKILL, 10.0)):  # SIGINT = "fast" shutdown
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=wait_s)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.proc = None
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir.parent if self.run_as else self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ------------------------------------------------------------------------------------------------------- cc4m demo

@@ -24,15 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from curation import dedup, download, index, ingest, manifest, parse, reshard, select, verify
-from curation.build import prepare_build_dir
+from curation import dedup, index, manifest, parse, reshard, select, verify
+from curation.build import download_any, ingest_any, prepare_build_dir
 from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.io import atomic_path
+from curation.progress import format_progress
+from curation.wds_source import is_wds_source
 from manifests.version import code_version
 
 
@@ -76,6 +79,35 @@ def stage_config(stage: str, cfg: dict[str, Any]) -> Any:
     return STAGE_CONFIGS[stage](**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
+class ArtifactProgress:
+    """A curation.progress callback that shows a stage's progress in the Prefect UI: one progress artifact per
+    stage unit (percent done, with rate and ETA in its description) and a run-log line every `log_step` percent.
+    Progress is a view: a failing API call is logged once and never fails the stage."""
+
+    def __init__(self, log_step: float = 10.0):
+        self.log_step = log_step
+        self.artifact_id: Any = None
+        self.logged = -log_step
+        self.broken = False
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        if self.broken or not state["total"]:
+            return
+        percent = min(100.0, 100.0 * state["done"] / state["total"])
+        text = format_progress(state)
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(progress=percent, description=text)
+            else:
+                update_progress_artifact(self.artifact_id, progress=percent, description=text)
+            if percent - self.logged >= self.log_step or (percent >= 100.0 > self.logged):
+                self.logged = percent
+                get_run_logger().info("%s", text)
+        except Exception as err:  # noqa: BLE001 - the stage's work matters more than its progress bar
+            self.broken = True
+            get_run_logger().warning("progress artifact disabled: %s", err)
+
+
 # ------------------------------------------------------------------------------------------------------------ tasks
 @task(name="prepare-build-dir", cache_policy=None)
 def prepare_task(build_config: dict[str, Any]) -> str:
@@ -85,7 +117,10 @@ def prepare_task(build_config: dict[str, Any]) -> str:
 
 @task(name="fetch-source", retries=2, retry_delay_seconds=5)
 def fetch_source(source: str, build_dir: str) -> str:
-    """A local path is used as is; an http(s) URL is fetched once into <build>/source/ (kept for the manifest)."""
+    """A local path is used as is; an http(s) URL is fetched once into <build>/source/ (kept for the manifest).
+    Webdataset shards are never fetched here: ingest and extraction stream them (curation.wds_source)."""
+    if is_wds_source(source):
+        return source if source.startswith(("http://", "https://")) else str(Path(source).absolute())
     if not source.startswith(("http://", "https://")):
         return str(Path(source).resolve())
     target = Path(build_dir) / "source" / (Path(urllib.parse.urlparse(source).path).name or "source.tsv")
@@ -95,14 +130,15 @@ def fetch_source(source: str, build_dir: str) -> str:
     return str(target)
 
 
-@task(name="ingest", cache_policy=stage_cache(("ingest/ingest-done.json",)))
-def ingest_task(source: str, build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return ingest.ingest_source(source, build_dir, stage_config("ingest", cfg))
+# `processes` (download.processes_count) only speeds up reading webdataset shards: not in the cache key.
+@task(name="ingest", cache_policy=stage_cache(("ingest/ingest-done.json",), exclude=("processes",)))
+def ingest_task(source: str, build_dir: str, cfg: dict[str, Any], processes: int = 1) -> dict[str, Any]:
+    return ingest_any(source, build_dir, stage_config("ingest", cfg), ArtifactProgress(), processes)
 
 
 @task(name="parse", cache_policy=stage_cache(("captions/{part}",), ("ingest/{part}",)))
 def parse_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return parse.parse_part(build_dir, part, stage_config("parse", cfg))
+    return parse.parse_part(build_dir, part, stage_config("parse", cfg), ArtifactProgress())
 
 
 @task(name="select", cache_policy=stage_cache(("selected/{part}",), ("captions/{part}",)))
@@ -111,10 +147,13 @@ def select_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any
 
 
 # The proxy (the sample server's port changes every run) does not change what is downloaded: not in the key.
+# `source`: a webdataset source is extracted from its shards instead (curation.build.download_any).
 @task(name="download",
       cache_policy=stage_cache(("downloads.parquet",), ("selected/part-*.parquet",), exclude=("http_proxy",)))
-def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None) -> dict[str, Any]:
-    return download.download_selected(build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}))
+def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None,
+                  source: str | None = None) -> dict[str, Any]:
+    return download_any(source, build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}),
+                        ArtifactProgress())
 
 
 @task(name="verify", cache_policy=None)  # a cheap gate: always re-checked
@@ -124,7 +163,7 @@ def verify_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="dedup", cache_policy=stage_cache(("kept.parquet", "duplicates.parquet"), ("downloads.parquet",)))
 def dedup_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return dedup.deduplicate(build_dir, stage_config("dedup", cfg))
+    return dedup.deduplicate(build_dir, stage_config("dedup", cfg), progress=ArtifactProgress())
 
 
 @task(name="index", cache_policy=stage_cache(
@@ -136,7 +175,7 @@ def index_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
 @task(name="reshard", cache_policy=stage_cache(
     ("shards/cc4m-*.tar", "meta/part-*.parquet", "index/locator.parquet"), ("kept.parquet", "index/partners.parquet")))
 def reshard_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return reshard.reshard(build_dir, stage_config("shard", cfg))
+    return reshard.reshard(build_dir, stage_config("shard", cfg), ArtifactProgress())
 
 
 @task(name="manifest", cache_policy=None)  # cheap, and it must reflect this run's stage results

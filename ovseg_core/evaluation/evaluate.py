@@ -142,6 +142,7 @@ def evaluate(
                 Path(overlay_dir) / f"{index:04d}_{safe_id}.png",
                 palette,
                 background_index=0 if dataset.has_background else None,
+                class_names=dataset.classnames,
             )
             overlays.append(str(path))
         if (index + 1) % 50 == 0:

@@ -1,4 +1,5 @@
-"""Side-by-side PNG overlays for eyeballing predictions: image | prediction over image | ground truth over image."""
+"""Side-by-side PNG overlays for eyeballing predictions: image | prediction over image | ground truth over image,
+with a legend strip below naming the classes that appear (their colour swatch and name) when class names are given."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ovseg_core.evaluation.metrics import IGNORE_INDEX
 
@@ -75,6 +76,46 @@ def blend_labels(
     return out.round().clip(0, 255).astype(np.uint8)
 
 
+LEGEND_FONT_SIZE = 13
+LEGEND_PAD = 4
+
+
+def legend_strip(width: int, entries: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """(H, width, 3) uint8 white strip with one ``[swatch] name`` entry per class, flowing left to right and
+    wrapping onto further lines. The strip is widened when a single entry does not fit."""
+    font = ImageFont.load_default(size=LEGEND_FONT_SIZE)
+    swatch = LEGEND_FONT_SIZE
+    line_h = swatch + LEGEND_PAD
+    sizes = [swatch + LEGEND_PAD + int(font.getlength(name)) + 3 * LEGEND_PAD for name, _ in entries]
+    width = max([width, *(s + LEGEND_PAD for s in sizes)])
+    positions, x, y = [], LEGEND_PAD, LEGEND_PAD
+    for size in sizes:
+        if x + size > width and x > LEGEND_PAD:
+            x, y = LEGEND_PAD, y + line_h
+        positions.append((x, y))
+        x += size
+    strip = Image.new("RGB", (width, y + line_h + LEGEND_PAD), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for (name, colour), (x, y) in zip(entries, positions):
+        draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((x + swatch + LEGEND_PAD, y + swatch // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(strip)
+
+
+def legend_entries(labels: list[np.ndarray], class_names: list[str] | tuple[str, ...], palette: np.ndarray,
+                   background_index: int | None, ignore_index: int) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of every class present in any of ``labels``, in class order (background and ignore left out:
+    they are not coloured)."""
+    present = sorted(set(np.unique(np.concatenate([np.asarray(a).ravel() for a in labels])).tolist()))
+    entries = []
+    for index in present:
+        if index == ignore_index or index == background_index or index < 0:
+            continue
+        name = class_names[index] if index < len(class_names) else f"class {index}"
+        entries.append((name, tuple(int(c) for c in palette[min(index, len(palette) - 1)])))
+    return entries
+
+
 def save_overlay(
     image: Image.Image | np.ndarray | torch.Tensor,
     pred: np.ndarray | torch.Tensor,
@@ -85,6 +126,7 @@ def save_overlay(
     alpha: float = 0.5,
     background_index: int | None = 0,
     ignore_index: int = IGNORE_INDEX,
+    class_names: list[str] | tuple[str, ...] | None = None,
 ) -> Path:
     """Write ``image | prediction overlay | ground-truth overlay`` as one PNG (atomically) and return its path.
 
@@ -93,6 +135,8 @@ def save_overlay(
         pred, gt: (H, W) label maps; ``gt`` may contain ``ignore_index``.
         palette: (N, 3) uint8 class colours; default ``voc_palette()``.
         background_index: label left uncoloured (None when the dataset has no background class).
+        class_names: names by label index; when given, a legend below the panels names every class present in the
+            prediction or the ground truth next to its colour.
     """
     rgb = _to_rgb_array(image)
     pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
@@ -102,8 +146,16 @@ def save_overlay(
     palette = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8)
     kwargs = {"alpha": alpha, "background_index": background_index, "ignore_index": ignore_index}
     panels = [rgb, blend_labels(rgb, pred, palette, **kwargs), blend_labels(rgb, gt, palette, **kwargs)]
+    canvas = np.concatenate(panels, axis=1)
+    if class_names is not None:
+        entries = legend_entries([pred, gt], class_names, palette, background_index, ignore_index)
+        strip = legend_strip(canvas.shape[1], entries)
+        if strip.shape[1] > canvas.shape[1]:  # a long name widens the picture; the panels keep their pixels
+            pad = np.full((canvas.shape[0], strip.shape[1] - canvas.shape[1], 3), 255, np.uint8)
+            canvas = np.concatenate([canvas, pad], axis=1)
+        canvas = np.concatenate([canvas, strip], axis=0)
     buffer = io.BytesIO()
-    Image.fromarray(np.concatenate(panels, axis=1)).save(buffer, format="PNG")
+    Image.fromarray(canvas).save(buffer, format="PNG")
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path

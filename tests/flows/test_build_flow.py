@@ -151,10 +151,10 @@ def test_resume_after_interruptions_gives_identical_output(sample_build, sample_
     build_dir = tmp_path / "cc4m"
     real_parse, real_dedup = curation.parse.parse_part, curation.dedup.deduplicate
 
-    def parse_failing_on_second_part(build_dir, part, cfg):
+    def parse_failing_on_second_part(build_dir, part, cfg, progress=None):
         if part == "part-00001.parquet":
             raise RuntimeError("simulated crash while parsing part 1")
-        return real_parse(build_dir, part, cfg)
+        return real_parse(build_dir, part, cfg, progress)
 
     # 1) one fan-out task fails: the whole flow fails (futures are resolved), part 0 is done and kept.
     monkeypatch.setattr(curation.parse, "parse_part", parse_failing_on_second_part)

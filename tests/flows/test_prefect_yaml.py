@@ -11,7 +11,7 @@ from flows.local import PREFECT_FILE
 from manifests.version import REPO_ROOT
 
 EXPECTED = {
-    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("pretrain", "default"), ("evaluate", "default"),
+    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("build-cc4m", "cc12m-wds"), ("pretrain", "default"), ("evaluate", "default"),
     ("retrain", "scheduled"),
 }
 
@@ -52,6 +52,13 @@ def test_retrain_is_scheduled_weekly_in_utc():
     from prefect.client.schemas.schedules import CronSchedule
 
     CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # valid cron + timezone
+
+
+def test_wds_deployment_names_webdataset_shards():
+    from curation.wds_source import is_wds_source
+
+    (dep,) = [d for d in _deployments() if d["name"] == "cc12m-wds"]
+    assert is_wds_source(dep["parameters"]["source"]) and dep.get("concurrency_limit") == 1
 
 
 def test_pull_step_sets_the_working_directory_to_the_repo_root():

@@ -301,8 +301,8 @@ def test_evaluate_end_to_end_writes_metrics_csv_and_overlays(tmp_path):
     assert [r["class"] for r in rows] == list(CODE_CLASSES) and rows[3]["iou"] == "" and rows[1]["iou"] == "1.000000"
     overlays = sorted((tmp_path / "out/overlays").glob("*.png"))
     assert [p.name for p in overlays] == ["0000_img_a.png"]
-    with Image.open(overlays[0]) as img:
-        assert img.size == (3 * 48, 16)
+    with Image.open(overlays[0]) as img:  # three 48x16 panels above a legend strip naming the classes
+        assert img.size[0] >= 3 * 48 and img.size[1] > 16
 
     one = evaluate(model, ds, window=None, short_side=None, max_images=1, topk=1, **CODE_NORM)
     assert one["n_images"] == 1 and one["settings"]["topk"] == 1 and one["settings"]["stride"] is None
