@@ -159,7 +159,11 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = (model_factory or _default_factory)(cfg.preset, **cfg.model_kwargs)
+    last_path = latest_checkpoint(out_dir) if cfg.resume else None
+    model_kwargs = dict(cfg.model_kwargs)
+    if (cfg.init_checkpoint or last_path is not None) and model_kwargs.get("visual_init") is not None:
+        model_kwargs["visual_init"] = None  # the checkpoint's weights replace the init: do not need its file
+    model = (model_factory or _default_factory)(cfg.preset, **model_kwargs)
     if cfg.init_checkpoint:
         load_model_state(model, load_checkpoint(cfg.init_checkpoint))
     if cfg.stage == 2:
@@ -182,7 +186,6 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     optimizer = build_optimizer(model, cfg)
     scheduler = CosineWarmupSchedule(optimizer, total_steps, warmup_steps, scaled_lrs(cfg))
     start_step, best_val = 0, None
-    last_path = latest_checkpoint(out_dir) if cfg.resume else None
     if last_path is not None:
         ckpt = load_checkpoint(last_path)
         if ckpt["train_config"].get("stage") != cfg.stage or ckpt["train_config"].get("preset") != cfg.preset:
