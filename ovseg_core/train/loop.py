@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
             model.init_momentum_teacher()
     model.to(device)
 
-    reader = BuildReader(cfg.build_dir)
+    reader = BuildReader(cfg.build_dir, shard_base_url=cfg.shard_base_url)
     manifest_sha = reader.manifest_sha256()
     train_count = len(reader.split_ids("train", cfg.val_percent))
     if train_count < per_rank_batch:
@@ -212,7 +212,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
                                               cfg.repeat_threshold)
     stream = CC4MTrainStream(
         reader, processor, seed=cfg.seed, rank=info.rank, world_size=info.world_size, val_percent=cfg.val_percent,
-        shuffle_buffer=cfg.shuffle_buffer, batch_size=per_rank_batch, skip_batches=start_step,
+        shuffle_buffer=cfg.shuffle_buffer, shards_in_flight=cfg.shards_in_flight, partner_source=cfg.partner_source,
+        batch_size=per_rank_batch, skip_batches=start_step,
         repeat_factors=repeat_factors,
     )
     loader = make_train_loader(stream, per_rank_batch, cfg.num_workers, pin_memory=device.type == "cuda")
