@@ -130,8 +130,11 @@ class BuildReader:
         if self.shard_base_url is not None:
             manifest = self.manifest() or {}
             names = sorted(sh["name"] for sh in manifest.get("shards") or [])
+            if not names and self.locator_path.exists():  # builds whose manifest has no shard list
+                names = sorted(set(pq.read_table(self.locator_path, columns=["shard"])["shard"].to_pylist()))
             if not names:
-                raise FileNotFoundError(f"{self.manifest_path} lists no shards to read from {self.shard_base_url}")
+                raise FileNotFoundError(f"neither {self.manifest_path} nor the locator lists shards to read from "
+                                        f"{self.shard_base_url}")
             self.shard_urls: list[str] = [self.shard_base_url + n for n in names]
         else:
             if not self.shard_paths:
