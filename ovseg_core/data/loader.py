@@ -264,7 +264,7 @@ class CC4MTrainStream(IterableDataset):
         world_size: int = 1,
         val_percent: float = 0.0,
         shuffle_buffer: int = 4096,
-        shards_in_flight: int = 4,
+        shards_in_flight: int = 16,
         partner_source: str = "buffer",
         epochs: int | None = None,
         batch_size: int = 1,

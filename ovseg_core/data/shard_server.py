@@ -92,3 +92,29 @@ class ShardServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ovseg_core.data.shard_server FOLDER --delay-s 0.02 --port-file F`: serve until terminated (the
+    benchmark runs it as a separate process so the server's CPU time is not counted as the loader's)."""
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("folder")
+    p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--port-file", required=True)
+    args = p.parse_args(argv)
+    server = ShardServer(args.folder, args.delay_s)
+    tmp = Path(args.port_file).with_suffix(".tmp")
+    tmp.write_text(server.url)
+    os.replace(tmp, args.port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

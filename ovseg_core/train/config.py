@@ -72,7 +72,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int | None = None
     shuffle_buffer: int = 4096
-    shards_in_flight: int = 4
+    shards_in_flight: int = 16
     partner_source: str = "buffer"
     shard_base_url: str | None = None
     log_every: int = 10

@@ -2,7 +2,8 @@
 
 out_dir layout:
     train_config.json        the TrainConfig as run
-    log.jsonl                one JSON line per optimizer step (step, lr, loss terms, grad_norm, step_s; every
+    log.jsonl                one JSON line per optimizer step (step, lr, loss terms, grad_norm, step_s, data_s = wait
+                             for the loader; every
                              log_every steps also samples_per_s and eta_s), and one {"val": {...}} line per validation
     progress.json            the latest `Progress` (rewritten every log_every steps; what a supervisor can poll)
     checkpoints/last.pt      latest state (resume point), written every save_every steps and at the end
@@ -342,8 +343,9 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
         torch.manual_seed(cfg.seed * 1000 + info.rank + start_step)
     try:
         while step < total_steps:
+            t_data = time.perf_counter()
             batch = _to_device(trim_text_padding(next(data_iter)), device)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # t0 - t_data: time the step waited for the loader
             lr = scheduler.get_last_lr()
             with _autocast(device):
                 out = ddp_model(batch, cfg.stage)
@@ -364,6 +366,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
             step_s = time.perf_counter() - t0
             step_times.append(step_s)
             record = {"step": step, "lr": lr, **_scalars(out), "grad_norm": grad_norm, "step_s": step_s,
+                      "data_s": t0 - t_data,
                       "time_s": time.time() - wall_start}
             result.losses.append(record)
             record.update(report(force=step == total_steps))
