@@ -110,12 +110,15 @@ def http_server(folder: Path, delay_s: float) -> Iterator[str]:
                              str(delay_s), "--port-file", str(port_file)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        for _ in range(300):
+        deadline = time.time() + 180  # importing the package takes a while on a loaded 2-core box
+        while time.time() < deadline:
             if port_file.exists():
                 break
             if proc.poll() is not None:
                 raise RuntimeError(f"shard server exited with {proc.returncode}")
-            time.sleep(0.05)
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("shard server did not start within 180 s")
         yield port_file.read_text()
     finally:
         proc.terminate()
