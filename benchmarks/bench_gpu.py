@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -72,7 +72,7 @@ class FlopCount:
         self.flops = 0
         self.mode = _Mode()
 
-    def __enter__(self) -> FlopCount:
+    def __enter__(self) -> Self:
         self.mode.__enter__()
         return self
 

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys

@@ -46,7 +46,7 @@ def summarize_training(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_text(p: dict[str, Any]) -> str:
-    eta = int(round(p["eta_s"]))
+    eta = round(p["eta_s"])
     return (f"step {p['step']}/{p['total_steps']}, loss {p['loss']:.4f}, {p['samples_per_s']:.1f} samples/s, "
             f"ETA {eta // 3600:d}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 

@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -23,7 +24,7 @@ def _handler(root: Path, delay_s: float) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # quiet: benchmarks make thousands of requests
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if delay_s:
                 time.sleep(delay_s)
             path = (root / self.path.lstrip("/").split("?", 1)[0]).resolve()
@@ -86,7 +87,7 @@ class ShardServer:
         self.server.server_close()
         self.thread.join(timeout=10)
 
-    def __enter__(self) -> ShardServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -80,7 +80,7 @@ class Progress:
         return self.step / self.total_steps if self.total_steps else 1.0
 
     def line(self) -> str:
-        eta = int(round(self.eta_s))
+        eta = round(self.eta_s)
         return (f"step {self.step}/{self.total_steps} loss={self.loss:.4f} {self.samples_per_s:.1f} samples/s "
                 f"ETA {eta // 3600:d}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 

@@ -131,8 +131,8 @@ def train_real_tiny(rank: int, world_size: int) -> dict[str, object]:
     """A few SGD steps of the real `tiny` model per stage on this rank's share of the global batch; returns the
     gradients of every step, the losses and the final weights. Gumbel noise is zeroed (ranks draw their own noise,
     so noisy runs cannot be compared row by row) and dropout is off; everything else is the training path."""
-    import ovseg_core.layers.grouping as grouping
     from ovseg_core import create_model
+    from ovseg_core.layers import grouping
 
     grouping.gumbel_noise = lambda shape, device, generator=None: torch.zeros(shape, device=device)
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def _real_worker(rank: int, world_size: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_real_tiny_two_ranks_with_unequal_valid_rows_match_one_process(tmp_path, monkeypatch):
     mp.spawn(_real_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    import ovseg_core.layers.grouping as grouping
+    from ovseg_core.layers import grouping
 
     monkeypatch.setattr(grouping, "gumbel_noise", grouping.gumbel_noise)  # restored after train_real_tiny patches it
     single = train_real_tiny(0, 1)
