@@ -248,14 +248,15 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     trained = load_model_from_checkpoint(candidates[chosen_name])
     torch.manual_seed(args.seed)  # exactly what train() does before building the model: same initial weights
     untrained = create_model(args.preset, **dict(s1_cfg.model_overrides))
-    untrained_selection = select_eval_settings(untrained, selection_set, max_images=args.max_selection_images)
+    untrained_selection = (None if args.lean else
+                           select_eval_settings(untrained, selection_set, max_images=args.max_selection_images))
     protocol = {**protocol_sizes(int(trained.image_size)), "bg_thresh": None, "topk": 5, "assignment": "hard"}
 
     # 3) the test split, once per model and setting
     # Paired bootstrap over the test images: is the trained model's lead larger than the test set's noise?
     results, intervals = score_against_baselines(trained, untrained, test_set, chosen, args.max_eval_images,
                                                  args.seed)
-    supplementary = {
+    supplementary = {} if args.lean else {
         "untrained_with_its_own_selected_settings": evaluate_model(
             untrained, test_set, untrained_selection["chosen"], args.max_eval_images),
         "trained_paper_protocol_settings": evaluate_model(trained, test_set, protocol, args.max_eval_images),
@@ -287,12 +288,15 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         for set_name, dataset in (("test", test_set), ("fresh", fresh_set)):
             if dataset is None:
                 continue
-            res, ivs = score_against_baselines(model, untrained, dataset, selections[name]["chosen"],
-                                               args.max_eval_images, args.seed)
+            if name == chosen_name:  # already scored above, with the same settings
+                res, ivs = (results, intervals) if set_name == "test" else (fresh_results, fresh_intervals)
+            else:
+                res, ivs = score_against_baselines(model, untrained, dataset, selections[name]["chosen"],
+                                                   args.max_eval_images, args.seed)
             row[set_name] = {"miou": res["trained"]["mIoU"], "untrained_miou": res["untrained_same_init"]["mIoU"],
                              "background_miou": res["all_background"]["mIoU"], "bootstrap_95": ivs}
         per_checkpoint[name] = row
-    if s2:
+    if s2 and not args.lean:
         other = "stage1" if chosen_name == "stage2" else "stage2"
         supplementary[f"trained_{other}_with_its_selected_settings"] = evaluate_model(
             load_model_from_checkpoint(candidates[other]), test_set, selections[other]["chosen"], args.max_eval_images)
@@ -444,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-clock budget for training (both stages); ignored with --steps")
     p.add_argument("--steps", type=int, help="fixed stage-1 step budget (comparable under a shared CPU)")
     p.add_argument("--steps2", type=int, help="fixed stage-2 step budget (0/absent: no stage 2 with --steps)")
+    p.add_argument("--lean", action="store_true",
+                   help="skip the supplementary evaluations (untrained with its own settings, paper protocol)")
     p.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                    help="change a model setting of the recipe, e.g. mec_weight=0 (ablation rows)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "learning.json"))
