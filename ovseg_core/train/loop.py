@@ -442,6 +442,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-text-len", type=int, default=77)
+    p.add_argument("--shard-base-url", help="read shards from this http(s)/fsspec folder (meta and index stay local)")
+    p.add_argument("--partner-source", choices=("buffer", "locator"), default="buffer",
+                   help="stage-2 partners from the shuffle buffer (locator fallback) or always via the locator")
+    p.add_argument("--shuffle-buffer", type=int, default=4096)
+    p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
 
@@ -470,6 +475,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_percent=args.val_percent, eval_every=args.eval_every, save_every=args.save_every,
         log_every=args.log_every, max_text_len=args.max_text_len, time_limit_s=args.time_limit,
         resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
+        shard_base_url=args.shard_base_url, partner_source=args.partner_source, shuffle_buffer=args.shuffle_buffer,
+        shards_in_flight=args.shards_in_flight,
         **{k: v for k, v in explicit.items() if v is not None},
     )
 
