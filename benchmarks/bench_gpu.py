@@ -16,6 +16,8 @@ preset's training (time_limit_s), so the whole run stays under 8 minutes.
 CPU smoke test of the same code path (gloo, tiny preset, a handful of steps; no MFU):
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --presets tiny --steps 4 --batch-size 8 --nproc 2 \
         --build-samples 64 --out /tmp/gpu_smoke.json
+Training FLOPs per image without a GPU (CPU, synthetic inputs):
+    .venv/bin/python benchmarks/bench_gpu.py --count-flops-only --out benchmarks/results/gpu_flops.json
 On a GPU:
     .venv/bin/python benchmarks/bench_gpu.py            # -> benchmarks/results/gpu.json
 """
@@ -142,6 +144,34 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def count_flops(args: argparse.Namespace) -> int:
+    """FLOPs of one stage-1 training step (forward + backward) per image, counted on CPU with synthetic inputs: the
+    numbers an MFU or a loader-sizing estimate needs when no GPU is at hand (no timing here)."""
+    import torch
+
+    from benchmarks.bench_loader import tree_version
+    from ovseg_core import create_model
+    from ovseg_core.config import MINILM_TEXT_MODEL
+
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"benchmark": "gpu_flops_cpu_count", **tree_version(), "batch": 2, "text_len": 32,
+                           "text_model": "bundled MiniLM-L6 (vit_b's bert-base-uncased is not available offline)",
+                           "train_gflops_per_image": {}}
+    for preset in args.presets:
+        model = create_model(preset, text_model=args.vit_b_text or MINILM_TEXT_MODEL).train()
+        tok = model.tokenize(["a photo of a dog on a sofa next to a cat and a bowl"] * 2, max_length=32)
+        batch = {"image": torch.randn(2, 3, model.image_size, model.image_size), "input_ids": tok["input_ids"],
+                 "attention_mask": tok["attention_mask"], "question_ids": tok["input_ids"],
+                 "question_mask": tok["attention_mask"], "answer_ids": tok["input_ids"][:, :8],
+                 "answer_mask": tok["attention_mask"][:, :8], "has_entity": torch.ones(2, dtype=torch.bool)}
+        with FlopCount() as counter:
+            model.forward_train(batch, 1)["loss"].backward()
+        out["train_gflops_per_image"][preset] = counter.flops / 2 / 1e9
+    print(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- launcher
 def launch(args: argparse.Namespace) -> int:
     import torch
@@ -194,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-samples", type=int, default=1024)
     p.add_argument("--vit-b-text", help="local folder of bert-base-uncased for vit_b (default: bundled MiniLM)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.json"))
+    p.add_argument("--count-flops-only", action="store_true",
+                   help="on CPU: count the training FLOPs per image of each preset and stop (no timing)")
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -201,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.count_flops_only:
+        return count_flops(args)
     return worker(args) if args.worker else launch(args)
 
 

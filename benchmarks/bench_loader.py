@@ -105,9 +105,9 @@ def make_throughput_build(root: Path, n: int, per_shard: int, seed: int = 0) -> 
 def http_server(folder: Path, delay_s: float) -> Iterator[str]:
     """The shard server in its own process (its CPU is not the loader's), stopped by its handle."""
     port_file = Path(tempfile.mkdtemp(prefix="shard_server_")) / "url"
-    proc = subprocess.Popen([sys.executable, "-m", "ovseg_core.data.shard_server", str(folder), "--delay-s",
-                             str(delay_s), "--port-file", str(port_file)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = REPO / "ovseg_core" / "data" / "shard_server.py"  # by path: no package import, starts at once
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), "--delay-s", str(delay_s), "--port-file",
+                             str(port_file)], cwd=REPO)
     try:
         deadline = time.time() + 180  # importing the package takes a while on a loaded 2-core box
         while time.time() < deadline:
@@ -121,7 +121,11 @@ def http_server(folder: Path, delay_s: float) -> Iterator[str]:
         yield port_file.read_text()
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def baseline_pipeline(urls: list[str]) -> Iterator[Any]:
@@ -205,6 +209,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     results.setdefault(f"{name}_{where}", []).append(r)
                     print(f"[loader] rep {rep} {name:8s} {where:4s} {r['per_cpu_s']:7.1f}/cpu-s "
                           f"{r['per_wall_s']:7.1f}/wall-s", flush=True)
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
     comparisons = {}
     for where in ("disk", "http"):
         for key in ("per_cpu_s", "per_wall_s"):
