@@ -15,6 +15,11 @@ and a PNG of the curves next to it.
     python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 10 --fresh-eval-seed 101 \
         --out benchmarks/results/learning.json
 
+On a shared CPU prefer a fixed STEP budget (`--steps N [--steps2 M]`): wall-clock budgets give other runs other
+lengths when other jobs load the machine. `--model-override mec_weight=0` makes the ablation rows (ITC only);
+`--steps2` adds stage 2 (+ cross-image mask), and every checkpoint (stage 1, stage 2) is scored on the test split and
+the fresh set with its own selected settings and bootstrap intervals (`per_checkpoint_scores`).
+
 "learned" needs, against both baselines, a 95% paired-bootstrap interval (test images resampled) of the mIoU lead
 that lies above 0. --fresh-eval-seed also renders and scores a second eval set that tuning never looked at.
 
