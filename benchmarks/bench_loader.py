@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)  # only kept when a run dies half-way
     if "throughput" in result:
         print(json.dumps({"medians": result["throughput"]["medians"],
                           "cores_per_gpu": result["throughput"]["cores_per_gpu_estimate"],
