@@ -15,11 +15,17 @@ and a PNG of the curves next to it.
     python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 10 --fresh-eval-seed 101 \
         --out benchmarks/results/learning.json
 
+On a shared CPU prefer a fixed STEP budget (`--steps N [--steps2 M]`): wall-clock budgets give other runs other
+lengths when other jobs load the machine. `--model-override mec_weight=0` makes the ablation rows (ITC only);
+`--steps2` adds stage 2 (+ cross-image mask), and every checkpoint (stage 1, stage 2) is scored on the test split and
+the fresh set with its own selected settings and bootstrap intervals (`per_checkpoint_scores`).
+
 "learned" needs, against both baselines, a 95% paired-bootstrap interval (test images resampled) of the mIoU lead
 that lies above 0. --fresh-eval-seed also renders and scores a second eval set that tuning never looked at.
 
 GPU mode (--gpu-throughput): images/s and MFU of one vit_s stage-1 training step at batch 256 in bf16 (synthetic
 tensors, no data loading); skipped with a message when CUDA is not available (never run on the 2-core CI machine).
+benchmarks/bench_gpu.py is the fuller check (real loader, torchrun, vit_s and vit_b).
 """
 from __future__ import annotations
 
@@ -85,6 +91,20 @@ def all_background(dataset: Any, max_images: int | None) -> dict[str, Any]:
     return {"mIoU": float(scores.miou), "pixel_acc": float(scores.pixel_acc), "n_images": n,
             "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))), "per_class": per_class,
             "per_image_confusion": np.stack(per_image)}
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """["mec_weight=0", "entity_weight=1.0"] -> {"mec_weight": 0.0, ...} (values parsed as JSON when they parse)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-override expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def json_ready(result: dict[str, Any]) -> dict[str, Any]:
@@ -181,33 +201,44 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "resume": False}
     if args.lr is not None:
         overrides.update(base_lr=args.lr, warmup_lr=args.lr / 100, min_lr=args.lr / 10)
-    # 1) probe the step time (counted in the budget) to size a cosine schedule that completes within the budget
-    probe_cfg = sample_recipe(reader.root, work / "probe", minutes=1.0, **{**overrides, "steps": 4, "val_percent": 0.0,
-                                                                          "time_limit_s": None})
-    probe_cfg_cached = probe_cfg.cache_frozen_text
-    probe = train(probe_cfg)
-    # The probe's steps all miss the frozen-text cache (every text is new), so it overestimates a cached step ~2x:
-    # plan with the recipe's measured step time unless the probe shows a slower machine than that.
-    step_s = max(1e-3, min(probe.mean_step_s, SAMPLE_STEP_SECONDS) if probe_cfg_cached else probe.mean_step_s)
-    remaining = budget - (time.time() - started)
-    s1_budget = max(60.0, remaining * (1 - args.stage2_fraction))
-    # data loading + validation + checkpoint overhead: measured ~8 % of the step time
-    probe_cfg = sample_recipe(reader.root, work / "stage1", minutes=s1_budget / 60, step_seconds=step_s * 1.08,
-                              **overrides)
-    s1_cfg = TrainConfig.from_dict({**probe_cfg.to_dict(), "eval_every": max(10, probe_cfg.steps // 8)})
+    if args.steps is not None:
+        # A fixed STEP budget: comparable runs whatever else loads the shared CPU (wall-clock budgets are not).
+        step_s = None
+        recipe = sample_recipe(reader.root, work / "stage1", **{**overrides, "steps": args.steps,
+                                                                "warmup_steps": max(1, args.steps // 15),
+                                                                "time_limit_s": None})
+    else:
+        # probe the step time (counted in the budget) to size a cosine schedule that completes within the budget
+        probe_cfg = sample_recipe(reader.root, work / "probe", minutes=1.0,
+                                  **{**overrides, "steps": 4, "val_percent": 0.0, "time_limit_s": None})
+        probe = train(probe_cfg)
+        # The probe's steps all miss the frozen-text cache (every text is new), so it overestimates a cached step
+        # ~2x: plan with the recipe's measured step time unless the probe shows a slower machine than that.
+        step_s = max(1e-3, min(probe.mean_step_s, SAMPLE_STEP_SECONDS) if probe_cfg.cache_frozen_text
+                     else probe.mean_step_s)
+        remaining = budget - (time.time() - started)
+        s1_budget = max(60.0, remaining * (1 - args.stage2_fraction))
+        # data loading + validation + checkpoint overhead: measured ~8 % of the step time
+        recipe = sample_recipe(reader.root, work / "stage1", minutes=s1_budget / 60, step_seconds=step_s * 1.08,
+                               **overrides)
+    model_overrides = dict(recipe.model_overrides)
+    model_overrides.update(parse_overrides(args.model_override))
+    s1_cfg = TrainConfig.from_dict({**recipe.to_dict(), "eval_every": max(10, recipe.steps // 8),
+                                    "model_overrides": [list(kv) for kv in sorted(model_overrides.items())]})
     s1 = train(s1_cfg)
     stage1_ckpt = s1.last_checkpoint
     s2 = None
     remaining = budget - (time.time() - started)
-    if args.stage2_fraction > 0 and remaining > 30:
+    if args.steps2 or (args.steps is None and args.stage2_fraction > 0 and remaining > 30):
         # a stage-2 step (frozen text, + EMA teacher on the partner) costs about one stage-1 step on the tiny preset
-        steps2 = max(5, int(remaining / (step_s * 1.15)))
+        steps2 = args.steps2 or max(5, int(remaining / (step_s * 1.15)))
         s2_cfg = TrainConfig.for_stage(2, **{
             **{k: v for k, v in s1_cfg.to_dict().items() if k not in ("stage", "base_lr", "warmup_lr", "min_lr",
                                                                         "warmup_epochs", "warmup_steps")},
             "out_dir": str(work / "stage2"), "steps": steps2, "init_checkpoint": stage1_ckpt,
             "base_lr": args.lr2, "warmup_lr": args.lr2, "min_lr": args.lr2 / 10, "eval_every": max(5, steps2 // 4),
-            "time_limit_s": remaining, "model_overrides": [list(kv) for kv in s1_cfg.model_overrides]})
+            "time_limit_s": None if args.steps2 else remaining,
+            "model_overrides": [list(kv) for kv in s1_cfg.model_overrides]})
         s2 = train(s2_cfg)
     train_seconds = time.time() - started
 
@@ -223,20 +254,21 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     trained = load_model_from_checkpoint(candidates[chosen_name])
     torch.manual_seed(args.seed)  # exactly what train() does before building the model: same initial weights
     untrained = create_model(args.preset, **dict(s1_cfg.model_overrides))
-    untrained_selection = select_eval_settings(untrained, selection_set, max_images=args.max_selection_images)
+    untrained_selection = (None if args.lean else
+                           select_eval_settings(untrained, selection_set, max_images=args.max_selection_images))
     protocol = {**protocol_sizes(int(trained.image_size)), "bg_thresh": None, "topk": 5, "assignment": "hard"}
 
     # 3) the test split, once per model and setting
     # Paired bootstrap over the test images: is the trained model's lead larger than the test set's noise?
     results, intervals = score_against_baselines(trained, untrained, test_set, chosen, args.max_eval_images,
                                                  args.seed)
-    supplementary = {
+    supplementary = {} if args.lean else {
         "untrained_with_its_own_selected_settings": evaluate_model(
             untrained, test_set, untrained_selection["chosen"], args.max_eval_images),
         "trained_paper_protocol_settings": evaluate_model(trained, test_set, protocol, args.max_eval_images),
         "untrained_paper_protocol_settings": evaluate_model(untrained, test_set, protocol, args.max_eval_images),
     }
-    fresh = None
+    fresh, fresh_set = None, None
     if args.fresh_eval_seed is not None:
         # A second eval set rendered with another seed (same classes, same size), which no experiment looked at
         # while the recipe was tuned: same models, same chosen settings, same bootstrap.
@@ -253,7 +285,24 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         fresh = {"eval_root": str(fresh_root), "render_seed": args.fresh_eval_seed,
                  "miou": {k: v["mIoU"] for k, v in fresh_results.items()}, "bootstrap_95": fresh_intervals,
                  "eval": {k: json_ready(v) for k, v in fresh_results.items()}}
-    if s2:
+    # Ablation rows: every checkpoint (stage 1, stage 2) on the test split and the fresh set, each with the settings
+    # chosen for it on the selection split, against the same baselines.
+    per_checkpoint = {}
+    for name, path in candidates.items():
+        model = trained if name == chosen_name else load_model_from_checkpoint(path)
+        row = {"settings": selections[name]["chosen"]}
+        for set_name, dataset in (("test", test_set), ("fresh", fresh_set)):
+            if dataset is None:
+                continue
+            if name == chosen_name:  # already scored above, with the same settings
+                res, ivs = (results, intervals) if set_name == "test" else (fresh_results, fresh_intervals)
+            else:
+                res, ivs = score_against_baselines(model, untrained, dataset, selections[name]["chosen"],
+                                                   args.max_eval_images, args.seed)
+            row[set_name] = {"miou": res["trained"]["mIoU"], "untrained_miou": res["untrained_same_init"]["mIoU"],
+                             "background_miou": res["all_background"]["mIoU"], "bootstrap_95": ivs}
+        per_checkpoint[name] = row
+    if s2 and not args.lean:
         other = "stage1" if chosen_name == "stage2" else "stage2"
         supplementary[f"trained_{other}_with_its_selected_settings"] = evaluate_model(
             load_model_from_checkpoint(candidates[other]), test_set, selections[other]["chosen"], args.max_eval_images)
@@ -297,7 +346,7 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         "budget_minutes": args.minutes,
         "train_wall_seconds": round(train_seconds, 1),
         "recipe": "ovseg_core.train.config.sample_recipe",
-        "probe_step_s": round(step_s, 4),
+        "probe_step_s": round(step_s, 4) if step_s is not None else None,
         "stage1": summary(s1, s1_cfg),
         "stage2": summary(s2, s2_cfg) if s2 else None,
         "selection": {"chosen_checkpoint": chosen_name, "chosen_settings": chosen, "per_checkpoint": selections,
@@ -309,6 +358,9 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
                                supplementary.items()},
         "bootstrap_95": intervals,
         "fresh_eval": fresh,
+        "per_checkpoint_scores": per_checkpoint,
+        "model_overrides": dict(s1_cfg.model_overrides),
+        "step_budget": {"stage1": args.steps, "stage2": args.steps2},
         "miou_delta_trained_vs_untrained": trained_miou - untrained_miou,
         "miou_delta_trained_vs_background": trained_miou - bg_miou,
         # "Clearly above" both baselines: the 95% paired-bootstrap interval of the mIoU lead (test images resampled)
@@ -339,8 +391,7 @@ def run_gpu_throughput(args: argparse.Namespace) -> dict[str, Any]:
         msg = "skipped: CUDA is not available (GPU throughput mode needs a GPU)"
         print(msg)
         return {"benchmark": "gpu_throughput", "skipped": msg}
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from benchmarks.bench_gpu import FlopCount  # FlopCounterMode's module hooks fail in the model's no_grad parts
     from ovseg_core import create_model
     from ovseg_core.train.config import TrainConfig
     from ovseg_core.train.optim import build_optimizer
@@ -368,9 +419,9 @@ def run_gpu_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(3):
         step()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCount() as counter:
         step()
-    flops = counter.get_total_flops()
+    flops = counter.flops
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.gpu_iters):
@@ -398,7 +449,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="split that picks the checkpoint and the evaluator settings (train.txt of the eval folder)")
     p.add_argument("--fresh-eval-seed", type=int, default=None,
                    help="also render a second eval set (same classes and size) with this seed and score it the same way")
-    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for training (both stages)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="wall-clock budget for training (both stages); ignored with --steps")
+    p.add_argument("--steps", type=int, help="fixed stage-1 step budget (comparable under a shared CPU)")
+    p.add_argument("--steps2", type=int, help="fixed stage-2 step budget (0/absent: no stage 2 with --steps)")
+    p.add_argument("--lean", action="store_true",
+                   help="skip the supplementary evaluations (untrained with its own settings, paper protocol)")
+    p.add_argument("--model-override", action="append", metavar="KEY=VALUE",
+                   help="change a model setting of the recipe, e.g. mec_weight=0 (ablation rows)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "learning.json"))
     p.add_argument("--work-dir", help="where the runs go (default: a fresh temp folder)")
     p.add_argument("--preset", default="tiny")

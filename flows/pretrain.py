@@ -4,6 +4,8 @@ devices == 1 and nodes == 1: in-process (CPU, or one GPU). More: `torchrun --nno
 -m flows.train_entry --config <out_dir>/train_config.json` as a subprocess (ovseg_core.train has no module entry
 point of its own); the flow waits and fails on a non-zero exit.
 For nodes > 1 run the same deployment once per node with `node_rank` and a shared `master_addr`/`master_port`.
+Progress: a Prefect progress artifact (key "pretrain-progress") follows the run: in-process through train()'s
+`progress` callback, under torchrun by polling the progress.json that rank 0 rewrites every log_every steps.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from manifests.registry import ModelRegistry, default_registry_dir
 
@@ -42,12 +45,47 @@ def summarize_training(result: dict[str, Any]) -> dict[str, Any]:
             "stopped_by_time_limit": result.get("stopped_by_time_limit", False)}
 
 
+def progress_text(p: dict[str, Any]) -> str:
+    eta = round(p["eta_s"])
+    return (f"step {p['step']}/{p['total_steps']}, loss {p['loss']:.4f}, {p['samples_per_s']:.1f} samples/s, "
+            f"ETA {eta // 3600:d}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
+class ProgressArtifact:
+    """One Prefect progress artifact per training run, updated from Progress records (dicts or objects)."""
+
+    def __init__(self, description: str) -> None:
+        self.artifact_id = create_progress_artifact(progress=0.0, key="pretrain-progress", description=description)
+        self.last: dict[str, Any] | None = None
+
+    def __call__(self, progress: Any) -> None:
+        p = progress if isinstance(progress, dict) else {
+            k: getattr(progress, k) for k in ("step", "total_steps", "loss", "samples_per_s", "eta_s")}
+        self.last = p
+        update_progress_artifact(self.artifact_id, progress=100.0 * p["step"] / max(1, p["total_steps"]),
+                                 description=progress_text(p))
+        get_run_logger().info("pretrain %s", progress_text(p))
+
+
+def follow_progress_file(path: Path, report: ProgressArtifact, last_step: int | None) -> int | None:
+    """Report progress.json if it moved on since `last_step`; returns the step reported."""
+    try:
+        p = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-rename
+        return last_step
+    if p.get("step") != last_step:
+        report(p)
+        return p.get("step")
+    return last_step
+
+
 @task(name="train-in-process", cache_policy=None)
 def train_in_process(train_config: dict[str, Any]) -> dict[str, Any]:
     from ovseg_core.train.config import TrainConfig
     from ovseg_core.train.loop import train
 
-    return summarize_training(train(TrainConfig.from_dict(train_config)).to_dict())
+    report = ProgressArtifact(f"pretrain {train_config.get('preset')} stage {train_config.get('stage')}")
+    return summarize_training(train(TrainConfig.from_dict(train_config), progress=report).to_dict())
 
 
 def torchrun_command(config_path: Path, devices: int, nodes: int, node_rank: int, master_addr: str,
@@ -59,17 +97,24 @@ def torchrun_command(config_path: Path, devices: int, nodes: int, node_rank: int
 
 @task(name="train-torchrun", cache_policy=None)
 def train_torchrun(train_config: dict[str, Any], devices: int, nodes: int, node_rank: int, master_addr: str,
-                   master_port: int) -> dict[str, Any]:
+                   master_port: int, poll_s: float = 5.0) -> dict[str, Any]:
     out_dir = Path(train_config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "train_config.json"
     config_path.write_text(json.dumps(train_config, indent=2, sort_keys=True))
     cmd = torchrun_command(config_path, devices, nodes, node_rank, master_addr, master_port)
     get_run_logger().info("launching %s", " ".join(cmd))
+    report = ProgressArtifact(f"pretrain {train_config.get('preset')} stage {train_config.get('stage')} (torchrun)")
+    progress_file, last_step = out_dir / "progress.json", None
+    progress_file.unlink(missing_ok=True)  # a previous run's file must not be reported as this one's
     with open(out_dir / "torchrun.log", "ab") as log:
-        completed = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {completed.returncode}; see {out_dir / 'torchrun.log'}")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            last_step = follow_progress_file(progress_file, report, last_step)
+    follow_progress_file(progress_file, report, last_step)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {proc.returncode}; see {out_dir / 'torchrun.log'}")
     if node_rank != 0:  # only the first node's rank 0 writes result.json and the checkpoints
         return {"checkpoint": None, "metrics": {}}
     return summarize_training(json.loads((out_dir / "result.json").read_text()))

@@ -34,7 +34,8 @@ class OVSegConfig:
         num_group_tokens: learnable group tokens concatenated to the patches in stage 1 (paper: 64).
         num_groups: output groups of the grouping block (paper: 8).
         drop_path_rate: stochastic depth, linearly increasing over all image blocks.
-        patch_norm: LayerNorm after the patch embedding (GroupViT does this).
+        patch_norm: LayerNorm after the patch embedding. OVSegmentor sets it false (`vit_s`, `vit_b`): it starts from
+            DINO, whose blocks never saw normed patch tokens, and an init file has no weights for that norm.
         gumbel_tau: Gumbel-softmax temperature of the hard assignment in training.
         assign_eps: added to the per-group sum over patches when normalising the assignment (GroupViT: 1).
         eval_hard_pooling: in eval mode, pool patches into groups with the deterministic arg-max assignment
@@ -51,7 +52,9 @@ class OVSegConfig:
         text_max_length: max tokens per text for `encode_text_strings` (the data pipeline pads to its own length).
         mec_heads: heads of the masked-entity-completion head's attention layers (paper: 8).
         mec_weight: weight of the MEC loss in both stages.
-        mask_weight: weight of the cross-image mask consistency loss in stage 2 (paper: 0.1).
+        mask_weight: weight of the cross-image mask consistency loss in stage 2, on the MEAN Dice over rows. The
+            release writes 0.1 but sums the Dice over its 128 rows per GPU and divides by G = 8, an effective 1.6 on
+            the mean; 1.6 keeps that strength while making it independent of the per-GPU batch.
         group_ratio: fraction of the groups of x, least related to the shared entity, whose mask gets detached.
         cross_threshold: target mask = sigmoid(M2) >= cross_threshold * max.
         contrast_temperature: initial temperature; the learnable logit scale starts at 1/temperature.
@@ -87,7 +90,7 @@ class OVSegConfig:
     text_max_length: int = 77
     mec_heads: int = 8
     mec_weight: float = 1.0
-    mask_weight: float = 0.1
+    mask_weight: float = 1.6
     group_ratio: float = 0.5
     cross_threshold: float = 0.6
     contrast_temperature: float = 0.07

@@ -4,6 +4,7 @@ Small pure functions (no model state) so each can be tested on hand-made tensors
 - `gather_with_grad`: all_gather across ranks, keeping the gradient of the local slice (identity when
   torch.distributed is not initialised).
 - `contrastive_loss`: symmetric InfoNCE against gathered negatives, with optional per-row validity.
+- `global_row_mean`: the reduction every loss uses: the mean over the valid rows of ALL ranks (see below).
 - `hungarian_match`, `min_max_normalize`, `binarize_target`, `dice_loss`, `mask_consistency_loss`: the stage-2
   cross-image mask loss.
 """
@@ -40,13 +41,35 @@ def _rank() -> int:
     return dist.get_rank() if _dist_ready() else 0
 
 
+def global_row_mean(row_losses: torch.Tensor) -> torch.Tensor:
+    """Mean of per-row losses over the rows of ALL ranks; every rank must call it (one small all_reduce).
+
+    A per-rank mean over each rank's own valid rows is not the global mean when ranks hold different numbers of
+    valid rows (rows without an entity or without a partner drop out), and DDP averages the ranks' gradients with
+    equal weights. So each rank returns W * (its row sum) / (valid rows on all ranks) for the gradient, which DDP's
+    1/W average turns into the gradient of the global mean, and the global mean itself as the value (the same on
+    every rank, so logs agree). Single process: the plain mean. No row anywhere: 0, still on the graph.
+
+    Args:
+        row_losses: (n,) losses of this rank's valid rows (n may be 0, and may differ between ranks).
+    """
+    local_sum = row_losses.sum()
+    if not _dist_ready():
+        return local_sum / row_losses.numel() if row_losses.numel() else 0.0 * local_sum
+    stats = torch.stack([local_sum.detach().float(), torch.tensor(float(row_losses.numel()), device=local_sum.device)])
+    dist.all_reduce(stats)
+    count = stats[1].clamp(min=1.0)
+    scaled = local_sum * (dist.get_world_size() / count)
+    return scaled + (stats[0] / count - scaled).detach().to(scaled.dtype)
+
+
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised a (B, D) and b (B, D); row i of a matches row i of b.
 
     Negatives are gathered from all ranks. Rows with valid=False are neither anchors nor negatives (masked with
-    -inf), so the loss is the mean over valid local rows; with no valid row it is 0 (still attached to the graph
-    so every rank runs the same backward).
+    -inf). The loss is the mean over the valid rows of all ranks (`global_row_mean`); with no valid row anywhere it
+    is 0 (still attached to the graph so every rank runs the same backward).
 
     Args:
         a: (B, D) normalised embeddings (e.g. images).
@@ -62,17 +85,21 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     logits_a = logit_scale * a @ all_b.t()
     logits_b = logit_scale * b @ all_a.t()
     if valid is None:
-        return 0.5 * (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels))
+        rows = 0.5 * (F.cross_entropy(logits_a, labels, reduction="none")
+                      + F.cross_entropy(logits_b, labels, reduction="none"))
+        return global_row_mean(rows)
     valid = valid.to(device=a.device, dtype=torch.bool)
     all_valid = gather_with_grad(valid.to(torch.uint8)).bool()  # uint8: bool collectives are backend-dependent
     neg_inf = torch.finfo(logits_a.dtype).min
     logits_a = logits_a.masked_fill(~all_valid[None, :], neg_inf)
     logits_b = logits_b.masked_fill(~all_valid[None, :], neg_inf)
     if not bool(valid.any()):
-        return 0.0 * (logits_a.sum() + logits_b.sum()).clamp(-1.0, 1.0).nan_to_num(0.0)
-    loss_a = F.cross_entropy(logits_a[valid], labels[valid])
-    loss_b = F.cross_entropy(logits_b[valid], labels[valid])
-    return 0.5 * (loss_a + loss_b)
+        # keeps every parameter on the graph; global_row_mean still joins the other ranks' all_reduce
+        anchor = 0.0 * (logits_a.sum() + logits_b.sum()).clamp(-1.0, 1.0).nan_to_num(0.0)
+        return global_row_mean(anchor.reshape(1)[:0]) + anchor
+    rows = 0.5 * (F.cross_entropy(logits_a[valid], labels[valid], reduction="none")
+                  + F.cross_entropy(logits_b[valid], labels[valid], reduction="none"))
+    return global_row_mean(rows)
 
 
 def soft_target_nll(log_probs: torch.Tensor, targets: torch.Tensor,
@@ -80,8 +107,8 @@ def soft_target_nll(log_probs: torch.Tensor, targets: torch.Tensor,
     """Negative log-likelihood of (B, K) log-probabilities against multi-hot (B, K) targets spread evenly over each
     row's positives: mean over rows of -sum_k (t_k / sum t) log p_k.
 
-    Rows without a positive (or with valid=False) are left out; with no row left the loss is 0, still attached to
-    the graph so every rank runs the same backward.
+    Rows without a positive (or with valid=False) are left out; the mean runs over the rows left on all ranks
+    (`global_row_mean`); with no row left the loss is 0, still attached to the graph.
     """
     if log_probs.shape != targets.shape or log_probs.dim() != 2:
         raise ValueError(f"expected (B, K) scores and targets of one shape, got {log_probs.shape} and {targets.shape}")
@@ -91,9 +118,10 @@ def soft_target_nll(log_probs: torch.Tensor, targets: torch.Tensor,
     if valid is not None:
         keep = keep & valid.to(device=log_probs.device, dtype=torch.bool)
     if not bool(keep.any()):
-        return 0.0 * log_probs.sum()
+        anchor = 0.0 * log_probs.sum()
+        return global_row_mean(anchor.reshape(1)[:0]) + anchor
     weights = targets[keep] / positives[keep, None]
-    return -(weights * log_probs[keep]).sum(dim=-1).mean()
+    return global_row_mean(-(weights * log_probs[keep]).sum(dim=-1))
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
@@ -145,8 +173,9 @@ def binarize_target(logits: torch.Tensor, threshold: float) -> torch.Tensor:
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Per-row Dice loss over all G masks of a row: 1 - (2|P.T| + smooth) / (|P| + |T| + smooth) -> (B,).
 
-    As in OVSegmentor, the G masks of a row are flattened together (one Dice per image pair); the caller averages
-    over rows (the release summed over the batch and divided by G, which scaled the loss with the batch size).
+    As in OVSegmentor, the G masks of a row are flattened together (one Dice per image pair). The caller averages
+    over rows; the release summed over the per-GPU batch and divided by G, which made the effective weight grow with
+    the per-GPU batch: OVSegConfig.mask_weight = 1.6 is the release's 0.1 x 128 / 8 at its stage-2 recipe.
     """
     p, t = pred.flatten(1), target.flatten(1)
     return 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
@@ -163,16 +192,18 @@ def mask_consistency_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor
         valid: optional (B,) bool; rows with False do not contribute.
 
     Returns:
-        scalar: mean Dice over valid rows (0, attached to the graph, when none is valid).
+        scalar: mean Dice over the valid rows of all ranks (`global_row_mean`; 0, attached to the graph, when no
+        row is valid).
     """
     if valid is not None:
         valid = valid.to(device=pred_logits.device, dtype=torch.bool)
         if not bool(valid.any()):
-            return 0.0 * pred_logits.sum().clamp(-1.0, 1.0).nan_to_num(0.0)
+            anchor = 0.0 * pred_logits.sum().clamp(-1.0, 1.0).nan_to_num(0.0)
+            return global_row_mean(anchor.reshape(1)[:0]) + anchor
         pred_logits, target_logits = pred_logits[valid], target_logits[valid]
     target_logits = target_logits.detach()
     idx_p, idx_t = hungarian_match(pred_logits, target_logits)
     rows = torch.arange(pred_logits.shape[0], device=pred_logits.device)[:, None]
     pred = min_max_normalize(pred_logits[rows, idx_p])
     target = binarize_target(target_logits[rows, idx_t], threshold)
-    return dice_loss(pred, target).mean()
+    return global_row_mean(dice_loss(pred, target))

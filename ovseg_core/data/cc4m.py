@@ -6,6 +6,10 @@ Layout used (see curation/layout.py, which ovseg_core may not import, hence the 
     index/locator.parquet    sample_id -> shard, offset, size of the .jpg member data (O(1) partner fetch)
     index/partners.parquet   sample_id, rank, partner_id, shared_class (fallback when a shard json lacks "partners")
     manifest.json            optional; its sha256 is recorded in checkpoints
+
+Shards may live elsewhere (`shard_base_url`): an http(s) server, or any fsspec URL (s3://, gs://, memory://, ...),
+as webdataset reads them. The small tables (meta, index, manifest) stay in the local build folder. Streaming reads a
+shard as one request; the locator's partner fetches become HTTP range requests (fsspec `cat_file` ranges).
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import webdataset as wds
 from PIL import Image
 
 SHARD_GLOB = "cc4m-*.tar"
@@ -49,6 +55,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+HTTP_SCHEMES = ("http://", "https://")
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def open_shard(url: str, timeout: float = 60.0) -> Any:
+    """A readable binary stream of a whole shard: local path, http(s) (one streamed GET) or an fsspec URL."""
+    if str(url).startswith(HTTP_SCHEMES):
+        return urllib.request.urlopen(url, timeout=timeout)
+    if is_url(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(str(url).removeprefix("file://"), "rb")
+
+
+def read_range(url: str, offset: int, size: int, timeout: float = 60.0) -> bytes:
+    """`size` bytes at `offset` of a remote shard (an HTTP Range request, or fsspec's ranged cat_file)."""
+    if str(url).startswith(HTTP_SCHEMES):
+        req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = r.read()
+        if r.status == 200 and len(data) > size:  # a server that ignores Range sends the whole object
+            data = data[offset:offset + size]
+        return data
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.cat_file(path, start=offset, end=offset + size)
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """webdataset samples (dicts of members by extension, plus __key__ and __url__) of one shard at `url`."""
+    stream = open_shard(url)
+    try:
+        yield from wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"url": str(url), "stream": stream}]))
+    finally:
+        stream.close()
+
+
 def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
@@ -67,18 +116,30 @@ class BuildReader:
     Open file handles are kept per process (re-opened after fork) so partner fetches are one seek + read.
     """
 
-    def __init__(self, build_dir: str | os.PathLike) -> None:
+    def __init__(self, build_dir: str | os.PathLike, shard_base_url: str | None = None) -> None:
         self.root = Path(build_dir)
         if not self.root.is_dir():
             raise FileNotFoundError(f"build folder {self.root} does not exist")
+        self.shard_base_url = shard_base_url.rstrip("/") + "/" if shard_base_url else None
         self.shards_dir = self.root / "shards"
         self.meta_dir = self.root / "meta"
         self.locator_path = self.root / "index" / "locator.parquet"
         self.partners_path = self.root / "index" / "partners.parquet"
         self.manifest_path = self.root / "manifest.json"
         self.shard_paths: list[Path] = sorted(self.shards_dir.glob(SHARD_GLOB))
-        if not self.shard_paths:
-            raise FileNotFoundError(f"no shards matching {SHARD_GLOB} in {self.shards_dir}")
+        if self.shard_base_url is not None:
+            manifest = self.manifest() or {}
+            names = sorted(sh["name"] for sh in manifest.get("shards") or [])
+            if not names and self.locator_path.exists():  # builds whose manifest has no shard list
+                names = sorted(set(pq.read_table(self.locator_path, columns=["shard"])["shard"].to_pylist()))
+            if not names:
+                raise FileNotFoundError(f"neither {self.manifest_path} nor the locator lists shards to read from "
+                                        f"{self.shard_base_url}")
+            self.shard_urls: list[str] = [self.shard_base_url + n for n in names]
+        else:
+            if not self.shard_paths:
+                raise FileNotFoundError(f"no shards matching {SHARD_GLOB} in {self.shards_dir}")
+            self.shard_urls = [str(p) for p in self.shard_paths]
         self._handles: dict[str, Any] = {}
         self._handles_pid = os.getpid()
 
@@ -175,8 +236,13 @@ class BuildReader:
         return f
 
     def read_jpeg(self, sample_id: int) -> bytes:
-        """The JPEG bytes of a sample, by id, via the locator: one seek + one read."""
+        """The JPEG bytes of a sample, by id, via the locator: one seek + one read (a range request when remote)."""
         loc = self.locate(int(sample_id))
+        if self.shard_base_url is not None:
+            data = read_range(self.shard_base_url + loc.shard, loc.offset, loc.size)
+            if len(data) != loc.size:
+                raise OSError(f"short read for sample {sample_id} in {loc.shard}: {len(data)} of {loc.size} bytes")
+            return data
         f = self._handle(loc.shard)
         f.seek(loc.offset)
         data = f.read(loc.size)

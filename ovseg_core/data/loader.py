@@ -1,9 +1,19 @@
 """Training stream and validation set over a CC4M build, and the collate that makes the contract's batch dict.
 
 Train stream (IterableDataset, infinite unless `epochs` is given):
-  shard list, shuffled per epoch with a seed shared by all ranks -> split over (rank, worker) "slots" -> raw tar
-  samples (webdataset.tarfile_samples) -> drop the validation samples -> skip already-consumed samples on resume ->
-  shuffle buffer -> decode + augment + text inputs (+ partner by sample id, stage 2) -> DataLoader collate.
+  shard list, shuffled per epoch with a seed shared by all ranks -> split over (rank, worker) "slots" -> each slot
+  shuffles its own shards again per (epoch, slot) and reads `shards_in_flight` of them at once, taking each next
+  sample from a random open shard -> raw tar samples (webdataset.tarfile_samples) -> drop the validation samples ->
+  shuffle buffer -> skip already-consumed samples on resume -> decode + augment + text inputs (+ partner, stage 2)
+  -> DataLoader collate.
+Mixing: shards hold consecutive source rows, so a batch drawn from one shard through a small buffer is a few hundred
+neighbouring rows. Interleaving k shards and a buffer of B samples makes a batch span k shards, and B should hold
+several shards' worth of that (default 4 shards in flight, 4,096 raw samples in the buffer: ~150 MB of JPEG bytes
+per worker at CC12M sizes). `benchmarks/bench_loader.py` measures the mixing before and after.
+Partners (stage 2): `partner_source="buffer"` pairs each sample with a sample that shares an entity class from the
+shuffle buffer itself (no extra read); only when none is there does it fall back to the locator (one random read
+of a partner from the build's partner list). Counters `partner_from_buffer` / `partner_from_locator` give the
+fallback rate. `partner_source="locator"` always uses the locator (the released code's design).
 Splitting: with at least as many shards as slots, slot k reads shards k, k+S, ... (what webdataset's split_by_node then
 split_by_worker do); with fewer shards (small builds) every slot reads all shards and keeps every S-th sample, so
 no rank ever starves (an empty rank would dead-lock DDP). Either way the slots are disjoint and cover the data.
@@ -23,10 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ovseg_core.data.cc4m import BuildReader, decode_image, is_val_sample
+from ovseg_core.data.cc4m import BuildReader, decode_image, is_val_sample, shard_samples
 from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
 
 TEXT_KEYS = ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask")
@@ -114,7 +123,8 @@ class SampleProcessor:
     partner_transform: Callable | None = None
     val_percent: float = 0.0
     entity_classes: tuple[str, ...] = ()  # non-empty: add "entity_targets", a multi-hot over these classes
-    counters: dict[str, int] = field(default_factory=lambda: {"no_partner": 0, "self_partner_dropped": 0})
+    counters: dict[str, int] = field(default_factory=lambda: {"no_partner": 0, "self_partner_dropped": 0,
+                                                              "partner_from_buffer": 0, "partner_from_locator": 0})
 
     def entity_targets(self, entities: Sequence[str] | None) -> torch.Tensor:
         index = {c: i for i, c in enumerate(self.entity_classes)}
@@ -141,7 +151,10 @@ class SampleProcessor:
             out.append((pid, cls))
         return out
 
-    def __call__(self, jpeg: bytes, info: dict[str, Any], seed: int) -> dict[str, Any]:
+    def __call__(self, jpeg: bytes, info: dict[str, Any], seed: int,
+                 partner: tuple[int, str, bytes] | None = None) -> dict[str, Any]:
+        """One sample -> tensors. `partner` = (partner_id, shared_class, partner jpeg bytes) found by the stream in
+        its shuffle buffer; without it, stage 2 fetches a partner from the build's partner list via the locator."""
         sample_id = int(info["sample_id"])
         rng = random.Random(seed)
         text = build_mec_inputs(
@@ -154,12 +167,18 @@ class SampleProcessor:
         if self.entity_classes:
             out["entity_targets"] = self.entity_targets(info.get("entities"))
         if self.stage == 2:
-            candidates = self.partner_candidates(sample_id, info)
-            if candidates:
-                partner_id, shared_class = rng.choice(candidates)
+            candidates = [] if partner is not None else self.partner_candidates(sample_id, info)
+            if partner is not None or candidates:
+                if partner is not None:
+                    partner_id, shared_class, partner_jpeg = partner
+                    self.counters["partner_from_buffer"] += 1
+                else:
+                    partner_id, shared_class = rng.choice(candidates)
+                    partner_jpeg = self.reader.read_jpeg(partner_id)
+                    self.counters["partner_from_locator"] += 1
                 with seeded_rng(seed ^ 0x5EED):
                     transform = self.partner_transform or self.image_transform
-                    out["partner_image"] = transform(self.reader.read_image(partner_id))
+                    out["partner_image"] = transform(decode_image(partner_jpeg))
                 out["partner_valid"] = True
                 out["partner_id"] = partner_id
             else:
@@ -186,19 +205,50 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    if size <= 1:
-        yield from items
-        return
-    buf: list[Any] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
+class PartnerBuffer:
+    """Shuffle buffer that can also hand out, for the sample it emits, another buffered sample sharing a class.
+
+    Items are (sample_id, classes, payload). Per class a list of buffered ids with lazy deletion (ids that left the
+    buffer are dropped when met), so adding, emitting and finding a partner are O(1) amortised. Emission is a uniform
+    random pick once the buffer is full (webdataset's shuffle), then random picks while it drains.
+    """
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng = max(1, size), rng
+        self.items: list[tuple[int, tuple[str, ...], Any]] = []
+        self.alive: dict[int, Any] = {}  # sample id -> payload, for items in the buffer
+        self.by_class: dict[str, list[int]] = {}
+
+    def add(self, sample_id: int, classes: Sequence[str], payload: Any) -> None:
+        self.items.append((sample_id, tuple(classes), payload))
+        self.alive[sample_id] = payload
+        for c in classes:
+            self.by_class.setdefault(c, []).append(sample_id)
+
+    def full(self) -> bool:
+        return len(self.items) >= self.size
+
+    def pop(self) -> tuple[int, tuple[str, ...], Any]:
+        i = self.rng.randrange(len(self.items))
+        self.items[i], self.items[-1] = self.items[-1], self.items[i]
+        item = self.items.pop()
+        self.alive.pop(item[0], None)
+        return item
+
+    def partner(self, sample_id: int, classes: Sequence[str], rng: random.Random) -> tuple[int, str, Any] | None:
+        """A buffered sample (not `sample_id`) sharing one of `classes`: (partner_id, shared_class, payload)."""
+        order = list(classes)
+        rng.shuffle(order)
+        for c in order:
+            ids = self.by_class.get(c)
+            while ids:
+                j = rng.randrange(len(ids))
+                pid = ids[j]
+                if pid in self.alive and pid != sample_id:
+                    return pid, c, self.alive[pid]
+                ids[j] = ids[-1]  # left the buffer (or is the emitted sample itself): drop it, swap-pop
+                ids.pop()
+        return None
 
 
 class CC4MTrainStream(IterableDataset):
@@ -213,29 +263,59 @@ class CC4MTrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         val_percent: float = 0.0,
-        shuffle_buffer: int = 256,
+        shuffle_buffer: int = 4096,
+        shards_in_flight: int = 16,
+        partner_source: str = "buffer",
         epochs: int | None = None,
         batch_size: int = 1,
         skip_batches: int = 0,
         repeat_factors: dict[int, float] | None = None,
     ) -> None:
+        if partner_source not in ("buffer", "locator"):
+            raise ValueError(f"partner_source must be 'buffer' or 'locator', got {partner_source!r}")
+        if shards_in_flight < 1:
+            raise ValueError(f"shards_in_flight must be >= 1, got {shards_in_flight}")
         self.reader, self.processor = reader, processor
         self.repeat_factors = repeat_factors
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.val_percent, self.shuffle_buffer, self.epochs = val_percent, shuffle_buffer, epochs
+        self.shards_in_flight, self.partner_source = shards_in_flight, partner_source
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.counters = {"read": 0, "val_excluded": 0, "skipped_for_resume": 0, "malformed": 0, "repeated": 0}
 
-    def _raw_samples(self, epoch: int, slot: int, num_slots: int) -> Iterator[dict[str, Any]]:
-        shards = list(self.reader.shard_paths)
+    def slot_shards(self, epoch: int, slot: int, num_slots: int) -> tuple[list[str], int | None]:
+        """This slot's shards in this epoch's reading order, and (few shards) the sample stride it keeps.
+
+        The global order is shuffled per epoch with a seed shared by all ranks (disjoint slots that cover the data);
+        each slot then reshuffles its own list per (epoch, slot), so ranks do not walk the data in step.
+        """
+        shards = list(self.reader.shard_urls)
         random.Random(f"{self.seed}/shards/{epoch}").shuffle(shards)  # same order on every rank and worker
         if len(shards) >= num_slots:
             mine, keep_every = shards[slot::num_slots], None
         else:
             mine, keep_every = shards, num_slots
-        stream = wds.tarfile_samples([{"url": str(p)} for p in mine])
+        random.Random(f"{self.seed}/shards/{epoch}/{slot}").shuffle(mine)
+        return mine, keep_every
+
+    def _interleaved(self, urls: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Raw samples of `urls`, `shards_in_flight` shards open at once, each next sample from a random one."""
+        pending = list(urls)
+        open_streams: list[Iterator[dict[str, Any]]] = []
+        while pending or open_streams:
+            while pending and len(open_streams) < self.shards_in_flight:
+                open_streams.append(shard_samples(pending.pop(0)))
+            k = rng.randrange(len(open_streams))
+            try:
+                yield next(open_streams[k])
+            except StopIteration:
+                open_streams.pop(k)
+
+    def _raw_samples(self, epoch: int, slot: int, num_slots: int) -> Iterator[dict[str, Any]]:
+        mine, keep_every = self.slot_shards(epoch, slot, num_slots)
+        stream = self._interleaved(mine, random.Random(f"{self.seed}/interleave/{epoch}/{slot}"))
         for i, raw in enumerate(stream):
-            if keep_every is not None and i % keep_every != slot:
+            if keep_every is not None and int(raw["__key__"]) % keep_every != slot:
                 continue
             self.counters["read"] += 1
             if not all(k in raw for k in ("jpg", "json")):
@@ -253,6 +333,38 @@ class CC4MTrainStream(IterableDataset):
             for rep in range(copies):
                 yield {**raw, "__repeat__": rep}
 
+    @staticmethod
+    def _meta(raw: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(raw["json"])
+        if "caption" not in meta:
+            meta["caption"] = raw["txt"].decode("utf-8") if "txt" in raw else ""
+        meta["sample_id"] = int(meta.get("sample_id", int(raw["__key__"])))
+        return meta
+
+    def _buffered(self, epoch: int, slot: int, num_slots: int) -> Iterator[tuple[dict[str, Any], dict[str, Any],
+                                                                                 tuple[int, str, bytes] | None]]:
+        """(raw, meta, partner or None) in shuffle-buffer order; partners come from the buffer (stage 2)."""
+        buf = PartnerBuffer(self.shuffle_buffer, random.Random(f"{self.seed}/buffer/{epoch}/{slot}"))
+        want_partner = self.processor.stage == 2 and self.partner_source == "buffer"
+
+        def emit(item: tuple[int, tuple[str, ...], Any]):
+            sid, classes, (raw, meta) = item
+            partner = None
+            if want_partner:
+                rng = random.Random(sample_seed(self.seed, epoch, sid, raw.get("__repeat__", 0)) ^ 0xB0FF)
+                found = buf.partner(sid, classes, rng)
+                if found is not None and not is_val_sample(found[0], self.processor.val_percent):
+                    partner = (found[0], found[1], found[2][0]["jpg"])
+            return raw, meta, partner
+
+        for raw in self._raw_samples(epoch, slot, num_slots):
+            meta = self._meta(raw)
+            buf.add(meta["sample_id"], meta.get("entities") or (), (raw, meta))
+            if buf.full():
+                yield emit(buf.pop())
+        while buf.items:
+            yield emit(buf.pop())
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -263,18 +375,14 @@ class CC4MTrainStream(IterableDataset):
         to_skip = my_batches * self.batch_size
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            rng = random.Random(f"{self.seed}/buffer/{epoch}/{slot}")
-            for raw in _shuffle_buffer(self._raw_samples(epoch, slot, num_slots), self.shuffle_buffer, rng):
+            for raw, meta, partner in self._buffered(epoch, slot, num_slots):
                 if to_skip > 0:
                     to_skip -= 1
                     self.counters["skipped_for_resume"] += 1
                     continue
-                meta = json.loads(raw["json"])
-                if "caption" not in meta:
-                    meta["caption"] = raw["txt"].decode("utf-8") if "txt" in raw else ""
-                sid = int(meta.get("sample_id", int(raw["__key__"])))
-                meta["sample_id"] = sid
-                yield self.processor(raw["jpg"], meta, sample_seed(self.seed, epoch, sid, raw.get("__repeat__", 0)))
+                sid = meta["sample_id"]
+                yield self.processor(raw["jpg"], meta, sample_seed(self.seed, epoch, sid, raw.get("__repeat__", 0)),
+                                     partner=partner)
             epoch += 1
 
 

@@ -36,18 +36,31 @@ def straight_through_one_hot(y_soft: torch.Tensor, dim: int) -> torch.Tensor:
     return y_hard - y_soft.detach() + y_soft
 
 
+def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(U)), always drawn and returned in float32.
+
+    U is clamped away from 0 and 1: torch's F.gumbel_softmax draws from exponential_(), which can return 0 and
+    produce inf noise (pytorch/pytorch#41663, the reason GroupViT re-implemented it). float32 even under bf16
+    autocast: in bf16, U's 8-bit mantissa cuts the tail at about 5.5 and makes many draws equal, and equal
+    scores then send the arg-max to the lowest group index.
+    """
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return -torch.log(-torch.log(u.clamp(torch.finfo(torch.float32).tiny, 1.0 - 1e-7)))
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = True, dim: int = -1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Gumbel-softmax sample; `hard=True` gives a one-hot forward with straight-through gradients.
 
-    Noise is -log(-log(U)) with U clamped away from 0 and 1: torch's F.gumbel_softmax draws from exponential_(),
-    which can return 0 and produce inf noise (pytorch/pytorch#41663, the reason GroupViT re-implemented it).
+    Noise, softmax and arg-max run in float32 whatever the logits' dtype (autocast off inside); the result is cast
+    back to the logits' dtype.
     """
-    eps = torch.finfo(logits.dtype).tiny
-    u = torch.rand(logits.shape, device=logits.device, dtype=logits.dtype, generator=generator)
-    gumbels = -torch.log(-torch.log(u.clamp(eps, 1.0 - 1e-7)))
-    y_soft = ((logits + gumbels) / tau).softmax(dim)
-    return straight_through_one_hot(y_soft, dim) if hard else y_soft
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        noisy = logits.float() + gumbel_noise(logits.shape, logits.device, generator)
+        y_soft = (noisy / tau).softmax(dim)
+        y = straight_through_one_hot(y_soft, dim) if hard else y_soft
+    return y.to(logits.dtype)
 
 
 @dataclass

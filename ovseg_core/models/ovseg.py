@@ -8,10 +8,16 @@ Deviations from the released code (Jazzcharles/OVSegmentor), all deliberate fixe
 - MEC head: padded question words are masked as keys of the word self-attention (the release ignored the mask).
   The cross-attention keys are the G groups, which have no padding.
 - Contrastive rows whose caption has no entity (has_entity=False) are excluded from the MEC loss.
-- Mask loss: averaged over valid rows (the release summed over the batch and divided by G); rows without a
-  partner (partner_valid=False) are excluded; the EMA teacher runs in eval mode (no drop-path noise in targets)
+- Mask loss: averaged over the valid rows of all ranks (the release summed over each GPU's batch and divided by G,
+  so cfg.mask_weight = 1.6 reproduces its effective weight at 128 rows per GPU); rows without a partner
+  (partner_valid=False) are excluded; the EMA teacher runs in eval mode (no drop-path noise in targets)
   and only up to the grouping block, which is all the loss reads.
 - M1 and M2 are both scaled by 1/sqrt(C) (as the release's project_and_mask does for both).
+- Least related groups (stage 2): ranked by the cosine between each group's projected embedding (image projector
+  with its running BatchNorm statistics, as at inference) and the frozen text embedding of "a photo of a
+  {entity}."; the release ranks them with another computation (found by the issue-11 parity check). Only which
+  groups get detached depends on it.
+- Gumbel noise, its softmax and arg-max run in float32 even under bf16 autocast (ovseg_core/layers/grouping.py).
 
 One addition, off in every preset (cfg.entity_weight = 0 is the paper's objective): the entity-prompt loss
 (`entity_loss`) classifies the image embedding, and per class its best-matching group, among the prompts
@@ -350,7 +356,7 @@ def tiny() -> OVSegConfig:
 def vit_s() -> OVSegConfig:
     """ViT-S/16 GroupViT (384, 6+6 blocks, 6 heads, 224 px, 64 -> 8 groups) with the bundled MiniLM-L6 text."""
     return OVSegConfig(name="vit_s", image_size=224, patch_size=16, embed_dim=384, depths=(6, 6), num_heads=6,
-                       num_group_tokens=64, num_groups=8, drop_path_rate=0.1, embed_dim_out=256,
+                       num_group_tokens=64, num_groups=8, drop_path_rate=0.1, patch_norm=False, embed_dim_out=256,
                        proj_hidden_dim=4096, text_model=MINILM_TEXT_MODEL)
 
 
@@ -358,8 +364,11 @@ def vit_s() -> OVSegConfig:
 def vit_b() -> OVSegConfig:
     """The paper's model: ViT-B/16 GroupViT (768, 6+6 blocks, 8 heads as in its config) + bert-base-uncased.
 
+    patch_norm=False as in OVSegmentor's config: it initialises from DINO ViT-B/16 (`visual_init`), which has no
+    norm after the patch embedding. vit_s likewise (DINO ViT-S/16).
+
     bert-base-uncased is never downloaded: pass text_model=<local folder> (or have it in the local HF cache).
     """
     return OVSegConfig(name="vit_b", image_size=224, patch_size=16, embed_dim=768, depths=(6, 6), num_heads=8,
-                       num_group_tokens=64, num_groups=8, drop_path_rate=0.1, embed_dim_out=256,
+                       num_group_tokens=64, num_groups=8, drop_path_rate=0.1, patch_norm=False, embed_dim_out=256,
                        proj_hidden_dim=4096, text_model="bert-base-uncased")

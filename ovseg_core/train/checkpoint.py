@@ -128,7 +128,9 @@ def load_model_from_checkpoint(
 ) -> nn.Module:
     """Rebuild the OVSegmentor recorded in a checkpoint (its full model config) and load its weights (eval mode).
 
-    `factory(name, **config)` defaults to ovseg_core.create_model (tests pass stand-ins).
+    `factory(name, **config)` defaults to ovseg_core.create_model (tests pass stand-ins). The recorded
+    `visual_init` is not rerun: the checkpoint holds the trained weights, and the init file need not exist on the
+    machine that loads it (the train config in the checkpoint still names it, for lineage).
     """
     if factory is None:
         from ovseg_core import create_model as factory  # late import: data/train do not need the model to import
@@ -138,6 +140,8 @@ def load_model_from_checkpoint(
     if not cfg:
         raise ValueError(f"{path} records no model config")
     name = cfg.pop("name", None) or ckpt["train_config"].get("preset", "tiny")
+    if cfg.get("visual_init") is not None:
+        cfg["visual_init"] = None
     model = factory(name, **cfg)
     load_model_state(model, ckpt)
     return model.eval()

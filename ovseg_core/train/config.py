@@ -39,6 +39,12 @@ class TrainConfig:
         for everything (the paper).
     cache_frozen_text: when the whole text transformer is frozen, encode each distinct text once (eval mode) and
         reuse its token states (ovseg_core.train.text_cache); ignored when any text parameter trains.
+    shuffle_buffer / shards_in_flight: raw samples held for shuffling, and shards each loader slot reads at once
+        (see ovseg_core.data.loader: batches then span several shards instead of a few hundred neighbouring rows).
+    partner_source: stage-2 partners from the shuffle buffer ("buffer", falling back to the locator when no
+        buffered sample shares a class) or always via the locator ("locator", one random read per sample).
+    shard_base_url: read the shards from http(s) or an fsspec URL (folder holding the manifest's shard names)
+        instead of build_dir/shards; meta and index stay in build_dir.
     """
 
     build_dir: str
@@ -65,7 +71,10 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     threads: int | None = None
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 4096
+    shards_in_flight: int = 16
+    partner_source: str = "buffer"
+    shard_base_url: str | None = None
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0
@@ -110,6 +119,10 @@ class TrainConfig:
         for name in ("num_workers", "shuffle_buffer", "log_every", "save_every", "eval_every", "val_max_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.shards_in_flight < 1:
+            raise ValueError(f"shards_in_flight must be >= 1, got {self.shards_in_flight}")
+        if self.partner_source not in ("buffer", "locator"):
+            raise ValueError(f"partner_source must be 'buffer' or 'locator', got {self.partner_source!r}")
         if self.max_text_len < 4:
             raise ValueError(f"max_text_len must be >= 4, got {self.max_text_len}")
         if self.stage == 2 and not self.init_checkpoint:

@@ -1,8 +1,9 @@
 """torchrun DDP helpers: init from env (RANK/WORLD_SIZE/LOCAL_RANK), nccl on CUDA / gloo on CPU, wrap, gather.
 
 BatchNorm: on CUDA the model is converted to SyncBatchNorm (statistics over the global batch, as the paper's SyncBN
-projectors). On CPU SyncBatchNorm is not available, so each rank normalises with its local batch statistics: a CPU
-multi-process run then matches a single-process run exactly only for models without train-mode BatchNorm.
+projectors). torch's SyncBatchNorm does not run on CPU, so there the BatchNorm1d layers become `GlobalBatchNorm1d`
+(the same statistics through a differentiable all_reduce): a gloo run then matches a single process on the global
+batch, which tests/ovseg_core/test_distributed.py checks on the real `tiny` model.
 """
 from __future__ import annotations
 
@@ -59,15 +60,57 @@ def current_info() -> DistInfo:
     return DistInfo()
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over (N, C) whose training statistics cover the rows of all ranks (SyncBatchNorm for any backend).
+
+    Sums, sums of squares and row counts go through torch.distributed.nn's all_reduce, whose backward sums the
+    gradients over ranks, so forward and backward equal plain BatchNorm1d on the concatenated batch. Falls back to
+    BatchNorm1d in eval mode, without torch.distributed, and for inputs other than (N, C).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and x.dim() == 2 and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        count = torch.full((1,), float(x.shape[0]), device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(0), (xf * xf).sum(0), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1.0), alpha=m)
+        out = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every plain nn.BatchNorm1d of `module` into GlobalBatchNorm1d in place (same parameters and buffers)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm1d:
+            m.__class__ = GlobalBatchNorm1d
+    return module
+
+
 def wrap_ddp(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """DistributedDataParallel (SyncBatchNorm first on CUDA); the module itself when not distributed."""
+    """DistributedDataParallel with global-batch BatchNorm (SyncBatchNorm on CUDA, GlobalBatchNorm1d elsewhere);
+    the module itself when not distributed."""
     if not info.is_distributed:
         return module
     if device.type == "cuda":
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index], find_unused_parameters=True)
     # find_unused_parameters: stage-specific heads (mask loss, teacher) leave parameters without gradient.
-    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(convert_global_batchnorm(module), find_unused_parameters=True)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

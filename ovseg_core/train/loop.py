@@ -2,8 +2,10 @@
 
 out_dir layout:
     train_config.json        the TrainConfig as run
-    log.jsonl                one JSON line per optimizer step (step, lr, loss terms, grad_norm, step_s), and one
-                             {"val": {...}} line per validation
+    log.jsonl                one JSON line per optimizer step (step, lr, loss terms, grad_norm, step_s, data_s = wait
+                             for the loader; every
+                             log_every steps also samples_per_s and eta_s), and one {"val": {...}} line per validation
+    progress.json            the latest `Progress` (rewritten every log_every steps; what a supervisor can poll)
     checkpoints/last.pt      latest state (resume point), written every save_every steps and at the end
     checkpoints/best.pt      best validation ITC loss so far (the held-out split of the build, never the eval set)
     result.json              the TrainResult summary
@@ -56,6 +58,53 @@ from ovseg_core.train.text_cache import FrozenTextCache, is_frozen
 
 VAL_TEMPERATURE = 0.07  # fixed, so that val ITC is comparable across checkpoints whatever the learned scale
 ModelFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a running stage reports every `log_every` steps (and once at the end), on the main rank only.
+
+    samples_per_s: global samples per wall-clock second since the previous report (data loading included).
+    eta_s: remaining steps at that rate.
+    """
+
+    step: int
+    total_steps: int
+    loss: float
+    samples_per_s: float
+    eta_s: float
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 1.0
+
+    def line(self) -> str:
+        eta = round(self.eta_s)
+        return (f"step {self.step}/{self.total_steps} loss={self.loss:.4f} {self.samples_per_s:.1f} samples/s "
+                f"ETA {eta // 3600:d}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class ProgressMeter:
+    """Rate and ETA over the steps since the last report; `report` returns None between reports."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, every: int) -> None:
+        self.total, self.batch, self.every = total_steps, batch_size, max(1, every)
+        self.start = self.last_t = time.perf_counter()
+        self.last_step = self.first_step = start_step
+
+    def report(self, step: int, loss: float, force: bool = False) -> Progress | None:
+        if not force and step % self.every and step != self.first_step + 1:
+            return None
+        now = time.perf_counter()
+        steps = max(1, step - self.last_step)
+        rate = steps / max(now - self.last_t, 1e-9)  # steps per second
+        self.last_t, self.last_step = now, step
+        return Progress(step=step, total_steps=self.total, loss=float(loss), samples_per_s=rate * self.batch,
+                        eta_s=max(0, self.total - step) / rate, elapsed_s=now - self.start)
 
 
 @dataclass
@@ -140,8 +189,19 @@ def _scalars(out: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
 
 
-def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainResult:
-    """Run one stage as configured; resumes from out_dir/checkpoints/last.pt when cfg.resume and it exists."""
+def _write_progress(path: Path, progress: Progress) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(asdict(progress)))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
+          progress: ProgressCallback | None = None) -> TrainResult:
+    """Run one stage as configured; resumes from out_dir/checkpoints/last.pt when cfg.resume and it exists.
+
+    `progress(Progress)` is called on the main rank every cfg.log_every steps and at the end (e.g. the pretrain
+    flow updates a Prefect progress artifact from it: ovseg_core itself knows nothing of Prefect).
+    """
     wall_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -159,7 +219,11 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = (model_factory or _default_factory)(cfg.preset, **cfg.model_kwargs)
+    last_path = latest_checkpoint(out_dir) if cfg.resume else None
+    model_kwargs = dict(cfg.model_kwargs)
+    if (cfg.init_checkpoint or last_path is not None) and model_kwargs.get("visual_init") is not None:
+        model_kwargs["visual_init"] = None  # the checkpoint's weights replace the init: do not need its file
+    model = (model_factory or _default_factory)(cfg.preset, **model_kwargs)
     if cfg.init_checkpoint:
         load_model_state(model, load_checkpoint(cfg.init_checkpoint))
     if cfg.stage == 2:
@@ -170,7 +234,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
             model.init_momentum_teacher()
     model.to(device)
 
-    reader = BuildReader(cfg.build_dir)
+    reader = BuildReader(cfg.build_dir, shard_base_url=cfg.shard_base_url)
     manifest_sha = reader.manifest_sha256()
     train_count = len(reader.split_ids("train", cfg.val_percent))
     if train_count < per_rank_batch:
@@ -182,7 +246,6 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
     optimizer = build_optimizer(model, cfg)
     scheduler = CosineWarmupSchedule(optimizer, total_steps, warmup_steps, scaled_lrs(cfg))
     start_step, best_val = 0, None
-    last_path = latest_checkpoint(out_dir) if cfg.resume else None
     if last_path is not None:
         ckpt = load_checkpoint(last_path)
         if ckpt["train_config"].get("stage") != cfg.stage or ckpt["train_config"].get("preset") != cfg.preset:
@@ -209,7 +272,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
                                               cfg.repeat_threshold)
     stream = CC4MTrainStream(
         reader, processor, seed=cfg.seed, rank=info.rank, world_size=info.world_size, val_percent=cfg.val_percent,
-        shuffle_buffer=cfg.shuffle_buffer, batch_size=per_rank_batch, skip_batches=start_step,
+        shuffle_buffer=cfg.shuffle_buffer, shards_in_flight=cfg.shards_in_flight, partner_source=cfg.partner_source,
+        batch_size=per_rank_batch, skip_batches=start_step,
         repeat_factors=repeat_factors,
     )
     loader = make_train_loader(stream, per_rank_batch, cfg.num_workers, pin_memory=device.type == "cuda")
@@ -257,6 +321,21 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         return metrics
 
     step, step_times = start_step, []
+    meter = ProgressMeter(total_steps, start_step, cfg.batch_size, cfg.log_every or 10)
+
+    def report(force: bool = False) -> dict[str, float]:
+        if not info.is_main or not result.losses:
+            return {}
+        p = meter.report(step, result.losses[-1]["loss"], force=force)
+        if p is None:
+            return {}
+        _write_progress(out_dir / "progress.json", p)
+        if cfg.log_every:
+            print(f"[train] {p.line()} lr={scheduler.get_last_lr():.3g}", flush=True)
+        if progress is not None:
+            progress(p)
+        return {"samples_per_s": p.samples_per_s, "eta_s": p.eta_s}
+
     data_iter = iter(loader)  # draws the DataLoader's base seed from the global RNG: restore RNG state after it
     if resume_rng is not None:
         set_rng_state(resume_rng)
@@ -264,8 +343,9 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
         torch.manual_seed(cfg.seed * 1000 + info.rank + start_step)
     try:
         while step < total_steps:
+            t_data = time.perf_counter()
             batch = _to_device(trim_text_padding(next(data_iter)), device)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # t0 - t_data: time the step waited for the loader
             lr = scheduler.get_last_lr()
             with _autocast(device):
                 out = ddp_model(batch, cfg.stage)
@@ -286,14 +366,14 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
             step_s = time.perf_counter() - t0
             step_times.append(step_s)
             record = {"step": step, "lr": lr, **_scalars(out), "grad_norm": grad_norm, "step_s": step_s,
+                      "data_s": t0 - t_data,
                       "time_s": time.time() - wall_start}
             result.losses.append(record)
+            record.update(report(force=step == total_steps))
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 if cfg.log_every and (step % cfg.log_every == 0 or step == start_step + 1):
                     log_file.flush()
-                    print(f"[train] step {step}/{total_steps} loss={record['loss']:.4f} lr={lr:.3g} "
-                          f"{step_s:.2f}s/step", flush=True)
             out_of_time = cfg.time_limit_s is not None and time.time() - wall_start > cfg.time_limit_s
             stop = D.any_rank(out_of_time, device)
             if step < total_steps and not stop:
@@ -304,6 +384,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None) -> TrainR
             if stop:
                 result.stopped_by_time_limit = True
                 break
+        if meter.last_step != step:  # stopped early by the time limit: report where it stopped
+            report(force=True)
         metrics = run_validation(step)
         checkpoint(step, metrics)
         D.barrier()
@@ -360,6 +442,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-text-len", type=int, default=77)
+    p.add_argument("--shard-base-url", help="read shards from this http(s)/fsspec folder (meta and index stay local)")
+    p.add_argument("--partner-source", choices=("buffer", "locator"), default="buffer",
+                   help="stage-2 partners from the shuffle buffer (locator fallback) or always via the locator")
+    p.add_argument("--shuffle-buffer", type=int, default=4096)
+    p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
 
@@ -388,6 +475,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_percent=args.val_percent, eval_every=args.eval_every, save_every=args.save_every,
         log_every=args.log_every, max_text_len=args.max_text_len, time_limit_s=args.time_limit,
         resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
+        shard_base_url=args.shard_base_url, partner_source=args.partner_source, shuffle_buffer=args.shuffle_buffer,
+        shards_in_flight=args.shards_in_flight,
         **{k: v for k, v in explicit.items() if v is not None},
     )
 

@@ -1,4 +1,9 @@
-"""AdamW with the paper's weight-decay exclusions, LR scaling by global batch, and a per-iteration cosine schedule."""
+"""AdamW with weight-decay exclusions, LR scaling by global batch, and a per-iteration cosine schedule.
+
+Deviation from the release (kept on purpose, listed in the README): the release (GroupViT's `build_optimizer`)
+exempts only 1-D parameters and biases from weight decay, so it DOES decay the position embedding, the group tokens
+and BERT's position/token-type embeddings. We also exempt those (NO_DECAY_KEYWORDS).
+"""
 from __future__ import annotations
 
 import math
@@ -10,8 +15,9 @@ from torch import nn
 
 from ovseg_core.train.config import LR_REFERENCE_BATCH, TrainConfig
 
-# Parameters never decayed whatever their shape: learned positions, group/cls tokens and the logit scale are not
-# "weights" whose norm should shrink (decaying them pulls positions/groups toward zero and the temperature toward 1).
+# Parameters never decayed whatever their shape (our choice, not the release's, see the module docstring): learned
+# positions, group/cls tokens and the logit scale are not "weights" whose norm should shrink (decaying them pulls
+# positions/groups toward zero and the temperature toward 1).
 NO_DECAY_KEYWORDS = ("pos_embed", "position_embedding", "group_token", "cls_token", "logit_scale", "token_type_embedding")
 
 

@@ -29,3 +29,56 @@ def test_multi_device_run_fails_the_flow_on_a_non_zero_exit(tmp_path, monkeypatc
     assert "exited with 3" in str(state.message) or "exited with 3" in repr(state)
     assert "rank died" in (tmp_path / "run" / "torchrun.log").read_text()
     assert not (tmp_path / "registry" / "registry.jsonl").exists()
+
+
+FAKE_RANK0 = """
+import json, os, sys, time
+out = sys.argv[1]
+for step in (2, 4, 6):
+    tmp = os.path.join(out, ".progress.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "total_steps": 6, "loss": 3.0 - step / 4, "samples_per_s": 12.5,
+                   "eta_s": (6 - step) * 2.0, "elapsed_s": step * 2.0}, f)
+    os.replace(tmp, os.path.join(out, "progress.json"))
+    time.sleep(0.4)
+json.dump({"final_step": 6, "seconds": 1.0, "last_checkpoint": "ckpt.pt", "losses": [{"loss": 1.5}]},
+          open(os.path.join(out, "result.json"), "w"))
+"""
+
+
+def test_torchrun_progress_becomes_a_prefect_progress_artifact(tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    calls = []
+    real_update = pretrain_module.update_progress_artifact
+
+    def recording_update(artifact_id, progress, description=None):
+        calls.append((progress, description))
+        return real_update(artifact_id, progress=progress, description=description)
+
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "progress.json").write_text('{"step": 999}')  # a stale file from an earlier run is never reported
+    monkeypatch.setattr(pretrain_module, "update_progress_artifact", recording_update)
+    monkeypatch.setattr(pretrain_module, "torchrun_command",
+                        lambda *a, **k: [sys.executable, "-c", FAKE_RANK0, str(out)])
+
+    @flow
+    def run():
+        return pretrain_module.train_torchrun({"out_dir": str(out), "preset": "vit_b", "stage": 1}, 2, 1, 0,
+                                              "127.0.0.1", 29500, poll_s=0.1)
+
+    result = run()
+    assert result["metrics"]["final_step"] == 6
+    # polling may miss an intermediate state on a busy machine, never the final one, never a stale or repeated one
+    reported = [round(c[0], 3) for c in calls]
+    assert reported == sorted(set(reported)) and set(reported) <= {33.333, 66.667, 100.0}
+    assert reported[-1] == 100.0
+    assert calls[-1][1] == "step 6/6, loss 1.5000, 12.5 samples/s, ETA 0:00:00"
+    described = {c[1] for c in calls}
+    assert described <= {"step 2/6, loss 2.5000, 12.5 samples/s, ETA 0:00:08",
+                         "step 4/6, loss 2.0000, 12.5 samples/s, ETA 0:00:04",
+                         "step 6/6, loss 1.5000, 12.5 samples/s, ETA 0:00:00"}
+    stored = Artifact.get("pretrain-progress")
+    assert stored is not None and float(stored.data) == pytest.approx(100.0)

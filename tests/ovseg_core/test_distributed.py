@@ -98,3 +98,105 @@ def test_train_loop_under_two_ranks(two_rank_outputs):
     assert r0["losses"] == pytest.approx(r1["losses"])  # global-batch loss: identical on both ranks
     run = two_rank_outputs / "run"
     assert (run / "checkpoints" / "last.pt").exists() and (run / "checkpoints" / "best.pt").exists()
+
+
+# ------------------------------------------------------------------------------- the real `tiny` model, 2 ranks
+# Rows 0-3 go to rank 0, rows 4-7 to rank 1: rank 0 holds 4 rows with an entity and 3 with a partner, rank 1 holds
+# 1 and 1. A per-rank mean over each rank's valid rows would weigh rank 1's single rows 3-4x too much.
+REAL_HAS_ENTITY = (True, True, True, True, True, False, False, False)
+REAL_PARTNER_VALID = (True, True, True, False, False, False, False, True)
+REAL_STEPS = {1: 2, 2: 2}  # optimizer steps per stage
+
+
+def real_batch(tokenizer, size: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    words = ["dog", "bus", "people", "cat", "car", "sofa", "sheep", "glass"]
+    captions = [f"a {w} next to a {words[(i + 3) % 8]} in the park" for i, w in enumerate(words)]
+
+    def enc(texts):
+        t = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        return t["input_ids"], t["attention_mask"]
+
+    batch = {"image": torch.randn(BATCH, 3, size, size, generator=g),
+             "partner_image": torch.randn(BATCH, 3, size, size, generator=g),
+             "has_entity": torch.tensor(REAL_HAS_ENTITY), "partner_valid": torch.tensor(REAL_PARTNER_VALID)}
+    batch["input_ids"], batch["attention_mask"] = enc(captions)
+    batch["question_ids"], batch["question_mask"] = enc([c.replace(w, "[MASK]", 1) for c, w in zip(captions, words)])
+    batch["answer_ids"], batch["answer_mask"] = enc([f"a photo of a {w}" for w in words])
+    batch["shared_ids"], batch["shared_mask"] = enc([f"a photo of a {w}." for w in words])
+    return batch
+
+
+def train_real_tiny(rank: int, world_size: int) -> dict[str, object]:
+    """A few SGD steps of the real `tiny` model per stage on this rank's share of the global batch; returns the
+    gradients of every step, the losses and the final weights. Gumbel noise is zeroed (ranks draw their own noise,
+    so noisy runs cannot be compared row by row) and dropout is off; everything else is the training path."""
+    from ovseg_core import create_model
+    from ovseg_core.layers import grouping
+
+    grouping.gumbel_noise = lambda shape, device, generator=None: torch.zeros(shape, device=device)
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    full = real_batch(model.tokenizer, model.image_size)
+    per_rank = BATCH // world_size
+    batch = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in full.items()}
+    grads, losses = [], []
+    for stage in (1, 2):
+        if stage == 2:
+            model.freeze_text_encoder()
+            model.init_momentum_teacher()
+        step = wrap_ddp(TrainStep(model), torch.device("cpu"), DistInfo(rank, world_size, rank))
+        step.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.05)
+        for _ in range(REAL_STEPS[stage]):
+            opt.zero_grad(set_to_none=True)
+            out = step(batch, stage)
+            out["loss"].backward()
+            losses.append({k: float(v.detach()) for k, v in out.items()})
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+            if stage == 2:
+                model.momentum_update(0.9)
+    return {"grads": grads, "losses": losses,
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _real_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(train_real_tiny(rank, world_size), os.path.join(out, f"real{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_real_tiny_two_ranks_with_unequal_valid_rows_match_one_process(tmp_path, monkeypatch):
+    mp.spawn(_real_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    from ovseg_core.layers import grouping
+
+    monkeypatch.setattr(grouping, "gumbel_noise", grouping.gumbel_noise)  # restored after train_real_tiny patches it
+    single = train_real_tiny(0, 1)
+    assert len(single["grads"]) == sum(REAL_STEPS.values())
+    assert all(s["mec"] > 0 and s["itc"] > 0 for s in single["losses"])
+    assert all(s["mask"] > 0 for s in single["losses"][REAL_STEPS[1]:])  # stage 2 really trains the mask loss
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"real{rank}.pt", weights_only=True)
+        for i, (got, want) in enumerate(zip(ddp["losses"], single["losses"], strict=True)):
+            for key in ("loss", "itc", "mec", "mask"):  # every rank reports the global-batch value
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (rank, i, key)
+        for i, (got, want) in enumerate(zip(ddp["grads"], single["grads"], strict=True)):
+            assert set(got) == set(want), i
+            # float32 sums run in another order: 1e-4 of the tensor's norm, plus 1e-4 absolute for gradients that
+            # are zero in exact arithmetic (e.g. biases a LayerNorm cancels) and hold only rounding noise
+            for name, g in want.items():
+                err = (got[name] - g).norm().item()
+                assert err <= 1e-4 * g.norm().item() + 1e-4, (rank, i, name, err, g.norm().item())
+        for name, w in single["weights"].items():
+            if w.is_floating_point():
+                assert torch.allclose(ddp["weights"][name], w, rtol=1e-3, atol=1e-5), (rank, name)

@@ -141,7 +141,8 @@ def test_stage2_mask_loss_reaches_online_image_encoder():
     assert not model.visual_teacher.training and not model.text.model.training
     out = model.forward_train(batch, stage=2)
     assert out["mask"].item() > 0
-    assert torch.allclose(out["loss"], out["itc"] + out["mec"] + 0.1 * out["mask"])
+    assert model.cfg.mask_weight == 1.6  # the release's effective weight on the mean Dice
+    assert torch.allclose(out["loss"], out["itc"] + out["mec"] + model.cfg.mask_weight * out["mask"])
     visual = dict(model.visual.named_parameters())
     grads = torch.autograd.grad(out["mask"], list(visual.values()), allow_unused=True, retain_graph=True)
     got = {n for (n, _), g in zip(visual.items(), grads) if g is not None and g.abs().sum() > 0}

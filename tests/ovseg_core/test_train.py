@@ -311,3 +311,24 @@ def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
     with pytest.raises(ValueError, match="minutes"):
         sample_recipe("b", "o", minutes=0)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_training_reports_progress_to_callback_log_and_progress_file(fixture_build, tmp_path, capsys):
+    from ovseg_core.train.loop import Progress
+
+    seen: list[Progress] = []
+    cfg = cfg_for(fixture_build, tmp_path / "run", steps=7, log_every=3)
+    train(cfg, model_factory=standin_factory, progress=seen.append)
+    # first step, every 3rd step and the last one
+    assert [p.step for p in seen] == [1, 3, 6, 7]
+    assert all(p.total_steps == 7 and p.samples_per_s > 0 and math.isfinite(p.loss) for p in seen)
+    assert seen[-1].eta_s == 0 and seen[-1].fraction == 1.0 and seen[0].eta_s > 0
+    # ETA = remaining steps / measured rate
+    p = seen[1]
+    assert p.eta_s == pytest.approx((7 - 3) * cfg.batch_size / p.samples_per_s, rel=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    with_rate = [r["step"] for r in records if "samples_per_s" in r]
+    assert with_rate == [1, 3, 6, 7]
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["step"] == 7
+    out = capsys.readouterr().out
+    assert "step 3/7" in out and "samples/s" in out and "ETA 0:00:00" in out
