@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
@@ -61,6 +62,9 @@ class GuardedDownloader(i2d_downloader.Downloader):
         return super().__call__(row)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 @dataclass(frozen=True)
 class StoredImageResizer:
     """img2dataset's Resizer contract: (img_bytes, width, height, original_width, original_height, error)."""
@@ -77,7 +81,9 @@ class StoredImageResizer:
         try:
             stored = to_stored_jpeg(img_stream.read(), self.spec)
         except ImageRejected as err:
-            return None, None, None, None, None, f"{err.reason}: {err.detail}"
+            # Pillow names the stream object with its memory address: drop it, so reruns give identical records.
+            detail = _ADDRESS.sub("", err.detail)
+            return None, None, None, None, None, f"{err.reason}: {detail}"
         w, h = stored.original_width, stored.original_height
         if min(w, h) < self.min_image_size:
             return None, None, None, None, None, f"image_too_small: {w}x{h} < {self.min_image_size}"
