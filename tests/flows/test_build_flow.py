@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 # ---------------------------------------------------------------------------------------------------------- helpers
 def build_contents(build_dir: str | Path) -> dict[str, Any]:
     """Everything a build produces that must be reproducible: shard sha256s and every parquet's rows (schema
-    metadata dropped: it may hold timings)."""
+    metadata dropped: it may hold timings; so are downloads.parquet's attempt times)."""
     layout = BuildLayout(Path(build_dir))
     contents: dict[str, Any] = {f"shards/{p.name}": sha256_file(p) for p in layout.shards()}
     tables = [layout.downloads, layout.duplicates, layout.kept, layout.entity_index, layout.partners,
@@ -29,7 +29,10 @@ def build_contents(build_dir: str | Path) -> dict[str, Any]:
     for directory in (layout.ingest_dir, layout.rejects_dir, layout.captions_dir, layout.selected_dir, layout.meta_dir):
         tables += layout.parts(directory)
     for path in tables:
-        contents[str(path.relative_to(layout.root))] = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        if path == layout.downloads:  # when each sample was fetched is a fact of the run, like a timing
+            table = table.drop_columns(["first_attempt_at", "last_attempt_at"])
+        contents[str(path.relative_to(layout.root))] = table.to_pylist()
     return contents
 
 
