@@ -176,7 +176,11 @@ def _trial(i: int, mode: str, sample_dir: Path, work: Path, reference: dict[str,
         record.update(identical=not differing, differing=differing[:20])
     else:
         record.update(identical=False, differing=["<rerun never finished>"])
-    shutil.rmtree(out, ignore_errors=True)
+        print(f"trial {i}: the rerun failed:\n{reruns[-1].get('tail', '')}", flush=True)
+    if record["identical"]:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        record["kept_for_diagnosis"] = str(out)  # the folder as the rerun left it
     return record
 
 
@@ -225,7 +229,8 @@ def main() -> int:
     }
     write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    if result["identical"] == result["trials"]:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if result["identical"] == result["trials"] else 1
 
 
