@@ -40,7 +40,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from curation.fetch import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_REDIRECTS,
+    OWN_FAILURE_REASONS,
     FetchPolicy,
     is_transient,
     parse_networks,
@@ -426,8 +427,8 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
         recorded = json.loads(meta) if meta else {}
         # "missing" rows mean img2dataset gave up on a shard: a rerun retries just those shards (incremental mode).
         if recorded.get("fingerprint") == fingerprint and recorded["counts"].get("missing", 0) == 0:
-            retry = _retry_candidates(layout, cfg) if cfg.retry_transient else None
-            if retry is None or retry.num_rows == 0:
+            retry = _retry_candidates(layout, cfg)
+            if retry.num_rows == 0:
                 return {**recorded["counts"], "skipped": True}
             return _retry_round(layout, urls, retry, cfg, fingerprint, progress)
 
@@ -443,7 +444,12 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
 
     started = time.perf_counter()
     _run_round(staging, urls, cfg, staging / LOG_NAME, progress)
-    return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
+    result = _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
+    # Shards a killed build finished while its proxy was already gone: fetch their rows again now, once.
+    own = _retry_candidates(layout, replace(cfg, retry_transient=False))
+    if own.num_rows:
+        return _retry_round(layout, urls, own, cfg, fingerprint, progress)
+    return result
 
 
 def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprint: str,
@@ -456,9 +462,15 @@ def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprin
 
 
 def _retry_candidates(layout: BuildLayout, cfg: DownloadConfig) -> pa.Table:
-    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "transient", "attempts"])
-    mask = pc.and_(pc.and_(pc.not_equal(table["status"], "success"), pc.fill_null(table["transient"], False)),
-                   pc.less(table["attempts"], cfg.max_attempts))
+    """Failures to fetch again: the build's own (proxy_unreachable) always; with retry_transient, the transient ones
+    while a sample has had fewer than max_attempts rounds."""
+    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "reason", "transient", "attempts"])
+    failed = pc.not_equal(table["status"], "success")
+    own = pc.is_in(table["reason"], value_set=pa.array(sorted(OWN_FAILURE_REASONS)))
+    mask = pc.and_(failed, pc.fill_null(own, False))
+    if cfg.retry_transient:
+        transient = pc.and_(pc.fill_null(table["transient"], False), pc.less(table["attempts"], cfg.max_attempts))
+        mask = pc.or_(mask, pc.and_(failed, transient))
     return table.filter(mask).select(["sample_id"])
 
 

@@ -59,7 +59,11 @@ USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Fi
 # permanent ones will not. HTTP statuses are "http_<code>" (see is_transient).
 TRANSIENT_REASONS = frozenset({
     "timeout", "connection_reset", "connection_refused", "incomplete_body", "dns_error", "network_error", "missing",
+    "proxy_unreachable",
 })
+# Failures of the build's own infrastructure, not of the web: every rerun retries them (download.retry_transient or
+# not, whatever the attempts), since a build killed mid-download leaves them behind in finished staging shards.
+OWN_FAILURE_REASONS = frozenset({"proxy_unreachable"})
 PERMANENT_REASONS = frozenset({
     "blocked_scheme", "blocked_address", "bad_url", "bad_redirect", "redirect_loop", "too_many_redirects",
     "dns_not_found", "tls_error", "bad_response", "robots_disallowed", "too_large", "too_many_pixels", "undecodable",
@@ -356,7 +360,12 @@ def _open(target: Target, policy: FetchPolicy, watch: _Watch, resolver: Resolver
     proxied = policy.proxy is not None and target.scheme == "http" and target.host in policy.proxy_hosts
     if proxied:  # the operator's proxy for reserved .invalid hosts: trusted by configuration, not by the URL list
         proxy = urlsplit(policy.proxy)
-        sock = socket.create_connection((proxy.hostname, proxy.port), timeout=policy.timeout)
+        try:
+            sock = socket.create_connection((proxy.hostname, proxy.port), timeout=policy.timeout)
+        except ConnectionRefusedError as err:
+            # The build's own proxy is gone (it lives in the build's process: the build was killed). Not the web's
+            # answer about this URL: a rerun fetches these rows again (curation.download).
+            raise FetchError("proxy_unreachable", f"the build's proxy {policy.proxy} refused: {err}") from None
         watch.sock = sock
     else:
         sock = _connect_checked(target, policy, watch, resolver)

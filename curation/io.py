@@ -44,8 +44,9 @@ def table_digest(table: pa.Table) -> str:
 
 
 def parquet_digest(path: str | os.PathLike, columns: list[str]) -> str:
-    """table_digest of some columns of a parquet file."""
-    return table_digest(pq.read_table(path, columns=columns))
+    """table_digest of those of `columns` the parquet file has (an older or hand-made file may lack some)."""
+    present = set(pq.read_schema(path).names)
+    return table_digest(pq.read_table(path, columns=[c for c in columns if c in present]))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -83,8 +83,9 @@ def test_download_one_row_per_selected_sample(tmp_path):
     resumed = download_selected(tmp_path, DownloadConfig(image_size=32, thread_count=4, number_sample_per_shard=3,
                                                          timeout=2, http_proxy="http://127.0.0.1:9"))
     assert resumed["selected"] == 7 and resumed["success"] == 4 and resumed["failed_to_download"] == 2
-    # the proxy is gone: sample 55 (the redone shard) is transient (connection refused); the others are as before
-    assert resumed["failed_by_reason"] == {"connection_refused": 1, "http_404": 1, "undecodable": 1}
+    # the proxy is gone: sample 55 (the redone shard) failed on the build's own proxy (transient, and retried by
+    # every rerun); the others are as before
+    assert resumed["failed_by_reason"] == {"proxy_unreachable": 1, "http_404": 1, "undecodable": 1}
     assert resumed["transient"] == 1
 
 
@@ -104,3 +105,29 @@ def test_missing_rows_are_reported(tmp_path, monkeypatch):
     # Missing rows are not final: a rerun asks img2dataset again for the unfinished shards.
     again = download.download_selected(tmp_path, DownloadConfig())
     assert again["skipped"] is False and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_rows_lost_to_the_builds_own_dead_proxy_are_fetched_again_by_a_rerun(tmp_path):
+    """A build killed mid-download takes its in-process proxy with it; rows fetched after that fail with
+    proxy_unreachable in shards that are finished. A rerun fetches them again, without retry_transient."""
+    import socket
+
+    ids = [2, 4, 6, 8]
+    layout = BuildLayout(tmp_path)
+    write_part(layout.selected_dir / part_name(0), caption_rows(ids, "http://cc4m-sample.invalid"))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: connections are refused
+    cfg = DownloadConfig(image_size=32, thread_count=4, number_sample_per_shard=2, timeout=5, http_proxy=dead_proxy)
+    first = download_selected(tmp_path, cfg)
+    closed.close()
+    assert first["success"] == 0 and first["failed_by_reason"] == {"proxy_unreachable": 4}
+    table = pq.read_table(layout.downloads).to_pylist()
+    assert {(r["reason"], r["transient"]) for r in table} == {("proxy_unreachable", True)}
+    assert {r["attempts"] for r in table} == {2}  # the run tried once more by itself, the proxy still dead
+
+    with ImageServer(_routes(ids)) as server:
+        again = download_selected(tmp_path, DownloadConfig(**{**cfg.to_dict(), "http_proxy": server.base_url}))
+    assert again["success"] == 4 and again["skipped"] is False
+    assert not DownloadConfig().retry_transient  # the default: only the build's own failures are retried
