@@ -49,18 +49,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
+from manifests.fileio import write_text_atomic
+
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report MFU as null.
 LEARNED_MARGIN = 0.01
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are shared files
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ learning (CPU)

@@ -20,14 +20,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from manifests.fileio import sha256_file
 from manifests.registry import ModelRegistry, default_registry_dir
 
 
 def _manifest_sha256(build_dir: str) -> str | None:
-    import hashlib
-
     path = Path(build_dir) / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return sha256_file(path) if path.exists() else None
 
 
 def summarize_training(result: dict[str, Any]) -> dict[str, Any]:

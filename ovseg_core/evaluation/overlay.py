@@ -4,14 +4,13 @@ with a legend strip below naming the classes that appear (their colour swatch an
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from manifests.fileio import write_bytes_atomic
 from ovseg_core.evaluation.metrics import IGNORE_INDEX
 
 
@@ -31,16 +30,8 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The project's one atomic write (manifests.fileio): readers never see a half-written file."""
+    write_bytes_atomic(path, data)
 
 
 def _to_rgb_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from manifests.fileio import atomic_path
 from manifests.version import code_version
 
 CHECKPOINT_FORMAT = "cc4m-ovseg-checkpoint-v1"
@@ -64,17 +64,10 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    # The project's one atomic write (manifests.fileio): readers see the old file or the new one, never a partial one.
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never a partial write
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def save_checkpoint(

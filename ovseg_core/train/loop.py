@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manifests.fileio import atomic_path, write_text_atomic
 from ovseg_core.data.cc4m import BuildReader
 from ovseg_core.data.loader import (
     CC4MMapDataset,
@@ -190,9 +191,7 @@ def _scalars(out: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _write_progress(path: Path, progress: Progress) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(progress)))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(asdict(progress)))
 
 
 def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
@@ -306,9 +305,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
                         scheduler=scheduler, metrics=metrics, build_manifest_sha256=manifest_sha,
                         extra={"best_val_itc": best_val})
         if improved or (not best_path.exists() and val_loader is None):
-            tmp = best_path.with_name(f".{BEST_NAME}.tmp")
-            shutil.copyfile(last_ckpt, tmp)
-            os.replace(tmp, best_path)
+            with atomic_path(best_path) as tmp:
+                shutil.copyfile(last_ckpt, tmp)
 
     def run_validation(step: int) -> dict[str, float]:
         metrics = validate(model, val_loader, device) if val_loader is not None else {}
