@@ -145,7 +145,13 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
     build_path = Path(build_dir).resolve()
     if build_path.is_file():  # a manifest.json path
         build_path = build_path.parent
-    out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / f"{preset}-stage{stage}"
+    # Checked here, before a torchrun is started for it; the run folder is keyed by the build's manifest, so a rebuilt
+    # build starts a new run instead of resuming one trained on the old data.
+    from ovseg_core.data.cc4m import check_build  # lazily, like the rest of ovseg_core here (torch is heavy)
+
+    check_build(build_path)
+    key = f"{preset}-stage{stage}-{_manifest_sha256(str(build_path))[:12]}"
+    out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / key
     from ovseg_core.train.config import TrainConfig
 
     if recipe == "sample":

@@ -32,6 +32,7 @@ import webdataset as wds
 from PIL import Image
 
 from manifests.fileio import sha256_file
+from manifests.schema import count_problems, validate_manifest
 
 SHARD_GLOB = "cc4m-*.tar"
 KEY_DIGITS = 12
@@ -47,6 +48,48 @@ def is_val_sample(sample_id: int, val_percent: float) -> bool:
         return False
     digest = hashlib.blake2b(str(int(sample_id)).encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") % 10000) < val_percent * 100
+
+
+class InvalidBuild(ValueError):
+    """The folder is not a finished, consistent CC4M build (the manifest is missing, invalid or disagrees)."""
+
+
+def check_build(root: str | Path, shards_here: bool = True) -> dict[str, Any]:
+    """The quick side of the build contract, before any training: manifest.json exists and is valid, its counts add
+    up, every shard it lists exists with the listed size, no other shard is there, and meta holds `written` rows.
+    No hashing (`cc4m verify` re-hashes everything). `shards_here=False` when the shards are read from a URL.
+    Returns the manifest; raises InvalidBuild saying what is wrong."""
+    root = Path(root)
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InvalidBuild(f"{root} is not a finished CC4M build: cannot read {path} ({err}). Build it with "
+                           "`cc4m build`, or finish the interrupted build by running it again") from None
+    problems = validate_manifest(manifest) or count_problems(manifest["counts"], manifest["shards"])
+    if not problems:
+        problems = _shard_and_meta_problems(root, manifest, shards_here)
+    if problems:
+        raise InvalidBuild(f"{root}: the build does not match its manifest: " + "; ".join(problems[:5])
+                           + f". `cc4m verify {root}` checks everything; rebuild with `cc4m build`")
+    return manifest
+
+
+def _shard_and_meta_problems(root: Path, manifest: dict[str, Any], shards_here: bool) -> list[str]:
+    problems = []
+    for entry in manifest["shards"] if shards_here else ():
+        shard = root / "shards" / entry["name"]
+        size = shard.stat().st_size if shard.exists() else None
+        if size != entry["bytes"]:
+            problems.append(f"shard {entry['name']}: {'missing' if size is None else f'{size} bytes'}, the manifest "
+                            f"says {entry['bytes']}")
+    listed = {entry["name"] for entry in manifest["shards"]}
+    problems += [f"shard {p.name} is not in the manifest" for p in sorted((root / "shards").glob("cc4m-*.tar"))
+                 if shards_here and p.name not in listed]
+    meta_rows = sum(pq.read_metadata(p).num_rows for p in sorted((root / "meta").glob("part-*.parquet")))
+    if meta_rows != manifest["counts"]["reshard"]["written"]:
+        problems.append(f"meta holds {meta_rows} rows, the manifest says {manifest['counts']['reshard']['written']}")
+    return problems
 
 
 HTTP_SCHEMES = ("http://", "https://")

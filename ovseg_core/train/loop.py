@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manifests.fileio import atomic_path, write_text_atomic
-from ovseg_core.data.cc4m import BuildReader
+from ovseg_core.data.cc4m import BuildReader, check_build
 from ovseg_core.data.loader import (
     CC4MMapDataset,
     CC4MTrainStream,
@@ -234,6 +234,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
     model.to(device)
 
     reader = BuildReader(cfg.build_dir, shard_base_url=cfg.shard_base_url)
+    check_build(cfg.build_dir, shards_here=cfg.shard_base_url is None)  # the contract first: a build without a valid manifest is refused, with the reason
     manifest_sha = reader.manifest_sha256()
     train_count = len(reader.split_ids("train", cfg.val_percent))
     if train_count < per_rank_batch:
@@ -249,6 +250,10 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
         ckpt = load_checkpoint(last_path)
         if ckpt["train_config"].get("stage") != cfg.stage or ckpt["train_config"].get("preset") != cfg.preset:
             raise ValueError(f"{last_path} is from another run (stage/preset differ); use a fresh out_dir")
+        if ckpt.get("build_manifest_sha256") != manifest_sha:
+            # A rebuilt build (new data) must never silently continue a run trained on the old one.
+            raise ValueError(f"{last_path} was trained on build manifest {ckpt.get('build_manifest_sha256')}, but "
+                             f"{cfg.build_dir} now has manifest {manifest_sha}: use a fresh out_dir (or --no-resume)")
         load_model_state(model, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,7 +1,9 @@
 """flows/pretrain.py without training: the torchrun command line and failure on a non-zero exit."""
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +21,39 @@ def test_torchrun_command_runs_the_flows_entry_point(tmp_path):
     assert cmd[-4:] == ["-m", "flows.train_entry", "--config", str(tmp_path / "cfg.json")]
 
 
+def _empty_valid_build(root: Path) -> Path:
+    """A finished build with nothing in it: the smallest folder the training side of the contract accepts."""
+    from manifests.schema import SCHEMA_VERSION
+
+    zero = {"ingest": {"read": 0, "ingested": 0, "rejected": 0, "rejected_by_reason": {}},
+            "parse": {"ingested": 0, "parsed": 0, "failed": 0},
+            "select": {"parsed": 0, "selected": 0, "dropped": 0, "dropped_by_reason": {}},
+            "download": {"selected": 0, "success": 0, "failed": 0, "failed_by_reason": {}, "errors": {}},
+            "dedup": {"success": 0, "removed_duplicate": 0, "removed_by_kind": {"exact": 0, "near": 0}, "kept": 0},
+            "index": {"kept": 0, "partner_rows": 0, "samples_with_partners": 0, "samples_without_partners": 0,
+                      "classes": 0},
+            "reshard": {"written": 0, "shards": 0, "samples_per_shard": 8}}
+    stages = ("ingest", "parse", "select", "download", "dedup", "index", "shard")
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "code_version": "test", "inputs": {"source": "x", "sha256": "0" * 64,
+        "rows": 0}, "vocabulary_version": "v", "spacy_model": {"name": "n", "version": "0"},
+        "config": {s: {} for s in stages}, "counts": zero, "shards": [], "files": []}))
+    return root
+
+
+def test_the_flow_refuses_a_folder_that_is_not_a_finished_build(tmp_path):
+    (tmp_path / "cc4m").mkdir()
+    state = pretrain_module.pretrain(build_dir=str(tmp_path / "cc4m"), out_dir=str(tmp_path / "run"), steps=1,
+                                     registry_dir=str(tmp_path / "registry"), return_state=True)
+    assert state.is_failed() and "not a finished CC4M build" in str(state.message)
+    assert not (tmp_path / "run").exists()  # refused before anything was started
+
+
 def test_multi_device_run_fails_the_flow_on_a_non_zero_exit(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "torchrun_command",
                         lambda *a, **k: [sys.executable, "-c", "import sys; print('rank died'); sys.exit(3)"])
-    (tmp_path / "cc4m").mkdir()
+    _empty_valid_build(tmp_path / "cc4m")
     state = pretrain_module.pretrain(build_dir=str(tmp_path / "cc4m"), out_dir=str(tmp_path / "run"), devices=2,
                                      steps=1, registry_dir=str(tmp_path / "registry"), return_state=True)
     assert state.is_failed()

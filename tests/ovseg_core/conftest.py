@@ -104,8 +104,41 @@ def write_build(root: Path, samples: list[dict], samples_per_shard: int = 8, max
     par_schema = pa.schema([("sample_id", pa.int64()), ("rank", pa.int32()), ("partner_id", pa.int64()),
                             ("shared_class", pa.string())])
     pq.write_table(pa.Table.from_pylist(partner_rows, schema=par_schema), root / "index" / "partners.parquet")
-    (root / "manifest.json").write_text(json.dumps({"fixture": True, "samples": len(samples)}))
+    (root / "manifest.json").write_text(json.dumps(fixture_manifest(root, samples, partner_rows, samples_per_shard)))
     return root
+
+
+def fixture_manifest(root: Path, samples: list[dict], partner_rows: list[dict], samples_per_shard: int) -> dict:
+    """A schema-valid manifest whose counts add up for a fixture build with no rejects, drops, failures or
+    duplicates (training refuses a build without one: ovseg_core.data.cc4m.check_build)."""
+    import hashlib
+
+    from manifests.schema import SCHEMA_VERSION
+
+    n = len(samples)
+    shards = []
+    for path in sorted((root / "shards").glob("cc4m-*.tar")):
+        with tarfile.open(path) as tar:
+            count = len({m.name.rpartition(".")[0] for m in tar})
+        shards.append({"name": path.name, "bytes": path.stat().st_size, "samples": count,
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    with_partners = len({r["sample_id"] for r in partner_rows})
+    classes = len({c for s in samples for c in s["entities"]})
+    counts = {
+        "ingest": {"read": n, "ingested": n, "rejected": 0, "rejected_by_reason": {}},
+        "parse": {"ingested": n, "parsed": n, "failed": 0},
+        "select": {"parsed": n, "selected": n, "dropped": 0, "dropped_by_reason": {}},
+        "download": {"selected": n, "success": n, "failed": 0, "failed_by_reason": {}, "errors": {}},
+        "dedup": {"success": n, "removed_duplicate": 0, "removed_by_kind": {"exact": 0, "near": 0}, "kept": n},
+        "index": {"kept": n, "partner_rows": len(partner_rows), "samples_with_partners": with_partners,
+                  "samples_without_partners": n - with_partners, "classes": classes},
+        "reshard": {"written": n, "shards": len(shards), "samples_per_shard": samples_per_shard},
+    }
+    stages = ("ingest", "parse", "select", "download", "dedup", "index", "shard")
+    return {"schema_version": SCHEMA_VERSION, "code_version": "test-fixture",
+            "inputs": {"source": "fixture.tsv", "sha256": "0" * 64, "rows": n}, "vocabulary_version": "cc4m-vocab-v1",
+            "spacy_model": {"name": "fixture", "version": "0"}, "config": {s: {} for s in stages},
+            "counts": counts, "shards": shards, "files": []}
 
 
 def write_fixture_build(root: Path, num_samples: int = 24, samples_per_shard: int = 8, image_size: int = 48,

@@ -194,3 +194,28 @@ def test_entity_targets_are_multi_hot_in_the_models_class_order(fixture_build, m
     assert out["entity_targets"].tolist() == [1.0, 0.0, 0.0]
     plain = SampleProcessor(reader, minilm_tokenizer, 16, build_eval_transform(32))
     assert plain.entity_classes == ()
+
+
+def test_training_refuses_a_build_without_a_valid_manifest(fixture_build, tmp_path):
+    import json
+    import shutil
+
+    from ovseg_core.data.cc4m import InvalidBuild, check_build
+
+    root = tmp_path / "build"
+    shutil.copytree(fixture_build, root)
+    manifest = check_build(root)
+    assert manifest["counts"]["reshard"]["written"] == 24
+
+    shard = min((root / "shards").glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[:-512])  # a truncated shard
+    with pytest.raises(InvalidBuild, match=f"shard {shard.name}"):
+        check_build(root)
+    assert check_build(root, shards_here=False)  # shards read from a URL are not looked for here
+
+    (root / "manifest.json").write_text(json.dumps({**manifest, "counts": {}}))
+    with pytest.raises(InvalidBuild, match="does not match its manifest"):
+        check_build(root)
+    (root / "manifest.json").unlink()
+    with pytest.raises(InvalidBuild, match="not a finished CC4M build"):
+        check_build(root)

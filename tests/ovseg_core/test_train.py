@@ -110,6 +110,19 @@ def test_resume_continues_like_an_uninterrupted_run(fixture_build, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_a_rebuilt_build_never_resumes_the_old_run(fixture_build, tmp_path):
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(fixture_build, build)
+    train(cfg_for(build, tmp_path / "run", steps=2), model_factory=standin_factory)
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["code_version"] = "rebuilt"  # a new build of the folder: another manifest sha256
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="was trained on build manifest"):
+        train(cfg_for(build, tmp_path / "run", steps=4), model_factory=standin_factory)
+
+
 def test_training_updates_params_logs_and_selects_best(fixture_build, tmp_path):
     torch.manual_seed(0)  # train() seeds cfg.seed (0) before building the model: same initial weights
     before = standin_factory()
