@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -65,6 +66,19 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> 
     except ProcessLookupError:
         pass
 
+
+
+def wait_until_ready(probe: Callable[[], bool], proc: subprocess.Popen | None, timeout_s: float, what: str,
+                     log: str | Path) -> None:
+    """Poll `probe` until it says ready; fail at once if `proc` exits, or after `timeout_s`, naming the log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
+        if probe():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout_s} s; see {log}")
 
 class LocalPrefect:
     """Context manager owning a local Prefect server and a process worker (see module docstring)."""
@@ -141,19 +155,16 @@ class LocalPrefect:
             raise
         return self
 
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.server is not None and self.server.poll() is not None:
-                raise RuntimeError(f"prefect server exited ({self.server.returncode}); see {self.log_dir}/server.log")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"prefect server not healthy after {self.startup_timeout_s} s; see {self.log_dir}")
+        wait_until_ready(self._healthy, self.server, self.startup_timeout_s, "prefect server",
+                         f"{self.log_dir}/server.log")
 
     def stop(self) -> None:
         for proc in (self.worker, self.server):  # worker first: it would log errors without its server
@@ -256,18 +267,13 @@ class LocalPostgres:
             raise
         return self
 
+    def _accepts_connections(self) -> bool:
+        ready = subprocess.run([str(postgres_bin("pg_isready")), "-h", "127.0.0.1", "-p", str(self.port),
+                                "-U", "postgres"], capture_output=True, check=False)
+        return ready.returncode == 0
+
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited ({self.proc.returncode}); see {self.log_path}")
-            ready = subprocess.run([str(postgres_bin("pg_isready")), "-h", "127.0.0.1", "-p", str(self.port),
-                                    "-U", "postgres"],
-                                   capture_output=True, check=False)
-            if ready.returncode == 0:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"postgres not ready after {self.startup_timeout_s} s; see {self.log_path}")
+        wait_until_ready(self._accepts_connections, self.proc, self.startup_timeout_s, "postgres", self.log_path)
 
     def sql(self, query: str, database: str | None = None) -> list[list[str]]:
         """Run one SQL statement with psql over TCP; rows as lists of strings."""
