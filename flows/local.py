@@ -67,7 +67,6 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> 
         pass
 
 
-
 def wait_until_ready(probe: Callable[[], bool], proc: subprocess.Popen | None, timeout_s: float, what: str,
                      log: str | Path) -> None:
     """Poll `probe` until it says ready; fail at once if `proc` exits, or after `timeout_s`, naming the log."""
