@@ -20,6 +20,7 @@ operator would open an internal mirror.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from curation.build import run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
+from curation.io import write_bytes_atomic
 from curation.sample import SampleImageServer, make_sample
 from curation.verify import VerifyConfig
 from manifests.version import code_version, dirty_content_hash
@@ -172,7 +174,9 @@ def render_images(folder: Path, n: int) -> None:
             box = (x, y, x + rng.randrange(20, 160), y + rng.randrange(20, 120))
             colour = tuple(rng.randrange(256) for _ in range(3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-        img.save(path, format="JPEG", quality=90)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        write_bytes_atomic(path, buf.getvalue())  # an interrupted render must not leave a partial image behind
 
 
 def serve_images(folder: Path, port_file: Path) -> int:

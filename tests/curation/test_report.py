@@ -107,3 +107,17 @@ def test_report_on_an_early_build(tmp_path: Path) -> None:
     assert_png(layout.report_dir / "entity_histogram.png")
     assert not (layout.report_dir / "download_outcomes.png").exists()
     assert "captions (no samples written yet)" in (layout.report_dir / "report.md").read_text()
+
+
+def test_report_counts_download_failures_by_reason(tmp_path: Path) -> None:
+    layout = make_build(tmp_path)
+    table = pq.read_table(layout.downloads)
+    failed = [s != "success" for s in table["status"].to_pylist()]
+    reasons = ["blocked_address" if f and i % 2 else "timeout" if f else None for i, f in enumerate(failed)]
+    table = table.append_column("reason", pa.array(reasons, pa.string()))
+    table = table.append_column("transient", pa.array([None if r is None else r == "timeout" for r in reasons]))
+    table = table.append_column("attempts", pa.array([1] * table.num_rows, pa.int32()))
+    pq.write_table(table, layout.downloads)
+    md = report_markdown(layout.root)
+    assert "## Download failures by reason" in md
+    assert "| blocked_address | permanent | 3 | 1 |" in md and "| timeout | transient | 3 | 1 |" in md
