@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import IO, Any
@@ -51,7 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from curation.download import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, DownloadConfig
+from curation.download import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TIMESTAMP, DownloadConfig
+from curation.fetch import is_transient, reason_of
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 from curation.ingest import REJECT_SCHEMA, IngestConfig
 from curation.io import atomic_path, read_json, write_json_atomic, write_parquet_atomic
@@ -506,16 +508,27 @@ def _collect(layout: BuildLayout, selected: pa.Table, names: list[str], cfg: Dow
     joined = selected.select(["sample_id", "url"]).join(rows, keys="sample_id", join_type="inner").sort_by("sample_id")
     if joined.num_rows != selected.num_rows:
         raise AssertionError(f"extract: {selected.num_rows} selected but {joined.num_rows} staged rows")
+    # The download layout's failure class columns: an image that cannot be stored is a permanent failure (reason
+    # undecodable or too_many_pixels, from the message), and extraction is one attempt, made now.
+    reasons = [None if e is None else reason_of(e) for e in joined["error_message"].to_pylist()]
+    now = pa.scalar(datetime.now(UTC), TIMESTAMP)
+    attempted_at = pa.array([now.as_py()] * joined.num_rows, TIMESTAMP)
     table = pa.table({
         "sample_id": joined["sample_id"], "url": joined["url"], "status": joined["status"],
+        "reason": pa.array(reasons, pa.string()),
+        "transient": pa.array([None if r is None else is_transient(r) for r in reasons], pa.bool_()),
         "error_message": joined["error_message"], "width": joined["width"], "height": joined["height"],
-        "sha256": joined["sha256"], "staging_shard": joined["staging_shard"], "staging_key": joined["key"],
+        "sha256": joined["sha256"], "attempts": pa.array([1] * joined.num_rows, pa.int32()),
+        "first_attempt_at": attempted_at, "last_attempt_at": attempted_at,
+        "staging_shard": joined["staging_shard"], "staging_key": joined["key"],
     }, schema=DOWNLOADS_SCHEMA)
     statuses = Counter(table["status"].to_pylist())
     by_status = {s: statuses.get(s, 0) for s in STATUSES}
     errors = Counter(e for e in table["error_message"].to_pylist() if e)
     counts = {
-        "selected": selected.num_rows, **by_status, "failed_by_reason": {s: by_status[s] for s in STATUSES[1:]},
+        "selected": selected.num_rows, **by_status, "failed": selected.num_rows - by_status["success"],
+        "failed_by_reason": dict(sorted(Counter(r for r in reasons if r is not None).items())),
+        "failed_by_status": {s: by_status[s] for s in STATUSES[1:]},
         "errors": dict(errors.most_common(50)),
         "staging_shards": [{"shard": n, **{k: v for k, v in read_json(staging / f"{n}_stats.json").items()
                                            if k in ("count", "successes", "failed_to_resize", "source_shard")}}

@@ -236,9 +236,11 @@ def test_cli_build_from_brace_pattern_matches_the_tsv_route(tmp_path):
     manifest = json.loads((tmp_path / "from-wds" / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["ingest"]["rejected_by_reason"] == {"empty_caption": 1, "no_image": 1}  # rows 23 and the 1st 404
-    assert counts["download"]["failed_by_reason"]["failed_to_resize"] >= 1  # the corrupt rows
+    assert counts["download"]["failed_by_status"]["failed_to_resize"] >= 1  # the corrupt rows
+    assert counts["download"]["failed_by_reason"]["undecodable"] >= 1  # ... by failure class
     assert counts["reshard"]["written"] == len(ids("from-wds", "kept")) > 0
-    assert manifest["inputs"]["source"] == wds.pattern
+    assert manifest["inputs"]["source"] == Path(wds.pattern).name  # the identity: name + sha256 of the shards
+    assert json.loads((tmp_path / "from-wds" / "run.json").read_text())["source"] == wds.pattern  # where, this run
     same_images = wds.ids_with_image
     assert ids("from-wds", "selected") == ids("from-tsv", "selected") & same_images
     assert ids("from-wds", "kept") == ids("from-tsv", "kept") & same_images
@@ -254,7 +256,8 @@ def test_parallel_ingest_and_extraction_give_the_same_rows(tmp_path):
         tables.append(pa.concat_tables(pq.read_table(p).replace_schema_metadata(None)
                                        for p in layout.parts(layout.ingest_dir)).to_pylist())
         extract_selected(layout.root, DownloadConfig(image_size=32, processes_count=processes))
-        tables.append(pq.read_table(layout.downloads).replace_schema_metadata(None).to_pylist())
+        downloads = pq.read_table(layout.downloads).replace_schema_metadata(None)
+        tables.append(downloads.drop_columns(["first_attempt_at", "last_attempt_at"]).to_pylist())  # run times
         assert sorted(p.name for p in layout.staging_dir.glob("*_stats.json")) == ["00000_stats.json",
                                                                                   "00001_stats.json"]
     assert tables[0] == tables[2] and tables[1] == tables[3]  # ingest rows, downloads rows
