@@ -326,8 +326,9 @@ def cli_demo(args: argparse.Namespace) -> int:
     build_dir, registry = out / "cc4m", out / "registry"
     build_params: dict[str, Any] = {"sample": True, "build_dir": str(build_dir), "sample_dir": str(out / "sample"),
                                     "sample_rows": args.sample_rows}
-    train_params: dict[str, Any] = {"build_dir": str(build_dir),
-                                    "time_limit_s": args.minutes * 60, "out_dir": str(out / "train"),
+    # No out_dir: the pretrain flow keys its run folder by the build's manifest (<out>/train/<preset>-stage1-<sha>),
+    # so a demo rerun after a rebuild starts a new run instead of resuming one trained on the old build.
+    train_params: dict[str, Any] = {"build_dir": str(build_dir), "time_limit_s": args.minutes * 60,
                                     "registry_dir": str(registry), "recipe": "sample"}
     started = time.monotonic()
     if args.no_server:

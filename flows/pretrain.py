@@ -24,6 +24,15 @@ from manifests.fileio import sha256_file
 from manifests.registry import ModelRegistry, default_registry_dir
 
 
+def point_latest(run: Path, link: Path) -> None:
+    """`link` -> `run`, replaced atomically: a stable name for the newest keyed run folder (what a deployment's
+    default checkpoint path can name)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)  # relative: the train folder can move with its build
+    os.replace(tmp, link)
+
+
 def _manifest_sha256(build_dir: str) -> str | None:
     path = Path(build_dir) / "manifest.json"
     return sha256_file(path) if path.exists() else None
@@ -170,6 +179,8 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
     else:
         result = train_in_process(cfg.to_dict())
     logger.info("checkpoint %s, metrics %s", result["checkpoint"], json.dumps(result["metrics"], default=str))
+    if not out_dir:
+        point_latest(out_path, out_path.parent / f"{preset}-stage{stage}-latest")
     if result["checkpoint"] is None:  # a non-zero node_rank of a multi-node run: node 0 registers
         return {"checkpoint": None, "metrics": {}, "out_dir": str(out_path), "entry_id": None}
     entry_id = register_task(str(Path(registry_dir or default_registry_dir()).resolve()), result["checkpoint"],

@@ -113,3 +113,16 @@ def test_torchrun_progress_becomes_a_prefect_progress_artifact(tmp_path, monkeyp
                          "step 6/6, loss 1.5000, 12.5 samples/s, ETA 0:00:00"}
     stored = Artifact.get("pretrain-progress")
     assert stored is not None and float(stored.data) == pytest.approx(100.0)
+
+
+def test_latest_points_at_the_newest_keyed_run(tmp_path):
+    train = tmp_path / "train"
+    old, new = train / "tiny-stage1-aaaaaaaaaaaa", train / "tiny-stage1-bbbbbbbbbbbb"
+    for run in (old, new):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.pt").write_text(run.name)
+    link = train / "tiny-stage1-latest"
+    pretrain_module.point_latest(old, link)
+    pretrain_module.point_latest(new, link)
+    assert (link / "checkpoints" / "last.pt").read_text() == new.name
+    assert sorted(p.name for p in train.iterdir()) == sorted([old.name, new.name, link.name])  # no temporaries
