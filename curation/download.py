@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import io
 import json
 import logging
 import os
@@ -59,9 +58,9 @@ from curation.fetch import (
     reason_of,
 )
 from curation.imaging import DEFAULT_MAX_PIXELS
-from curation.io import write_parquet_atomic
+from curation.io import table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
-from curation.lifetime import exit_with_parent, kill_process_group
+from curation.lifetime import exit_with_parent, group_alive, kill_process_group
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +223,6 @@ class DownloadConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _table_digest(table: pa.Table) -> str:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return hashlib.sha256(sink.getvalue()).hexdigest()
-
-
 def staging_shards(staging_dir: Path) -> list[str]:
     """Names ("00000") of staging shards img2dataset finished: their `_stats.json` is written last."""
     return sorted(p.name[: -len("_stats.json")] for p in Path(staging_dir).glob("*_stats.json"))
@@ -312,7 +304,7 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
                 stall.check(log_path)
                 _report(_stats_progress(output, total, done_before, started), progress)
         finally:
-            if proc.poll() is None or _group_alive(proc.pid):
+            if proc.poll() is None or group_alive(proc.pid):
                 kill_process_group(proc)
     _report(_stats_progress(output, total, done_before, started), progress)
     if proc.returncode != 0:
@@ -322,14 +314,6 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
 
 class DownloadStalled(RuntimeError):
     """img2dataset ran past its time limit, or made no progress for stall_timeout_s (disk full, hung worker)."""
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 class _StallWatch:
@@ -419,7 +403,7 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
     staging = layout.staging_dir
     urls = collect_selected(build_dir)
     fingerprint = hashlib.sha256(
-        json.dumps({"urls": _table_digest(urls), "staging": cfg.staging_fingerprint()}, sort_keys=True).encode()
+        json.dumps({"urls": table_digest(urls), "staging": cfg.staging_fingerprint()}, sort_keys=True).encode()
     ).hexdigest()
 
     if layout.downloads.exists():

@@ -18,10 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.download import STATUSES
+from curation.ingest import DONE_MARKER
 from curation.io import read_json
 from curation.layout import BuildLayout
 
-INGEST_DONE = Path("ingest") / "ingest-done.json"
+INGEST_DONE = Path("ingest") / DONE_MARKER
 
 
 def _ids(paths: Iterable[Path], column: str = "sample_id") -> np.ndarray:

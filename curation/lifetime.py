@@ -18,6 +18,15 @@ import time
 WATCHDOG_POLL_S = 0.2
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still alive."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def kill_process_group(proc: subprocess.Popen) -> None:
     """SIGKILL a child started with start_new_session=True and everything in its group; reap the child."""
     with contextlib.suppress(ProcessLookupError, PermissionError):

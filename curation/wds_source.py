@@ -55,7 +55,7 @@ from braceexpand import braceexpand
 from curation.download import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TIMESTAMP, DownloadConfig
 from curation.fetch import is_transient, reason_of
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
-from curation.ingest import REJECT_SCHEMA, IngestConfig
+from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig
 from curation.io import atomic_path, read_json, write_json_atomic, write_parquet_atomic
 from curation.layout import BuildLayout, part_name
 from curation.progress import Progress, ProgressCallback
@@ -68,7 +68,6 @@ POSITIONAL_BASE = 10**15
 SHARD_STRIDE = 10**6  # samples per shard at most (cc12m-wds has ~10k)
 WDS_REJECT_REASONS = ("empty_caption", "bad_utf8", "caption_too_long", "no_image", "duplicate_key")
 SHARD_META_KEY = b"cc4m.wds_shard"
-DONE_MARKER = "ingest-done.json"
 HTTP_TIMEOUT_S = 60
 
 WDS_INGEST_SCHEMA = pa.schema([
