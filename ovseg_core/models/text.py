@@ -89,8 +89,11 @@ def load_text_backbone(name_or_path: str, pretrained: bool) -> tuple[nn.Module, 
     if pretrained:
         try:
             with _quiet_transformers():
+                # fp32 master weights whatever the checkpoint stores (transformers 5 keeps a fp16/bf16 file's
+                # dtype by default): mixed precision comes from autocast, and AdamW on half-precision
+                # parameters would lose small updates.
                 model, info = AutoModel.from_pretrained(resolved, local_files_only=True, output_loading_info=True,
-                                                        **kwargs)
+                                                        dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as err:
             raise _not_found(name_or_path, err) from err
         # A checkpoint that silently leaves layers at random init would train a different model: refuse it.

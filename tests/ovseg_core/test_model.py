@@ -259,6 +259,26 @@ def test_real_minilm_weights_load_offline():
     assert model.tokenizer("[MASK]")["input_ids"][1] == model.tokenizer.mask_token_id
 
 
+def test_half_precision_checkpoint_loads_as_fp32_master_weights(tmp_path):
+    """A text encoder saved in fp16 (how many hub copies are stored) trains with fp32 parameters: autocast gives the
+    mixed precision, and AdamW steps on fp16 parameters would round small updates away."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ovseg_core.models.text import minilm_path
+
+    folder = tmp_path / "minilm-fp16"
+    shutil.copytree(minilm_path(), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.half() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    model, _ = load_text_backbone(str(folder), pretrained=True)
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == {torch.float32}
+    key = next(k for k in weights if k.endswith("embeddings.word_embeddings.weight"))
+    assert torch.equal(model.embeddings.word_embeddings.weight, weights[key].half().float())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_s", "vit_b"])
 def test_full_presets_build_and_encode(name):
