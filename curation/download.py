@@ -93,9 +93,11 @@ DOWNLOADS_SCHEMA = pa.schema([
     ("sha256", pa.string()), ("attempts", pa.int32()), ("first_attempt_at", TIMESTAMP),
     ("last_attempt_at", TIMESTAMP), ("staging_shard", pa.string()), ("staging_key", pa.string()),
 ])
-# The downloads.parquet columns that decide what later stages write (which samples, which bytes, where they are
-# staged): their content, not the file's bytes or mtime, is what dedup and reshard fingerprint.
-DOWNLOAD_CONTENT_COLUMNS = ["sample_id", "status", "width", "height", "sha256", "staging_shard", "staging_key"]
+# The downloads.parquet columns that decide what later stages write (which samples, which original bytes): their
+# content, not the file's bytes or mtime, is what dedup and reshard fingerprint. Where an image is staged is left
+# out on purpose: a grown build fetches its new rows in a later round than a fresh build would, and must still end
+# with the same outputs (and the same stored JPEG follows from the same original bytes and image settings).
+DOWNLOAD_CONTENT_COLUMNS = ["sample_id", "status", "width", "height", "sha256"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -372,33 +374,81 @@ def _payload(cfg: DownloadConfig, urls_path: Path, output: Path) -> dict[str, An
                        "proxy_hosts": list(policy.proxy_hosts)}}
 
 
-def _write_round_urls(path: Path, urls: pa.Table, fingerprint: str) -> None:
-    meta = {DOWNLOADS_META_KEY: json.dumps({"fingerprint": fingerprint}).encode()}
+def _write_round_urls(path: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
+    meta = {DOWNLOADS_META_KEY: json.dumps({"staging": cfg.staging_fingerprint()}, sort_keys=True).encode()}
     write_parquet_atomic(path, urls.replace_schema_metadata(meta))
 
 
-def _round_fingerprint(path: Path) -> str | None:
+def _round_staging(path: Path) -> Any:
     old = (pq.read_schema(path).metadata or {}).get(DOWNLOADS_META_KEY)
-    return json.loads(old).get("fingerprint") if old else None
+    return json.loads(old).get("staging") if old else None
+
+
+def _round_folders(staging: Path) -> list[Path]:
+    """Every round that was started (its urls.parquet written), in order."""
+    return [staging / r for r in staging_rounds(staging) if (staging / r / URLS_NAME).exists()]
+
+
+def _round_done(folder: Path, cfg: DownloadConfig) -> bool:
+    rows = pq.read_metadata(folder / URLS_NAME).num_rows
+    return len(staging_shards(folder)) >= -(-rows // cfg.number_sample_per_shard)
 
 
 def _run_round(folder: Path, urls: pa.Table, cfg: DownloadConfig, log_path: Path,
                progress: Progress | None) -> None:
     """img2dataset over urls (written to folder/urls.parquet already) unless every shard of the round is done."""
-    n_expected_shards = -(-urls.num_rows // cfg.number_sample_per_shard)
-    done = set(staging_shards(folder))
-    if urls.num_rows and len(done) < n_expected_shards:
-        log.info("download: %d urls in %s, %d/%d staging shards already done", urls.num_rows, folder, len(done),
-                 n_expected_shards)
+    if urls.num_rows and not _round_done(folder, cfg):
+        log.info("download: %d urls in %s, %d staging shards already done", urls.num_rows, folder,
+                 len(staging_shards(folder)))
         run_img2dataset(_payload(cfg, folder / URLS_NAME, folder), cfg, log_path, urls.num_rows, progress)
+
+
+def _resume_unfinished(staging: Path, cfg: DownloadConfig, progress: Progress | None) -> bool:
+    """Finish every round a killed build left unfinished (img2dataset's incremental mode); True if any ran."""
+    ran = False
+    for folder in _round_folders(staging):
+        if not _round_done(folder, cfg):
+            _run_round(folder, pq.read_table(folder / URLS_NAME), cfg, staging / LOG_NAME, progress)
+            ran = True
+    return ran
+
+
+def _not_yet_fetched(staging: Path, urls: pa.Table) -> pa.Table:
+    """Selected (sample_id, url) pairs no round has asked for: the rows a grown or edited source added. A sample
+    whose url changed counts as new; samples no longer selected are simply not asked for again."""
+    folders = _round_folders(staging)
+    if not folders:
+        return urls
+    asked = pa.concat_tables(pq.read_table(f / URLS_NAME, columns=["sample_id", "url"]) for f in folders)
+    return urls.join(asked, keys=["sample_id", "url"], join_type="left anti").sort_by("sample_id")
+
+
+def _new_round(staging: Path, rows: pa.Table, cfg: DownloadConfig, progress: Progress | None, why: str) -> None:
+    folder = staging if not (staging / URLS_NAME).exists() else \
+        staging / f"{RETRY_PREFIX}{len(staging_rounds(staging)):04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_round_urls(folder / URLS_NAME, rows, cfg)
+    log.info("download: %d %s in %s", rows.num_rows, why, folder.name)
+    _run_round(folder, rows, cfg, staging / LOG_NAME, progress)
+
+
+def _discard_other_settings(layout: BuildLayout, cfg: DownloadConfig) -> None:
+    """Rounds fetched with other image settings would mix two kinds of staged image: start over."""
+    first = layout.staging_dir / URLS_NAME
+    if first.exists() and _round_staging(first) != cfg.staging_fingerprint():
+        log.warning("download: image settings changed, discarding %s", layout.staging_dir)
+        shutil.rmtree(layout.staging_dir)
+        layout.downloads.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------------------- the stage
 def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """selected/* -> staging/ -> downloads.parquet (one row per selected sample). Idempotent; resumable (img2dataset's
-    incremental mode continues from finished staging shards). With cfg.retry_transient, a finished download fetches
-    its transient failures again (a new round). `progress` is called with {"stage": "download", "done", "total",
-    "unit": "images", "rate", "eta_s"} while img2dataset runs. Returns counts by status and reason."""
+    """selected/* -> staging/ -> downloads.parquet (one row per selected sample). Idempotent, resumable
+    (img2dataset's incremental mode continues a round from its finished staging shards) and incremental: selected
+    rows that no round has asked for yet (a grown source) are fetched in a new round, and only they. With
+    cfg.retry_transient, a finished download fetches its transient failures again (a new round). `progress` is
+    called with {"stage": "download", "done", "total", "unit": "images", "rate", "eta_s"} while img2dataset runs.
+    Returns counts by status and reason."""
     layout = BuildLayout(Path(build_dir))
     staging = layout.staging_dir
     urls = collect_selected(build_dir)
@@ -416,18 +466,13 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
                 return {**recorded["counts"], "skipped": True}
             return _retry_round(layout, urls, retry, cfg, fingerprint, progress)
 
-    urls_path = staging / URLS_NAME
-    if urls_path.exists() and _round_fingerprint(urls_path) != fingerprint:
-        # Different input or settings: img2dataset's incremental mode would mix old and new shards. Start over.
-        log.warning("download: staging input changed, discarding %s", staging)
-        shutil.rmtree(staging)
-        layout.downloads.unlink(missing_ok=True)
+    _discard_other_settings(layout, cfg)
     staging.mkdir(parents=True, exist_ok=True)
-    if not urls_path.exists():
-        _write_round_urls(urls_path, urls, fingerprint)
-
     started = time.perf_counter()
-    _run_round(staging, urls, cfg, staging / LOG_NAME, progress)
+    _resume_unfinished(staging, cfg, progress)
+    new = _not_yet_fetched(staging, urls)
+    if new.num_rows or not (staging / URLS_NAME).exists():
+        _new_round(staging, new, cfg, progress, "selected rows not fetched yet")
     result = _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
     # Shards a killed build finished while its proxy was already gone: fetch their rows again now, once.
     own = _retry_candidates(layout, replace(cfg, retry_transient=False))
@@ -460,26 +505,12 @@ def _retry_candidates(layout: BuildLayout, cfg: DownloadConfig) -> pa.Table:
 
 def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: DownloadConfig, fingerprint: str,
                  progress: Progress | None) -> dict[str, Any]:
-    """Fetch the transient failures again into staging/retry-NNNN/ (an unfinished round is resumed first)."""
-    staging = layout.staging_dir
-    subset = urls.filter(pc.is_in(urls["sample_id"], value_set=retry["sample_id"]))
-    rounds = staging_rounds(staging)[1:]
-    last = staging / rounds[-1] if rounds else None
-    if last is not None and (last / URLS_NAME).exists() and _round_fingerprint(last / URLS_NAME) == fingerprint:
-        last_urls = pq.read_table(last / URLS_NAME)
-        if len(staging_shards(last)) < -(-last_urls.num_rows // cfg.number_sample_per_shard):
-            subset = last_urls.select(["sample_id", "url", "caption"])  # resume the unfinished round
-        else:
-            last = None
-    else:
-        last = None
-    folder = last or staging / f"{RETRY_PREFIX}{len(rounds) + 1:04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / URLS_NAME).exists():
-        _write_round_urls(folder / URLS_NAME, subset, fingerprint)
-    log.info("download: retrying %d transient failures in %s", subset.num_rows, folder.name)
+    """Fetch the transient failures again in a new round staging/retry-NNNN/ (an unfinished round is resumed
+    first, and then counts as this run's round)."""
     started = time.perf_counter()
-    _run_round(folder, subset, cfg, staging / LOG_NAME, progress)
+    if not _resume_unfinished(layout.staging_dir, cfg, progress):
+        subset = urls.filter(pc.is_in(urls["sample_id"], value_set=retry["sample_id"]))
+        _new_round(layout.staging_dir, subset, cfg, progress, "transient failures to retry")
     return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
 
 
@@ -526,12 +557,18 @@ def _merge_rounds(layout: BuildLayout, urls: pa.Table, per_shard: list[dict[str,
     merged["first_attempt_at"] = pa.nulls(n, TIMESTAMP)
     attempts = pa.array([0] * n, pa.int32())
     for prefix in staging_rounds(layout.staging_dir):
-        staged = _read_round(layout.staging_dir / prefix, prefix, per_shard)
-        unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=urls["sample_id"])))
-        if unknown.num_rows:  # staging rows whose sample_id was never selected: the staging folder is not ours
-            raise ValueError(f"download: staging holds {unknown.num_rows} unknown sample ids, "
-                             f"e.g. {unknown['sample_id'].to_pylist()[:5]}")
-        joined = base.join(staged, keys="sample_id", join_type="left outer").sort_by("sample_id")
+        folder = layout.staging_dir / prefix
+        staged = _read_round(folder, prefix, per_shard)
+        asked = (pq.read_table(folder / URLS_NAME, columns=["sample_id", "url"]) if (folder / URLS_NAME).exists()
+                 else base.slice(0, 0))
+        unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=asked["sample_id"])))
+        if unknown.num_rows:  # staging rows this round never asked for: the staging folder is not ours
+            raise ValueError(f"download: staging round {prefix or 'first'} holds {unknown.num_rows} sample ids it "
+                             f"never asked for, e.g. {unknown['sample_id'].to_pylist()[:5]}")
+        # A result counts for a sample only if it was fetched from the sample's current url (an edited source row
+        # keeps its sample_id but not its image); results of samples no longer selected are left out.
+        staged = staged.join(asked, keys="sample_id", join_type="inner")
+        joined = base.join(staged, keys=["sample_id", "url"], join_type="left outer").sort_by("sample_id")
         hit = pc.is_valid(joined["status"])
         for name, previous in merged.items():
             if name != "first_attempt_at":

@@ -16,8 +16,13 @@ Decisions (documented here because downstream stages and the manifest depend on 
 - sample_id = 0-based line (row) number in the source, counting rejected and blank lines, so ids are stable across
   reruns and across `rows_per_part`. Part k holds ids [k*rows_per_part, (k+1)*rows_per_part).
 - Every part index gets BOTH an ingest part and a rejects part (possibly empty), rejects first; the ingest part is
-  the "part done" signal. `ingest/ingest-done.json` marks the whole source done and pins its sha256: a rerun on the
-  same source returns the recorded counts, a rerun on a changed source (or other rows_per_part) is refused.
+  the "part done" signal and records (curation.io.with_unit_record) the fingerprint of what it holds.
+- Content-addressed, for sources that grow: a rerun reads the source again and rewrites only the parts whose rows
+  changed (the next stages see their fingerprints change and redo only those parts). Rows appended to a CC12M-style
+  source therefore touch the last old part and add new ones; every other part, and everything made from it, stays
+  as it is. Parts the source no longer reaches are removed with their captions/selected parts. `ingest-done.json`
+  pins the source's sha256 (a rerun of an unchanged source is a footer check) and the result records what changed
+  since the previous ingest ("changes": appended, changed or unchanged, rows before and now, parts touched).
 """
 from __future__ import annotations
 
@@ -34,11 +39,21 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io import read_json, sha256_file, write_json_atomic, write_parquet_atomic
+from curation.io import (
+    fingerprint_of,
+    read_json,
+    sha256_file,
+    table_digest,
+    unit_record,
+    with_unit_record,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from curation.layout import BuildLayout, part_name
 
 DONE_MARKER = "ingest-done.json"
-STARTED_MARKER = "ingest-started.json"
+# Bump when the same source rows would give different part contents: every part is then rewritten.
+INGEST_VERSION = 1
 
 # Every reason a row can be rejected for; the manifest lists these.
 REJECT_REASONS = (
@@ -212,7 +227,7 @@ class _NoProgress:
         pass
 
 
-def _write_part(layout: BuildLayout, index: int, rows: list[_Row]) -> None:
+def _part_tables(rows: list[_Row]) -> tuple[pa.Table, pa.Table]:
     ok = [r for r in rows if r.reason is None]
     bad = [r for r in rows if r.reason is not None]
     rejects = pa.table(
@@ -232,43 +247,108 @@ def _write_part(layout: BuildLayout, index: int, rows: list[_Row]) -> None:
         },
         schema=INGEST_SCHEMA,
     )
-    # Rejects first: the ingest part's presence is what marks this part as complete.
-    write_parquet_atomic(layout.rejects_dir / part_name(index), rejects)
-    write_parquet_atomic(layout.ingest_dir / part_name(index), ingested)
+    return ingested, rejects
+
+
+def _is_prefix(old_path: Path, new: pa.Table) -> bool:
+    old = pq.read_table(old_path).replace_schema_metadata(None)
+    return old.num_rows <= new.num_rows and old.equals(new.slice(0, old.num_rows))
+
+
+def _write_part(layout: BuildLayout, index: int, rows: list[_Row], content_cfg: dict[str, Any]) -> str:
+    """Write part `index` unless it already holds exactly these rows; returns "same", "new", "grown" (the old part's
+    rows are a prefix of the new ones: rows were appended) or "changed"."""
+    ingested, rejects = _part_tables(rows)
+    name = part_name(index)
+    ingest_path, rejects_path = layout.ingest_dir / name, layout.rejects_dir / name
+    fingerprint = fingerprint_of({"stage": "ingest", "version": INGEST_VERSION, "config": content_cfg,
+                                  "ingested": table_digest(ingested), "rejects": table_digest(rejects)})
+    record = unit_record(ingest_path)
+    if record is not None and rejects_path.exists():
+        if record["fingerprint"] == fingerprint:
+            return "same"
+        old_rows = pq.read_metadata(ingest_path).num_rows + pq.read_metadata(rejects_path).num_rows
+        grown = old_rows < ingested.num_rows + rejects.num_rows and _is_prefix(ingest_path, ingested) \
+            and _is_prefix(rejects_path, rejects)
+        status = "grown" if grown else "changed"
+    else:
+        status = "new"
+    # Rejects first: the ingest part's presence (with its record) is what marks this part as complete.
+    write_parquet_atomic(rejects_path, rejects)
+    write_parquet_atomic(ingest_path, with_unit_record(ingested, fingerprint))
+    return status
+
+
+def _remove_parts_beyond(layout: BuildLayout, parts: list[str]) -> list[str]:
+    """Parts of a longer earlier source, and what the next stages made of them: they must not be read as ours."""
+    keep = set(parts)
+    removed = sorted({p.name for p in layout.parts(layout.ingest_dir) if p.name not in keep})
+    for directory in (layout.ingest_dir, layout.rejects_dir, layout.captions_dir, layout.selected_dir):
+        for path in layout.parts(directory) if directory.exists() else ():
+            if path.name not in keep:
+                path.unlink()
+    return removed
+
+
+def _unchanged_result(layout: BuildLayout, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded result when the source and settings are those of the finished ingest and every part still
+    carries the fingerprint it was written with (footers only: a rerun of a big source costs one sha256 pass)."""
+    done_path = layout.ingest_dir / DONE_MARKER
+    if not done_path.exists():
+        return None
+    done = read_json(done_path)
+    if {k: done.get(k) for k in identity} != identity:
+        return None
+    fingerprints = done.get("fingerprints", {})
+    for part in done["result"]["parts"]:
+        record = unit_record(layout.ingest_dir / part)
+        if record is None or record["fingerprint"] != fingerprints.get(part) \
+                or not (layout.rejects_dir / part).exists():
+            return None
+    return {**done["result"], "changes": {"kind": "unchanged", "rows_before": done["result"]["read"],
+                                          "rows_added": 0, "parts_rewritten": [], "parts_removed": []}}
+
+
+def _changes(previous: dict[str, Any] | None, statuses: dict[str, str], removed: list[str],
+             read: int) -> dict[str, Any]:
+    """What this ingest changed relative to the previous finished one (for the manifest and the retrain flow)."""
+    before = previous["result"]["read"] if previous else 0
+    rewritten = sorted(p for p, s in statuses.items() if s in ("grown", "changed"))
+    added = sorted(p for p, s in statuses.items() if s == "new")
+    if previous is None:
+        kind = "new"
+    elif not rewritten and not added and not removed:
+        kind = "unchanged"
+    elif removed or any(statuses[p] == "changed" for p in rewritten) or read < before:
+        kind = "changed"
+    else:
+        kind = "appended"
+    return {"kind": kind, "rows_before": before, "rows_added": max(0, read - before) if kind == "appended" else None,
+            "parts_rewritten": rewritten, "parts_added": added, "parts_removed": removed}
 
 
 def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig = IngestConfig()) -> dict[str, Any]:
-    """Stream `source` into build_dir/ingest and build_dir/rejects; returns JSON-able counts.
+    """Stream `source` into build_dir/ingest and build_dir/rejects; returns JSON-able counts and "changes".
 
-    Idempotent: a finished ingest of the same source (same sha256 and rows_per_part) returns its recorded counts;
-    an interrupted one is resumed, keeping the parts already written. A different source in the same build folder
-    raises ValueError instead of silently mixing two sources.
+    Idempotent and content-addressed: a part is rewritten only when its rows differ from what it holds, so a rerun
+    of the same source writes nothing, an interrupted one resumes, and a grown or edited source rewrites only the
+    parts it changed (see the module docstring).
     """
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"ingest source not found: {path}")
     layout = BuildLayout(Path(build_dir))
     source_sha256 = sha256_file(path)
-    # Everything that changes WHAT is written (not how fast): a rerun must match it or be refused.
+    # Everything that changes WHAT is written (not how fast).
     content_cfg = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
-    identity = {"source_sha256": source_sha256, "rows_per_part": cfg.rows_per_part, "content_config": content_cfg}
-
+    identity = {"source_sha256": source_sha256, "rows_per_part": cfg.rows_per_part, "content_config": content_cfg,
+                "version": INGEST_VERSION}
+    unchanged = _unchanged_result(layout, identity)
+    if unchanged is not None:
+        return unchanged
     done_path = layout.ingest_dir / DONE_MARKER
-    started_path = layout.ingest_dir / STARTED_MARKER
-    for marker in (done_path, started_path):
-        if marker.exists():
-            recorded = read_json(marker)
-            if {k: recorded.get(k) for k in identity} != identity:
-                raise ValueError(
-                    f"{layout.root} already holds an ingest of a different source or settings "
-                    f"({marker.name}: sha256={recorded.get('source_sha256')}, "
-                    f"settings={recorded.get('content_config')}); use a fresh build folder"
-                )
-    if done_path.exists():
-        result = read_json(done_path)["result"]
-        if all((layout.ingest_dir / p).exists() and (layout.rejects_dir / p).exists() for p in result["parts"]):
-            return result
-    write_json_atomic(started_path, {**identity, "source": str(path)})
+    previous = read_json(done_path) if done_path.exists() else None
+    done_path.unlink(missing_ok=True)  # from here until the new marker, the ingest is unfinished
 
     kind = source_kind(path)
     if kind == "parquet":
@@ -281,15 +361,12 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
 
     read = ingested = 0
     rejects_by_reason: Counter[str] = Counter()
-    parts: list[str] = []
+    statuses: dict[str, str] = {}
     buffer: list[_Row] = []
     current_part = 0
 
     def flush(index: int, rows: list[_Row]) -> None:
-        name = part_name(index)
-        parts.append(name)
-        if not (layout.ingest_dir / name).exists() or not (layout.rejects_dir / name).exists():
-            _write_part(layout, index, rows)
+        statuses[part_name(index)] = _write_part(layout, index, rows, content_cfg)
 
     try:
         for row in rows_iter(path, cfg, progress):
@@ -303,10 +380,12 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
                 ingested += 1
             else:
                 rejects_by_reason[row.reason] += 1
-        if buffer or not parts:  # an empty source still gets one (empty) part so downstream stages see a unit
+        if buffer or not statuses:  # an empty source still gets one (empty) part so downstream stages see a unit
             flush(current_part, buffer)
     finally:
         progress.close()
+    parts = list(statuses)
+    removed = _remove_parts_beyond(layout, parts)
 
     result = {
         "source": str(path),
@@ -320,6 +399,6 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
         "parts": parts,
         "rows_per_part": cfg.rows_per_part,
     }
-    write_json_atomic(done_path, {**identity, "result": result})
-    started_path.unlink(missing_ok=True)
-    return result
+    fingerprints = {p: unit_record(layout.ingest_dir / p)["fingerprint"] for p in parts}
+    write_json_atomic(done_path, {**identity, "fingerprints": fingerprints, "result": result})
+    return {**result, "changes": _changes(previous, statuses, removed, read)}

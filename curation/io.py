@@ -22,9 +22,14 @@ from manifests.fileio import (
 )
 
 __all__ = [
-    "atomic_path", "parquet_digest", "read_json", "remove_stale_temporaries", "sha256_file", "table_digest",
-    "write_bytes_atomic", "write_json_atomic", "write_parquet_atomic", "write_text_atomic",
+    "UNIT_META_KEY", "atomic_path", "fingerprint_of", "parquet_digest", "read_json", "remove_stale_temporaries",
+    "sha256_file", "table_digest", "unit_record", "with_unit_record", "write_bytes_atomic", "write_json_atomic",
+    "write_parquet_atomic", "write_text_atomic",
 ]
+
+# A per-part stage output records, in its parquet metadata, the fingerprint of everything it was made from and the
+# digest of its own content (which the next stage puts into ITS fingerprint): content-addressed units.
+UNIT_META_KEY = b"cc4m.unit"
 
 
 def write_parquet_atomic(path: str | os.PathLike, table: pa.Table, **kwargs: Any) -> Path:
@@ -51,3 +56,24 @@ def parquet_digest(path: str | os.PathLike, columns: list[str]) -> str:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fingerprint_of(inputs: Any) -> str:
+    """sha256 of a JSON-able description of a unit's inputs (content digests, config, stage and library versions)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def with_unit_record(table: pa.Table, fingerprint: str) -> pa.Table:
+    """`table` with {"fingerprint", "content"} added to its metadata: what it was made from, and what it holds."""
+    metadata = dict(table.schema.metadata or {})
+    metadata[UNIT_META_KEY] = json.dumps({"fingerprint": fingerprint, "content": table_digest(table)}).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def unit_record(path: str | os.PathLike) -> dict[str, str] | None:
+    """The {"fingerprint", "content"} a unit's parquet recorded, or None (missing, unreadable or unrecorded)."""
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(UNIT_META_KEY)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return json.loads(raw) if raw else None

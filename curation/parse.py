@@ -21,7 +21,14 @@ import pyarrow.parquet as pq
 
 from curation.entities import DEFAULT_SPACY_MODEL, EntityExtractor
 from curation.ingest import REJECT_SCHEMA, IngestConfig, ingest_source
-from curation.io import atomic_path, write_parquet_atomic
+from curation.io import (
+    atomic_path,
+    fingerprint_of,
+    table_digest,
+    unit_record,
+    with_unit_record,
+    write_parquet_atomic,
+)
 from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
 from manifests.version import code_version
@@ -113,24 +120,44 @@ def _counts(table: pa.Table) -> dict[str, Any]:
             "per_class": dict(sorted(per_class.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 
+# Bump when the same captions, vocabulary and spaCy model would give different entities: every part is reparsed.
+PARSE_VERSION = 1
+
+
+def part_fingerprint(ingest_part: Path, cfg: ParseConfig) -> str:
+    """What a captions part is made from: its ingest part's content (as its unit record states it), the vocabulary,
+    the spaCy model and spaCy (by version: no weights are loaded) and this stage's version."""
+    record = unit_record(ingest_part)
+    content = record["content"] if record else table_digest(pq.read_table(ingest_part))  # a hand-made part
+    extractor = get_extractor(cfg.vocabulary, cfg.spacy_model, cfg.batch_size)
+    vocab = extractor.vocab
+    return fingerprint_of({"stage": "parse", "version": PARSE_VERSION, "input": content,
+                           "vocabulary": [vocab.version, vocab.surface_words, vocab.synonyms],
+                           "spacy_model": [extractor.spacy_model_name, extractor.spacy_model_version],
+                           "spacy": extractor.spacy_version})
+
+
 def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig(),
                progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """ingest/<part> -> captions/<part>. Idempotent: an existing output is not recomputed, only re-counted.
+    """ingest/<part> -> captions/<part>. Content-addressed: skipped (only re-counted) when the existing output
+    records the fingerprint of the current input and settings (`part_fingerprint`), redone otherwise.
     `progress` receives rows/s while the part is parsed (curation.progress)."""
     layout = BuildLayout(Path(build_dir))
     source = layout.ingest_dir / part
     target = layout.captions_dir / part
-    if target.exists():
-        return {"part": part, "skipped": True, **_counts(pq.read_table(target, columns=["entities"]))}
     if not source.exists():
         raise FileNotFoundError(f"parse_part: {source} does not exist (run ingest first)")
+    fingerprint = part_fingerprint(source, cfg)
+    record = unit_record(target)
+    if record is not None and record["fingerprint"] == fingerprint:
+        return {"part": part, "skipped": True, **_counts(pq.read_table(target, columns=["entities"]))}
     extractor = get_extractor(cfg.vocabulary, cfg.spacy_model, cfg.batch_size)
     t0 = time.perf_counter()
     rows = pq.read_table(source)
     meter = Progress(f"parse {part}", rows.num_rows, "row", progress)
     table = parse_table(rows, extractor, cfg.chunk_rows, meter)
     meter.finish()
-    table = table.replace_schema_metadata(_parquet_metadata(extractor))
+    table = with_unit_record(table.replace_schema_metadata(_parquet_metadata(extractor)), fingerprint)
     write_parquet_atomic(target, table)
     return {"part": part, "skipped": False, "seconds": round(time.perf_counter() - t0, 3), **_counts(table)}
 

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import DOWNLOAD_CONTENT_COLUMNS, iter_staged_images
-from curation.io import atomic_path, parquet_digest, sha256_file, write_parquet_atomic
+from curation.download import iter_staged_images
+from curation.io import atomic_path, fingerprint_of, sha256_file, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 from curation.progress import Progress, ProgressCallback
 
@@ -75,14 +75,14 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _fingerprint(layout: BuildLayout, cfg: ShardConfig) -> str:
-    """Inputs that decide the shards' bytes (staged images are pinned by kept.parquet's sha256 of the stored JPEG)."""
-    digest = hashlib.sha256(json.dumps({"samples_per_shard": cfg.samples_per_shard}).encode())
-    # Content, never mtimes or run-time metadata: a copied build is done, an edited input is not.
-    digest.update(b"downloads" + parquet_digest(layout.downloads, DOWNLOAD_CONTENT_COLUMNS).encode())
-    for path in [layout.kept, layout.partners, *layout.parts(layout.selected_dir)]:
-        digest.update(path.name.encode() + sha256_file(path).encode())
-    return digest.hexdigest()
+def _shard_fingerprint(samples: pa.Table, partners: _Partners, lo: int, hi: int, cfg: ShardConfig) -> str:
+    """Everything that decides one shard's bytes, by content: its rows (captions, entities, sizes, the stored and
+    the original image's sha256) and their partners. A shard the other samples' changes do not touch (a grown
+    source adds samples at the end) keeps its fingerprint and is not rewritten."""
+    rows = samples.slice(lo, hi - lo)
+    ids = rows["sample_id"]
+    return fingerprint_of({"stage": "reshard", "samples_per_shard": cfg.samples_per_shard, "rows": table_digest(rows),
+                           "partners": table_digest(partners.slice(ids[0].as_py(), ids[-1].as_py()))})
 
 
 def _record(meta_path: Path) -> dict[str, Any] | None:
@@ -122,11 +122,15 @@ class _Partners:
         self.table = table
         self.ids = table["sample_id"].to_numpy()
 
-    def for_range(self, first_id: int, last_id: int) -> dict[int, list[dict]]:
+    def slice(self, first_id: int, last_id: int) -> pa.Table:
+        """The partner rows of samples first_id..last_id (inclusive)."""
         lo = int(np.searchsorted(self.ids, first_id, side="left"))
         hi = int(np.searchsorted(self.ids, last_id, side="right"))
+        return self.table.slice(lo, hi - lo)
+
+    def for_range(self, first_id: int, last_id: int) -> dict[int, list[dict]]:
         out: dict[int, list[dict]] = {}
-        chunk = self.table.slice(lo, hi - lo)
+        chunk = self.slice(first_id, last_id)
         for sid, pid, cls in zip(*(chunk[c].to_pylist() for c in ("sample_id", "partner_id", "shared_class"))):
             out.setdefault(sid, []).append({"partner_id": pid, "shared_class": cls})
         return out
@@ -149,7 +153,7 @@ def _load_inputs(layout: BuildLayout) -> tuple[pa.Table, _Partners]:
         for p in layout.parts(layout.selected_dir)
     )
     selected = selected.filter(pc.is_in(selected["sample_id"], value_set=kept)).sort_by("sample_id")
-    downloads = pq.read_table(layout.downloads, columns=["sample_id", "status", "width", "height"])
+    downloads = pq.read_table(layout.downloads, columns=["sample_id", "status", "width", "height", "sha256"])
     downloads = downloads.filter(pc.is_in(downloads["sample_id"], value_set=kept)).sort_by("sample_id")
     for name, table in (("selected parts", selected), ("downloads.parquet", downloads)):
         if table.num_rows != len(ids) or not pc.all(pc.equal(table["sample_id"], kept)).as_py():
@@ -166,6 +170,9 @@ def _load_inputs(layout: BuildLayout) -> tuple[pa.Table, _Partners]:
         # null when dedup did not hash, then the shard's bytes are only hashed, not checked.
         "expected_sha256": (kept_table["sha256"].cast(pa.string()) if "sha256" in kept_table.column_names
                             else pa.nulls(len(ids), pa.string())),
+        # img2dataset's hash of the original download: pins the image in the shard's fingerprint even when dedup
+        # did not hash the stored bytes.
+        "download_sha256": downloads["sha256"].cast(pa.string()),
     })
 
     return samples, _Partners(layout.partners, kept)
@@ -219,11 +226,12 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
     "shards_written", "shards_skipped", "samples_per_shard", "skipped"}."""
     layout = BuildLayout(Path(build_dir))
     samples, partners = _load_inputs(layout)
-    fingerprint = _fingerprint(layout, cfg)
     n = samples.num_rows
     n_shards = -(-n // cfg.samples_per_shard)
     bounds = [(i * cfg.samples_per_shard, min(n, (i + 1) * cfg.samples_per_shard)) for i in range(n_shards)]
-    todo = [i for i, (lo, hi) in enumerate(bounds) if not _is_done(layout, i, hi - lo, fingerprint, cfg)]
+    fingerprints = [_shard_fingerprint(samples, partners, lo, hi, cfg) for lo, hi in bounds]
+    fingerprint = fingerprint_of(fingerprints)  # the locator's: all shards
+    todo = [i for i, (lo, hi) in enumerate(bounds) if not _is_done(layout, i, hi - lo, fingerprints[i], cfg)]
 
     # Outputs of an older, larger plan must not linger: they would be read as part of this build.
     for directory, pattern, namer in ((layout.shards_dir, "cc4m-*.tar", shard_name),
@@ -252,7 +260,8 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
             images[sid] = jpg
             if len(images) == bounds[current][1] - bounds[current][0]:
                 lo, hi = bounds[current]
-                _write_shard(layout, current, samples.slice(lo, hi - lo).to_pylist(), images, partners, fingerprint)
+                _write_shard(layout, current, samples.slice(lo, hi - lo).to_pylist(), images, partners,
+                             fingerprints[current])
                 meter.advance(hi - lo)
                 images = {}
                 todo_set.discard(current)

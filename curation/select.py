@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import write_parquet_atomic
+from curation.io import fingerprint_of, table_digest, unit_record, with_unit_record, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
@@ -62,17 +62,32 @@ def _read_counts(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+# Bump when the same captions and config would select differently: every part is selected again.
+SELECT_VERSION = 1
+
+
+def _part_fingerprint(captions_part: Path, cfg: SelectConfig) -> str:
+    """The captions part's content (its unit record, else hashed here), the config and this stage's version."""
+    record = unit_record(captions_part)
+    content = record["content"] if record else table_digest(pq.read_table(captions_part))
+    return fingerprint_of({"stage": "select", "version": SELECT_VERSION, "input": content,
+                           "config": cfg.fingerprint()})
+
+
 def select_part(build_dir: str | Path, part: str, cfg: SelectConfig) -> dict[str, Any]:
     """captions/<part> -> selected/<part>. Returns {"part", "parsed", "selected", "dropped", "dropped_by_reason",
-    "skipped"}; a part already selected with the same config is skipped (its stored counts are returned)."""
+    "skipped"}. Content-addressed: a part whose output records the fingerprint of the current captions part and
+    config is skipped (its stored counts are returned), any other is selected again."""
     layout = BuildLayout(Path(build_dir))
     src = layout.captions_dir / part
     dst = layout.selected_dir / part
     if not src.exists():
         raise FileNotFoundError(f"select: missing input {src} (run parse first)")
-    if dst.exists():
+    fingerprint = _part_fingerprint(src, cfg)
+    record = unit_record(dst)
+    if record is not None and record["fingerprint"] == fingerprint:
         counts = _read_counts(dst)
-        if counts is not None and counts.get("config") == cfg.fingerprint():
+        if counts is not None:
             return {**counts["counts"], "skipped": True}
 
     table = pq.read_table(src)
@@ -129,7 +144,7 @@ def select_part(build_dir: str | Path, part: str, cfg: SelectConfig) -> dict[str
     # Keep the parse stage's metadata (vocabulary version, spaCy model) and add our own counts.
     metadata = dict(table.schema.metadata or {})
     metadata[SELECT_COUNTS_KEY] = json.dumps({"config": cfg.fingerprint(), "counts": counts}, sort_keys=True).encode()
-    write_parquet_atomic(dst, selected.replace_schema_metadata(metadata))
+    write_parquet_atomic(dst, with_unit_record(selected.replace_schema_metadata(metadata), fingerprint))
     return {**counts, "skipped": False}
 
 

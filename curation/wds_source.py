@@ -56,7 +56,15 @@ from curation.download import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TI
 from curation.fetch import is_transient, reason_of
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig
-from curation.io import atomic_path, read_json, write_json_atomic, write_parquet_atomic
+from curation.io import (
+    atomic_path,
+    fingerprint_of,
+    read_json,
+    table_digest,
+    with_unit_record,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from curation.layout import BuildLayout, part_name
 from curation.progress import Progress, ProgressCallback
 
@@ -243,7 +251,11 @@ def _write_shard_part(layout: BuildLayout, index: int, ok: list[dict], bad: list
     ingested = pa.Table.from_pylist(ok, schema=WDS_INGEST_SCHEMA).sort_by("sample_id")
     # Rejects first: the ingest part's presence marks the shard as done (as for a TSV).
     write_parquet_atomic(layout.rejects_dir / part_name(index), rejects)
-    write_parquet_atomic(layout.ingest_dir / part_name(index), ingested.replace_schema_metadata(meta))
+    # Its unit record makes the next stages content-addressed (curation.parse.part_fingerprint) as for a TSV source.
+    fingerprint = fingerprint_of({"stage": "ingest-wds", "ingested": table_digest(ingested),
+                                  "rejects": table_digest(rejects)})
+    write_parquet_atomic(layout.ingest_dir / part_name(index),
+                         with_unit_record(ingested.replace_schema_metadata(meta), fingerprint))
 
 
 def _recorded_shard(layout: BuildLayout, index: int, shard: str) -> dict[str, Any] | None:

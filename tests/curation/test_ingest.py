@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,45 +112,108 @@ def test_sample_ids_stable_across_part_sizes(tmp_path):
     assert tables[0] == tables[1] == tables[2]
 
 
+def without_changes(result):
+    return {k: v for k, v in result.items() if k != "changes"}
+
+
+def part_bytes(build_dir):
+    layout = BuildLayout(build_dir)
+    return {(d.name, p.name): p.read_bytes() for d in (layout.ingest_dir, layout.rejects_dir) for p in layout.parts(d)}
+
+
+def mtimes(build_dir):
+    layout = BuildLayout(build_dir)
+    return {(d.name, p.name): p.stat().st_mtime_ns for d in (layout.ingest_dir, layout.rejects_dir)
+            for p in layout.parts(d)}
+
+
 def test_rerun_is_idempotent_and_resumes(tmp_path):
     src = write_tsv(tmp_path / "src.tsv")
     build = tmp_path / "build"
     first = ingest_source(str(src), build, CFG)
+    assert first["changes"]["kind"] == "new"
     layout = BuildLayout(build)
-    mtimes = {p: p.stat().st_mtime_ns for p in layout.parts(layout.ingest_dir)}
-    assert ingest_source(str(src), build, CFG) == first
-    assert {p: p.stat().st_mtime_ns for p in layout.parts(layout.ingest_dir)} == mtimes
+    before = mtimes(build)
+    rerun = ingest_source(str(src), build, CFG)
+    assert without_changes(rerun) == without_changes(first) and rerun["changes"]["kind"] == "unchanged"
+    assert mtimes(build) == before
     # An interrupted run: the marker and one part are gone; the rerun rewrites only what is missing.
     (layout.ingest_dir / DONE_MARKER).unlink()
     (layout.ingest_dir / part_name(2)).unlink()
     again = ingest_source(str(src), build, CFG)
-    assert again == first
+    assert without_changes(again) == without_changes(first)
     assert (layout.ingest_dir / part_name(2)).exists()
-    assert (layout.ingest_dir / part_name(0)).stat().st_mtime_ns == mtimes[layout.ingest_dir / part_name(0)]
+    now = mtimes(build)  # the unfinished part is written again (its rejects first), nothing else
+    assert {k for k in now if now[k] != before[k]} == {("ingest", part_name(2)), ("rejects", part_name(2))}
     check_against_expectation(build, again)
 
 
-def test_changed_source_is_refused(tmp_path):
+def test_appended_rows_rewrite_only_the_last_part_and_equal_a_fresh_ingest(tmp_path):
+    src = write_tsv(tmp_path / "src.tsv", LINES[:10])  # parts 0, 1 full; part 2 holds rows 8-9
+    build = tmp_path / "build"
+    ingest_source(str(src), build, CFG)
+    (build / "captions").mkdir()
+    before = mtimes(build)
+    write_tsv(src, LINES)  # rows 10-13 appended: part 2 grows to 4 rows, part 3 is new
+    grown = ingest_source(str(src), build, CFG)
+    assert grown["changes"] == {"kind": "appended", "rows_before": 10, "rows_added": 4,
+                                "parts_rewritten": [part_name(2)], "parts_added": [part_name(3)], "parts_removed": []}
+    now = mtimes(build)
+    for part in (part_name(0), part_name(1)):  # untouched: the next stages will skip them
+        assert now[("ingest", part)] == before[("ingest", part)] and now[("rejects", part)] == before[("rejects", part)]
+    fresh = ingest_source(str(src), tmp_path / "fresh", CFG)
+    assert without_changes(fresh) == without_changes(grown)
+    assert part_bytes(build) == part_bytes(tmp_path / "fresh")
+    check_against_expectation(build, grown)
+
+
+def test_an_edited_row_rewrites_its_part_only(tmp_path):
+    src = write_tsv(tmp_path / "src.tsv")
+    build = tmp_path / "build"
+    ingest_source(str(src), build, CFG)
+    before = mtimes(build)
+    edited = list(LINES)
+    edited[5] = (b"http://a/5.jpg\tnow a valid row", None, "http://a/5.jpg", "now a valid row")
+    write_tsv(src, edited)
+    result = ingest_source(str(src), build, CFG)
+    assert result["changes"]["kind"] == "changed"
+    assert result["changes"]["parts_rewritten"] == [part_name(1)] and result["rejected"] == 6
+    now = mtimes(build)
+    changed = {k for k in now if now[k] != before[k]}
+    assert changed == {("ingest", part_name(1)), ("rejects", part_name(1))}
+    ingest_source(str(src), tmp_path / "fresh", CFG)
+    assert part_bytes(build) == part_bytes(tmp_path / "fresh")
+
+
+def test_a_shrunk_source_removes_its_parts_and_what_was_made_of_them(tmp_path):
+    src = write_tsv(tmp_path / "src.tsv")
+    build = tmp_path / "build"
+    ingest_source(str(src), build, CFG)
+    layout = BuildLayout(build)
+    for directory in (layout.captions_dir, layout.selected_dir):  # stand-ins for the next stages' outputs
+        directory.mkdir()
+        for i in range(4):
+            (directory / part_name(i)).write_bytes(b"x")
+    write_tsv(src, LINES[:6])
+    result = ingest_source(str(src), build, CFG)
+    assert result["parts"] == [part_name(0), part_name(1)]
+    assert result["changes"]["kind"] == "changed"
+    assert result["changes"]["parts_removed"] == [part_name(2), part_name(3)]
+    for directory in (layout.ingest_dir, layout.rejects_dir, layout.captions_dir, layout.selected_dir):
+        assert [p.name for p in layout.parts(directory)] == [part_name(0), part_name(1)], directory
+
+
+def test_changed_content_settings_rewrite_the_parts_but_progress_does_not(tmp_path):
     src = write_tsv(tmp_path / "src.tsv")
     build = tmp_path / "build"
     first = ingest_source(str(src), build, CFG)
-    marker = json.loads((build / "ingest" / DONE_MARKER).read_text())
-    assert marker["source_sha256"] == first["source_sha256"]
-    src.write_bytes(src.read_bytes() + b"http://a/new.jpg\tnew row\n")
-    with pytest.raises(ValueError, match="different source or settings"):
-        ingest_source(str(src), build, CFG)
-    with pytest.raises(ValueError, match="different source or settings"):
-        ingest_source(str(write_tsv(tmp_path / "other.tsv")), build,
-                      IngestConfig(rows_per_part=5, max_caption_chars=200, max_url_chars=200, max_line_bytes=1000))
-
-
-def test_changed_content_settings_are_refused_but_progress_is_not(tmp_path):
-    src = write_tsv(tmp_path / "src.tsv")
-    build = tmp_path / "build"
-    first = ingest_source(str(src), build, CFG)
-    assert ingest_source(str(src), build, IngestConfig(**{**CFG.to_dict(), "progress": False})) == first
-    with pytest.raises(ValueError, match="settings"):
-        ingest_source(str(src), build, IngestConfig(**{**CFG.to_dict(), "max_caption_chars": 250}))
+    before = mtimes(build)
+    again = ingest_source(str(src), build, IngestConfig(**{**CFG.to_dict(), "progress": False}))
+    assert again["changes"]["kind"] == "unchanged" and mtimes(build) == before
+    wider = ingest_source(str(src), build, IngestConfig(**{**CFG.to_dict(), "max_caption_chars": 400}))
+    assert wider["changes"]["kind"] == "changed"
+    assert wider["rejected"] == first["rejected"] - 1  # row 9's 300-character caption now fits
+    assert all(before[k] != v for k, v in mtimes(build).items())
 
 
 def test_line_longer_than_limit_is_rejected_without_loading(tmp_path):

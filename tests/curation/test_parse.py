@@ -126,12 +126,15 @@ def test_cli_parse_bad_arguments(tmp_path, capsys):
     assert run_cli([str(src), "-o", str(tmp_path / "o.csv")]) == 2
 
 
-def test_cli_parse_refuses_workdir_of_another_source(tmp_path, capsys, entity_extractor):
+def test_cli_parse_reuses_a_workdir_of_another_source_without_serving_it_stale(tmp_path, capsys, entity_extractor):
+    """Ingest and parse are content-addressed: a workdir left by another source is rebuilt where it differs (here:
+    everything), never read back as it was."""
     src = make_source(tmp_path / "src.tsv")
     work = tmp_path / "work"
     assert run_cli([str(src), "-o", str(tmp_path / "a.parquet"), "--workdir", str(work)]) == 0
     other = tmp_path / "other.tsv"
     other.write_bytes(b"http://x/0.jpg\ta cat\n")
-    assert run_cli([str(other), "-o", str(tmp_path / "b.parquet"), "--workdir", str(work)]) == 2
-    assert "different source" in capsys.readouterr().err
-    assert not (tmp_path / "b.parquet").exists()
+    assert run_cli([str(other), "-o", str(tmp_path / "b.parquet"), "--workdir", str(work)]) == 0
+    rows = pq.read_table(tmp_path / "b.parquet").to_pylist()
+    assert [(r["url"], r["caption"], r["entities"]) for r in rows] == [("http://x/0.jpg", "a cat", ["cat"])]
+    assert pq.read_table(tmp_path / "b.rejects.parquet").num_rows == 0
