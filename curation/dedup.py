@@ -397,14 +397,9 @@ def deduplicate(
     extra: dict[str, int] = {}
     sha_hex: pa.Array = pa.nulls(n, pa.string())
     phash_col: pa.Array = pa.nulls(n, pa.uint64())
+    reuse: dict[str, int] = {}
     if cfg.enabled and n:
-        if images is None:
-            from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
-
-            images = iter_staged_images(layout.root, sample_ids=set(sample_ids.tolist()))
-        meter = Progress("dedup", n, "image", progress)
-        sha, phash, phash_ok, extra = _hash_images(_checked(images), sample_ids, cfg, meter)
-        meter.finish()
+        sha, phash, phash_ok, extra, reuse = _hashes(layout, sample_ids, cfg, images, progress)
         removed, keepers, is_exact, distance = find_duplicates(
             sample_ids, sha, phash if cfg.near else None, phash_ok, cfg
         )
@@ -447,7 +442,65 @@ def deduplicate(
     # duplicates first, kept last: kept.parquet is the "stage done" marker the next stages look for.
     write_parquet_atomic(layout.duplicates, duplicates.replace_schema_metadata(metadata))
     write_parquet_atomic(layout.kept, kept.replace_schema_metadata(metadata))
-    return {**extra, **counts, "skipped": False}
+    return {**extra, **counts, **reuse, "skipped": False}
+
+
+HASHES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("download_sha256", pa.string()),
+                           ("sha256", pa.binary(32)), ("phash", pa.uint64()), ("phash_ok", pa.bool_())])
+
+
+def _hash_settings(cfg: DedupConfig) -> bytes:
+    return json.dumps({"hash_size": cfg.hash_size, "highfreq_factor": cfg.highfreq_factor, "near": cfg.near},
+                      sort_keys=True).encode()
+
+
+def _cached_hashes(layout: BuildLayout, sample_ids: np.ndarray, cfg: DedupConfig) -> tuple[pa.Table, np.ndarray]:
+    """(the original download's sha256 of each sample, the cached hash rows still valid for them): a row is reused
+    only when the same sample still has the same original bytes and the hash settings are the same."""
+    downloads = pq.read_table(layout.downloads, columns=["sample_id", "sha256"])
+    downloads = downloads.filter(pc.is_in(downloads["sample_id"], value_set=pa.array(sample_ids, pa.int64())))
+    originals = downloads.sort_by("sample_id")["sha256"].to_numpy(zero_copy_only=False)
+    path = layout.dedup_hashes
+    if not path.exists() or (pq.read_schema(path).metadata or {}).get(b"cc4m.dedup.hash") != _hash_settings(cfg):
+        return HASHES_SCHEMA.empty_table(), originals
+    cache = pq.read_table(path).cast(HASHES_SCHEMA)
+    want = pa.table({"sample_id": pa.array(sample_ids, pa.int64()),
+                     "download_sha256": pa.array(originals, pa.string())})
+    return cache.join(want, keys=["sample_id", "download_sha256"], join_type="inner"), originals
+
+
+def _hashes(layout: BuildLayout, sample_ids: np.ndarray, cfg: DedupConfig,
+            images: Iterable[tuple[int, bytes]] | None, progress: ProgressCallback | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], dict[str, int]]:
+    """sha256, pHash, pHash ok of every sample: from the cache where the image is unchanged, else hashed now (only
+    those images are read); the cache is then rewritten for all of them."""
+    cached, originals = _cached_hashes(layout, sample_ids, cfg) if images is None else \
+        (HASHES_SCHEMA.empty_table(), np.full(len(sample_ids), None, object))
+    have = np.isin(sample_ids, cached["sample_id"].to_numpy())
+    todo = sample_ids[~have]
+    if images is None:
+        from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
+
+        images = iter_staged_images(layout.root, sample_ids=set(todo.tolist()))
+    meter = Progress("dedup", len(todo), "image", progress)
+    new_sha, new_phash, new_ok, extra = _hash_images(_checked(images), todo, cfg, meter)
+    meter.finish()
+    n = len(sample_ids)
+    sha, phash, phash_ok = np.zeros((n, 32), np.uint8), np.zeros(n, np.uint64), np.zeros(n, bool)
+    sha[~have], phash[~have], phash_ok[~have] = new_sha, new_phash, new_ok
+    if len(cached):
+        cached = cached.sort_by("sample_id")
+        pos = np.searchsorted(sample_ids, cached["sample_id"].to_numpy())
+        sha[pos] = np.frombuffer(b"".join(cached["sha256"].to_pylist()), np.uint8).reshape(-1, 32)
+        phash[pos] = cached["phash"].to_numpy()
+        phash_ok[pos] = cached["phash_ok"].to_numpy(zero_copy_only=False)
+    if cfg.near:  # over every image, as a fresh build counts it
+        extra["phash_failed"] = int((~phash_ok).sum())
+    table = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "download_sha256": pa.array(originals, pa.string()),
+                      "sha256": pa.array([bytes(r) for r in sha], pa.binary(32)), "phash": pa.array(phash, pa.uint64()),
+                      "phash_ok": pa.array(phash_ok)}, schema=HASHES_SCHEMA)
+    write_parquet_atomic(layout.dedup_hashes, table.replace_schema_metadata({b"cc4m.dedup.hash": _hash_settings(cfg)}))
+    return sha, phash, phash_ok, extra, {"images_hashed": len(todo), "hashes_reused": int(have.sum())}
 
 
 def _checked(images: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:

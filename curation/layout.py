@@ -12,6 +12,8 @@
       downloads.parquet           one row per selected sample: sample_id, status, error_message, ...
       duplicates.parquet          sample_id, duplicate_of, kind (exact|near), distance
       kept.parquet                sample_id, entities: the final decision of what is written (sorted by sample_id)
+      dedup_hashes.parquet        sample_id, the original download's sha256, stored-JPEG sha256 + pHash: a cache,
+                                  so a grown build hashes only its new images
       index/entity_index.parquet  class, sample_ids (list<int64>)
       index/partners.parquet      sample_id, rank, partner_id, shared_class
       index/cooccurrence.parquet  class_a, class_b, count
@@ -67,6 +69,7 @@ class BuildLayout:
     downloads = property(lambda self: self.root / "downloads.parquet")
     duplicates = property(lambda self: self.root / "duplicates.parquet")
     kept = property(lambda self: self.root / "kept.parquet")
+    dedup_hashes = property(lambda self: self.root / "dedup_hashes.parquet")
     index_dir = property(lambda self: self.root / "index")
     entity_index = property(lambda self: self.root / "index" / "entity_index.parquet")
     partners = property(lambda self: self.root / "index" / "partners.parquet")

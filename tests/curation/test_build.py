@@ -198,6 +198,10 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
         selected = pq.read_table(layout.downloads, columns=["sample_id"])["sample_id"].to_pylist()
         assert asked == [s for s in selected if s >= 80]  # exactly the new selected rows, nothing old again
         assert pq.read_table(layout.staging_dir / URLS_NAME).equals(first_round)  # the first round is kept
+        downloads = pq.read_table(layout.downloads, columns=["sample_id", "status"]).to_pylist()
+        new_images = sum(1 for r in downloads if r["status"] == "success" and r["sample_id"] >= 80)
+        assert results["dedup"]["images_hashed"] == new_images  # old images' hashes come from the cache
+        assert results["dedup"]["hashes_reused"] == results["dedup"]["checked"] - new_images > 0
 
         run_build(_cfg(source, fresh, http_proxy=server.proxy_url))
     snap_grown, snap_fresh = _snapshot(grown), _snapshot(fresh)
