@@ -347,8 +347,8 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
     if unchanged is not None:
         return unchanged
     done_path = layout.ingest_dir / DONE_MARKER
+    # Kept until the new one replaces it: an ingest killed half-way still compares with the last finished one.
     previous = read_json(done_path) if done_path.exists() else None
-    done_path.unlink(missing_ok=True)  # from here until the new marker, the ingest is unfinished
 
     kind = source_kind(path)
     if kind == "parquet":
@@ -400,5 +400,7 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
         "rows_per_part": cfg.rows_per_part,
     }
     fingerprints = {p: unit_record(layout.ingest_dir / p)["fingerprint"] for p in parts}
-    write_json_atomic(done_path, {**identity, "fingerprints": fingerprints, "result": result})
-    return {**result, "changes": _changes(previous, statuses, removed, read)}
+    changes = _changes(previous, statuses, removed, read)
+    # "changes" stays in the marker until the source changes again: the manifest reports it (curation.history).
+    write_json_atomic(done_path, {**identity, "fingerprints": fingerprints, "result": result, "changes": changes})
+    return {**result, "changes": changes}

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.download import STATUSES
+from curation.history import changes_since_previous
 from curation.invariants import INGEST_DONE, check_invariants
 from curation.io import read_json, sha256_file, write_json_atomic
 from curation.layout import BuildLayout, shard_name
@@ -245,8 +246,11 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
         "files": [_file_entry(layout, p) for p in manifest_files(layout)],
     }).to_dict()
 
-    unchanged = layout.manifest.exists() and _read_or_none(layout.manifest) == manifest
+    # The same build again (a rerun, a copy): keep the manifest as it is, with the changes it recorded.
+    existing = _read_or_none(layout.manifest) if layout.manifest.exists() else None
+    unchanged = isinstance(existing, dict) and {**existing, "changes": {}} == manifest
     if not unchanged:
+        manifest["changes"] = changes_since_previous(layout)
         write_json_atomic(layout.manifest, manifest)
     if not unchanged or not layout.run_record.exists():
         write_json_atomic(layout.run_record, {

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from curation.io import read_json, write_bytes_atomic
+from curation.io import read_json, sha256_file, write_bytes_atomic
 from curation.layout import BuildLayout
 from curation.stats import READY_QUERIES, connect, view_names
 from manifests.vocabulary import load_vocabulary
@@ -233,11 +234,25 @@ def report_markdown(build_dir: str | Path) -> str:
     return _markdown(build, _tables(layout, data), plots)
 
 
+REPORT_RECORD = "report.json"
+
+
+def _report_current(layout: BuildLayout) -> bool:
+    """The report was made from the manifest that is there now (so a rerun or a copied build rewrites nothing)."""
+    record = layout.report_dir / REPORT_RECORD
+    if not (record.exists() and layout.manifest.exists() and (layout.report_dir / "index.html").exists()
+            and (layout.report_dir / "report.md").exists()):
+        return False
+    return json.loads(record.read_text()).get("manifest_sha256") == sha256_file(layout.manifest)
+
+
 def write_report(build_dir: str | Path) -> Path:
-    """Write report/index.html, report/report.md and the PNG plots; return the HTML path. Always regenerated: it is
-    cheap and must reflect the build as it is now."""
+    """Write report/index.html, report/report.md and the PNG plots; return the HTML path. Redone whenever the
+    build's manifest.json is not the one the report was made from (report/report.json records its sha256)."""
     build = Path(build_dir)
     layout = BuildLayout(build)
+    if _report_current(layout):
+        return layout.report_dir / "index.html"
     data = _collect(build)
     pngs = _plots(data)
     for name, png in pngs.items():
@@ -247,4 +262,8 @@ def write_report(build_dir: str | Path) -> Path:
     plots = [name for name in PLOTS if name in pngs]
     tables = _tables(layout, data)
     write_bytes_atomic(layout.report_dir / "report.md", _markdown(build, tables, plots).encode("utf-8"))
-    return write_bytes_atomic(layout.report_dir / "index.html", _html(build, tables, plots).encode("utf-8"))
+    html = write_bytes_atomic(layout.report_dir / "index.html", _html(build, tables, plots).encode("utf-8"))
+    if layout.manifest.exists():  # last: the record says the whole report is done
+        write_bytes_atomic(layout.report_dir / REPORT_RECORD,
+                           json.dumps({"manifest_sha256": sha256_file(layout.manifest)}).encode())
+    return html

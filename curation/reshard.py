@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.download import iter_staged_images
+from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, sha256_file, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 from curation.progress import Progress, ProgressCallback
@@ -234,14 +235,16 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
     todo = [i for i, (lo, hi) in enumerate(bounds) if not _is_done(layout, i, hi - lo, fingerprints[i], cfg)]
 
     # Outputs of an older, larger plan must not linger: they would be read as part of this build.
-    for directory, pattern, namer in ((layout.shards_dir, "cc4m-*.tar", shard_name),
-                                      (layout.meta_dir, "part-*.parquet", part_name)):
-        keep = {namer(i) for i in range(n_shards)}
-        for path in directory.glob(pattern) if directory.exists() else ():
-            if path.name not in keep:
-                log.warning("reshard: removing stale %s", path)
-                path.unlink()
+    stale = [path for directory, pattern, namer in ((layout.shards_dir, "cc4m-*.tar", shard_name),
+                                                    (layout.meta_dir, "part-*.parquet", part_name))
+             for path in (sorted(directory.glob(pattern)) if directory.exists() else ())
+             if path.name not in {namer(i) for i in range(n_shards)}]
 
+    if todo or stale:
+        snapshot_written(layout)  # the finished build's ids, before anything of it is rewritten (curation.history)
+    for path in stale:
+        log.warning("reshard: removing stale %s", path)
+        path.unlink()
     if todo:
         layout.shards_dir.mkdir(parents=True, exist_ok=True)
         ids = samples["sample_id"].to_pylist()

@@ -1,34 +1,24 @@
 """Thin Prefect tasks: each calls ONE curation stage function with paths + a config dict and returns its small dict
 of counts (Prefect pickles results: never DataFrames).
 
-Caching (resume) — why it is built this way:
-    The stage functions are idempotent on files (a unit whose output exists is skipped), and that is what makes a
-    resumed build correct. Prefect's cache is only a shortcut on top: the default policy includes the flow-run id
-    (no reuse across runs), so the side-effect stages use `stage_cache(...)` = INPUTS + TASK_SOURCE + StageFiles:
-    the task's inputs, its source, the code version (manifests.code_version) and a stat fingerprint (path, size,
-    mtime_ns) of the files the stage WRITES. Consequences:
-      - outputs deleted or rewritten -> different key (missing outputs give a never-seen key) -> the task runs and
-        the stage recreates them: a side effect is never skipped because of a stale cache entry;
-      - a finished build rerun -> the stage is called at most once more (it skips its units: no work), then the
-        key is stable and later runs come straight from the cache (task state "Cached");
-      - new code (commit) or another config -> new key.
-    The key is computed before the task runs, so it cannot describe the outputs the run is about to write: that is
-    why the first rerun of a fresh build calls the (idempotent) stage once instead of hitting the cache.
+No Prefect result cache on the stages — why:
+    Every stage is content-addressed on files (curation.io unit records, the stages' fingerprints): a unit is skipped
+    if and only if its output records the fingerprint of its current inputs. That, not Prefect, decides what a rerun
+    does, so a source edited in place, a grown source or a copied build is never served from a stale cache key
+    (a key built from file stats or task inputs cannot see a source's content). A rerun of a finished build calls
+    each stage, which checks its fingerprints and returns its recorded counts with "skipped": the check is cheap
+    (benchmarks/bench_rerun.py measures it) and it is the one source of truth.
 """
 from __future__ import annotations
 
 import urllib.parse
 import urllib.request
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
-from prefect.context import TaskRunContext
-from prefect.utilities.hashing import hash_objects
+from prefect.cache_policies import NO_CACHE
 
 from curation import dedup, index, manifest, parse, reshard, select, verify
 from curation.build import download_any, ingest_any, prepare_build_dir
@@ -36,42 +26,6 @@ from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.io import atomic_path
 from curation.progress import format_progress
 from curation.wds_source import is_wds_source
-from manifests.version import code_version
-
-
-@dataclass
-class StageFiles(CachePolicy):
-    """Cache-key part: code version + (path, size, mtime_ns) of the stage's input and output files.
-
-    Patterns are globs relative to the task's `build_dir` input, formatted with the task's inputs (e.g.
-    "captions/{part}"). An output pattern with no match yields a random key, so the task always runs; inputs are
-    fingerprinted as found (a rewritten upstream file changes the key of everything downstream).
-    """
-
-    outputs: tuple[str, ...] = ()
-    inputs: tuple[str, ...] = ()
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        build_dir = Path(inputs["build_dir"])
-        fingerprint: list[Any] = [code_version()]
-        for role, patterns in (("out", self.outputs), ("in", self.inputs)):
-            for pattern in patterns:
-                matches = sorted(build_dir.glob(pattern.format(**inputs)))
-                if role == "out" and not matches:
-                    return uuid.uuid4().hex
-                for path in matches:
-                    stat = path.stat()
-                    fingerprint.append((role, str(path.relative_to(build_dir)), stat.st_size, stat.st_mtime_ns))
-        return hash_objects(*fingerprint)
-
-
-def stage_cache(outputs: tuple[str, ...], inputs: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> CachePolicy:
-    """INPUTS (minus `exclude`) + TASK_SOURCE + StageFiles(outputs, inputs)."""
-    task_inputs = INPUTS
-    for name in exclude:
-        task_inputs = task_inputs - name
-    return task_inputs + TASK_SOURCE + StageFiles(outputs=outputs, inputs=inputs)
 
 
 def stage_config(stage: str, cfg: dict[str, Any]) -> Any:
@@ -130,26 +84,23 @@ def fetch_source(source: str, build_dir: str) -> str:
     return str(target)
 
 
-# `processes` (download.processes_count) only speeds up reading webdataset shards: not in the cache key.
-@task(name="ingest", cache_policy=stage_cache(("ingest/ingest-done.json",), exclude=("processes",)))
+@task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(source: str, build_dir: str, cfg: dict[str, Any], processes: int = 1) -> dict[str, Any]:
     return ingest_any(source, build_dir, stage_config("ingest", cfg), ArtifactProgress(), processes)
 
 
-@task(name="parse", cache_policy=stage_cache(("captions/{part}",), ("ingest/{part}",)))
+@task(name="parse", cache_policy=NO_CACHE)
 def parse_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return parse.parse_part(build_dir, part, stage_config("parse", cfg), ArtifactProgress())
 
 
-@task(name="select", cache_policy=stage_cache(("selected/{part}",), ("captions/{part}",)))
+@task(name="select", cache_policy=NO_CACHE)
 def select_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return select.select_part(build_dir, part, stage_config("select", cfg))
 
 
-# The proxy (the sample server's port changes every run) does not change what is downloaded: not in the key.
 # `source`: a webdataset source is extracted from its shards instead (curation.build.download_any).
-@task(name="download",
-      cache_policy=stage_cache(("downloads.parquet",), ("selected/part-*.parquet",), exclude=("http_proxy",)))
+@task(name="download", cache_policy=NO_CACHE)
 def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None,
                   source: str | None = None) -> dict[str, Any]:
     return download_any(source, build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}),
@@ -161,19 +112,17 @@ def verify_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return verify.verify_downloads(build_dir, stage_config("verify", cfg))
 
 
-@task(name="dedup", cache_policy=stage_cache(("kept.parquet", "duplicates.parquet"), ("downloads.parquet",)))
+@task(name="dedup", cache_policy=NO_CACHE)
 def dedup_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return dedup.deduplicate(build_dir, stage_config("dedup", cfg), progress=ArtifactProgress())
 
 
-@task(name="index", cache_policy=stage_cache(
-    ("index/entity_index.parquet", "index/partners.parquet", "index/cooccurrence.parquet"), ("kept.parquet",)))
+@task(name="index", cache_policy=NO_CACHE)
 def index_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return index.build_index(build_dir, stage_config("index", cfg))
 
 
-@task(name="reshard", cache_policy=stage_cache(
-    ("shards/cc4m-*.tar", "meta/part-*.parquet", "index/locator.parquet"), ("kept.parquet", "index/partners.parquet")))
+@task(name="reshard", cache_policy=NO_CACHE)
 def reshard_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return reshard.reshard(build_dir, stage_config("shard", cfg), ArtifactProgress())
 
@@ -183,10 +132,10 @@ def manifest_task(build_dir: str, build_config: dict[str, Any], stage_results: d
     return str(manifest.write_manifest(build_dir, BuildConfig.from_dict(build_config), stage_results))
 
 
-# The report is a pure function of the finished build: redone only when manifest.json changed or it is missing.
-@task(name="report", cache_policy=stage_cache(("report/index.html", "report/report.md"), ("manifest.json",)))
+# The report is a pure function of the finished build: curation.report redoes it only when manifest.json changed.
+@task(name="report", cache_policy=NO_CACHE)
 def report_task(build_dir: str) -> dict[str, str]:
-    from curation import report  # not written yet by its owner at the time of writing: imported late
+    from curation import report  # matplotlib: imported only when a report is made
 
     path = report.write_report(build_dir)
     return {"path": str(path), "markdown": report.report_markdown(build_dir)}

@@ -61,6 +61,9 @@ class BuildManifest:
     counts: dict[str, dict[str, Any]]
     shards: tuple[ShardEntry, ...] = ()
     files: tuple[FileEntry, ...] = ()
+    # What changed since the build this folder held before (curation.history): the source's rows and parts, and
+    # samples added and removed. Not part of what makes two builds the same build (see curation.manifest).
+    changes: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form (e.g. stage timings); not validated
 
     def __post_init__(self) -> None:
@@ -88,7 +91,7 @@ class BuildManifest:
             inputs=InputInfo(**d["inputs"]), vocabulary_version=d["vocabulary_version"],
             spacy_model=ModelInfo(**d["spacy_model"]), config=d["config"], counts=d["counts"],
             shards=tuple(ShardEntry(**s) for s in d["shards"]), files=tuple(FileEntry(**f) for f in d["files"]),
-            extra=d.get("extra", {}),
+            changes=d.get("changes", {}), extra=d.get("extra", {}),
         )
 
     @classmethod

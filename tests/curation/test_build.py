@@ -185,6 +185,7 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
         run_build(_cfg(source, grown, http_proxy=server.proxy_url))
         layout = BuildLayout(grown)
         first_round = pq.read_table(layout.staging_dir / URLS_NAME)
+        first_written = [r["sample_id"] for m in layout.parts(layout.meta_dir) for r in pq.read_table(m).to_pylist()]
         assert max(first_round["sample_id"].to_pylist()) < 80
 
         source.write_bytes(b"".join(lines))  # 40 rows appended
@@ -211,7 +212,11 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
             assert snap_grown.get(name) == snap_fresh[name], name
     assert sorted(n for n in snap_grown if n.startswith(tuple(same))) == \
         sorted(n for n in snap_fresh if n.startswith(tuple(same)))
-    print("grown rebuild:", {k: results[k] for k in ("reshard",)}, results["download"]["rounds"])
+    changes = json.loads(layout.manifest.read_text())["changes"]
+    assert changes["source"]["kind"] == "appended" and changes["source"]["rows_added"] == 40
+    assert changes["samples_removed"] == 0
+    assert changes["samples_added"] == results["reshard"]["written"] - len(first_written) > 0
+    assert json.loads((fresh / "manifest.json").read_text())["changes"]["previous_manifest_sha256"] is None
 
     # An edited row (same sample id, new caption and new url) is rebuilt where it changed: its new caption is in the
     # shards and only its new url is fetched.
@@ -230,3 +235,5 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
     rows = {r["sample_id"]: r for m in layout.parts(layout.meta_dir) for r in pq.read_table(m).to_pylist()}
     assert rows[victim["sample_id"]]["caption"] == "a dog and a cat on a red sofa"
     assert verify_manifest(layout.manifest).ok
+    changes = json.loads(layout.manifest.read_text())["changes"]
+    assert changes["source"]["kind"] == "changed" and changes["source"]["parts_rewritten"] == ["part-00000.parquet"]

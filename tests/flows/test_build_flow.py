@@ -126,11 +126,10 @@ def test_sample_build_publishes_artifacts(sample_build):
     assert "written" in str(table.data)
 
 
-def test_rerun_of_a_finished_build_does_no_work_then_hits_the_cache(sample_build, sample_source, small_config):
+def test_rerun_of_a_finished_build_does_no_work(sample_build, sample_source, small_config):
     build_dir = Path(sample_build["build_dir"])
     def outputs() -> dict[Path, int]:  # the lock file records each run's holder: it is not a build output
-        return {p: p.stat().st_mtime_ns for p in build_dir.rglob("*")
-                if p.is_file() and "report" not in p.parts and p.name != LOCK_NAME}
+        return {p: p.stat().st_mtime_ns for p in build_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME}
 
     before = outputs()
     contents = build_contents(build_dir)
@@ -141,11 +140,13 @@ def test_rerun_of_a_finished_build_does_no_work_then_hits_the_cache(sample_build
     assert all(r["skipped"] for r in summary["counts"]["parse"] + summary["counts"]["select"])
     assert outputs() == before, "a finished build was modified by a rerun"
 
-    third = run_build(build_dir, sample_source, small_config)
-    states = task_states(third.state_details.flow_run_id)
-    for name in ("ingest", "parse", "select", "download", "dedup", "index", "reshard"):
-        assert set(states[name]) == {"Cached"}, (name, states[name])
-    assert states["verify"] == ["Completed"]          # the quality gate is always re-checked
+    # No Prefect result cache: every stage runs and skips by its own content fingerprints (a stale cache key could
+    # serve an edited source); the report too is left as it is.
+    states = task_states(second.state_details.flow_run_id)
+    for name in ("ingest", "parse", "select", "download", "verify", "dedup", "index", "reshard", "report"):
+        assert set(states[name]) == {"Completed"}, (name, states[name])
+    for name in ("download", "dedup", "index", "reshard"):
+        assert summary["counts"][name]["skipped"], name
     assert build_contents(build_dir) == contents
 
 
