@@ -23,10 +23,10 @@ from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.dedup import deduplicate
 from curation.download import DownloadConfig, download_selected
 from curation.index import build_index
-from curation.ingest import IngestConfig, ingest_source
+from curation.ingest import IngestConfig, ingest_source, source_kind
 from curation.io import read_json
 from curation.layout import BuildLayout
-from curation.lock import BuildLock
+from curation.lock import LOCK_NAME, BuildLock
 from curation.manifest import write_manifest
 from curation.parse import parse_part
 from curation.progress import ProgressCallback, TerminalProgress
@@ -40,6 +40,57 @@ log = logging.getLogger(__name__)
 
 class BuildConfigMismatch(ValueError):
     """The build folder was made with a different config; reusing it would mix two builds."""
+
+    def __init__(self, root: Path, changed: list[str]) -> None:
+        self.root, self.changed = root, changed
+        super().__init__(
+            f"{root} was built with a different config (changed: {', '.join(changed)}); use a fresh build folder, "
+            f"or allow_config_change=True (cc4m build --allow-config-change) to redo the changed stages and "
+            f"everything after them"
+        )
+
+
+class SourceError(ValueError):
+    """The build's source is missing, unreadable or not a source at all; found before anything is written."""
+
+
+def check_source(source: str) -> None:
+    """Raise SourceError unless `source` can be read: webdataset shards that all exist, or a readable TSV/parquet
+    file (a parquet also needs `url` and `caption` columns). Runs before the build folder gets its config.json, so
+    a mistyped source leaves nothing behind that would refuse the corrected rerun."""
+    if is_wds_source(source):
+        try:
+            expand_shards(source)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{exc}. Check the shard folder, glob or brace pattern") from exc
+        return
+    path = Path(source)
+    if not path.is_file():
+        local = " (a TSV/parquet source must be a local file)" if "://" in source else ""
+        raise SourceError(f"source {path} does not exist or is not a file{local}. Check the path")
+    try:
+        with open(path, "rb"):
+            pass
+        if source_kind(path) == "parquet":
+            _check_parquet_columns(path)
+    except PermissionError as exc:
+        raise SourceError(f"cannot read source {path} (permission denied). Make it readable, or copy it to a "
+                          f"place you can read") from exc
+
+
+def _check_parquet_columns(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"source {path} is named .parquet but is not a readable parquet file ({exc}). Point the "
+                          f"source at a complete parquet file, or give a TSV a .tsv/.tsv.gz name") from exc
+    missing = sorted({"url", "caption"} - set(names))
+    if missing:
+        raise SourceError(f"parquet source {path} lacks column(s) {missing} (it has {names}). Give it 'url' and "
+                          f"'caption' columns (CC12M layout)")
 
 
 @dataclass(frozen=True)
@@ -87,15 +138,12 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
     `allow_config_change`, in which case the outputs of the first changed stage and every later one are removed."""
     layout = cfg.layout
     layout.root.mkdir(parents=True, exist_ok=True)
-    if layout.config.exists():
+    if layout.config.exists() and not _holds_only_config(layout):  # no output: the new config.json replaces it
         old_cfg = BuildConfig.from_dict(read_json(layout.config))
         changed = _changed_stages(old_cfg.identity(), cfg.identity())
         if changed:
             if not allow_config_change:
-                raise BuildConfigMismatch(
-                    f"{layout.root} was built with a different config (changed: {', '.join(changed)}); use a fresh "
-                    f"build folder, or allow_config_change=True to redo the changed stages and everything after them"
-                )
+                raise BuildConfigMismatch(layout.root, changed)
             first = {"source": "ingest", "shard": "reshard"}
             names = [first.get(c, c) for c in changed]
             plan = build_stage_plan()
@@ -107,6 +155,21 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
     if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
         cfg.save()
     return layout
+
+
+def _holds_only_config(layout: BuildLayout) -> bool:
+    """True when the folder holds config.json and the build lock and nothing else: a build stopped there before
+    any stage wrote anything.
+
+    The config check exists so that two configs' outputs are never mixed in one folder. With no output at all there
+    is nothing to mix: such a folder is what a build leaves that failed before its first stage wrote anything (a
+    mistyped source in the Prefect flow, which has no check_source, or in a cc4m older than it). Refusing there
+    would make the user delete the folder or pass --allow-config-change for no protection, so the new config
+    replaces the old one. The lock file is required: run_build and the flow write config.json only while holding
+    it, so config.json + lock is that story; a config.json alone got there some other way (copied in, or a direct
+    prepare_build_dir call, which tests rely on being refused) and anything else in the folder may be output. When
+    unsure, refuse rather than mix."""
+    return {p.name for p in layout.root.iterdir()} == {layout.config.name, LOCK_NAME}
 
 
 def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
@@ -134,6 +197,7 @@ def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
     counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
     progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
     (curation.lock); a killed build's lock and temporaries are taken over."""
+    check_source(cfg.source)  # before the lock and config.json: a mistyped source leaves no build folder behind
     with BuildLock(cfg.build_dir):
         return _run_stages(cfg, allow_config_change, results, progress)
 
