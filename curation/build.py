@@ -8,12 +8,15 @@ build does no work and a rerun after an interruption resumes from the finished u
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import importlib.util
 import json
 import logging
 import shutil
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,10 @@ from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.dedup import deduplicate
 from curation.download import DownloadConfig, download_selected
 from curation.index import build_index
-from curation.ingest import IngestConfig, ingest_source
+from curation.ingest import IngestConfig, ingest_source, source_kind
 from curation.io import read_json
 from curation.layout import BuildLayout
-from curation.lock import BuildLock
+from curation.lock import LOCK_NAME, BuildLock, BuildLocked
 from curation.manifest import write_manifest
 from curation.parse import parse_part
 from curation.progress import ProgressCallback, TerminalProgress
@@ -40,6 +43,57 @@ log = logging.getLogger(__name__)
 
 class BuildConfigMismatch(ValueError):
     """The build folder was made with a different config; reusing it would mix two builds."""
+
+    def __init__(self, root: Path, changed: list[str]) -> None:
+        self.root, self.changed = root, changed
+        super().__init__(
+            f"{root} was built with a different config (changed: {', '.join(changed)}); use a fresh build folder, "
+            f"or allow_config_change=True (cc4m build --allow-config-change) to redo the changed stages and "
+            f"everything after them"
+        )
+
+
+class SourceError(ValueError):
+    """The build's source is missing, unreadable or not a source at all; found before anything is written."""
+
+
+def check_source(source: str) -> None:
+    """Raise SourceError unless `source` can be read: webdataset shards that all exist, or a readable TSV/parquet
+    file (a parquet also needs `url` and `caption` columns). Runs before the build folder gets its config.json, so
+    a mistyped source leaves nothing behind that would refuse the corrected rerun."""
+    if is_wds_source(source):
+        try:
+            expand_shards(source)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{exc}. Check the shard folder, glob or brace pattern") from exc
+        return
+    path = Path(source)
+    if not path.is_file():
+        local = " (a TSV/parquet source must be a local file)" if "://" in source else ""
+        raise SourceError(f"source {path} does not exist or is not a file{local}. Check the path")
+    try:
+        with open(path, "rb"):
+            pass
+        if source_kind(path) == "parquet":
+            _check_parquet_columns(path)
+    except PermissionError as exc:
+        raise SourceError(f"cannot read source {path} (permission denied). Make it readable, or copy it to a "
+                          f"place you can read") from exc
+
+
+def _check_parquet_columns(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"source {path} is named .parquet but is not a readable parquet file ({exc}). Point the "
+                          f"source at a complete parquet file, or give a TSV a .tsv/.tsv.gz name") from exc
+    missing = sorted({"url", "caption"} - set(names))
+    if missing:
+        raise SourceError(f"parquet source {path} lacks column(s) {missing} (it has {names}). Give it 'url' and "
+                          f"'caption' columns (CC12M layout)")
 
 
 @dataclass(frozen=True)
@@ -87,15 +141,12 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
     `allow_config_change`, in which case the outputs of the first changed stage and every later one are removed."""
     layout = cfg.layout
     layout.root.mkdir(parents=True, exist_ok=True)
-    if layout.config.exists():
+    if layout.config.exists() and not _holds_only_config(layout):  # no output: the new config.json replaces it
         old_cfg = BuildConfig.from_dict(read_json(layout.config))
         changed = _changed_stages(old_cfg.identity(), cfg.identity())
         if changed:
             if not allow_config_change:
-                raise BuildConfigMismatch(
-                    f"{layout.root} was built with a different config (changed: {', '.join(changed)}); use a fresh "
-                    f"build folder, or allow_config_change=True to redo the changed stages and everything after them"
-                )
+                raise BuildConfigMismatch(layout.root, changed)
             first = {"source": "ingest", "shard": "reshard"}
             names = [first.get(c, c) for c in changed]
             plan = build_stage_plan()
@@ -107,6 +158,21 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
     if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
         cfg.save()
     return layout
+
+
+def _holds_only_config(layout: BuildLayout) -> bool:
+    """True when the folder holds config.json and the build lock and nothing else: a build stopped there before
+    any stage wrote anything.
+
+    The config check exists so that two configs' outputs are never mixed in one folder. With no output at all there
+    is nothing to mix: such a folder is what a build leaves that failed before its first stage wrote anything (a
+    mistyped source in the Prefect flow, which has no check_source, or in a cc4m older than it). Refusing there
+    would make the user delete the folder or pass --allow-config-change for no protection, so the new config
+    replaces the old one. The lock file is required: run_build and the flow write config.json only while holding
+    it, so config.json + lock is that story; a config.json alone got there some other way (copied in, or a direct
+    prepare_build_dir call, which tests rely on being refused) and anything else in the folder may be output. When
+    unsure, refuse rather than mix."""
+    return {p.name for p in layout.root.iterdir()} == {layout.config.name, LOCK_NAME}
 
 
 def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
@@ -134,6 +200,7 @@ def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
     counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
     progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
     (curation.lock); a killed build's lock and temporaries are taken over."""
+    check_source(cfg.source)  # before the lock and config.json: a mistyped source leaves no build folder behind
     with BuildLock(cfg.build_dir):
         return _run_stages(cfg, allow_config_change, results, progress)
 
@@ -217,14 +284,87 @@ def add_build_arguments(p: Any) -> None:
                    help="reuse a build folder made with another config, redoing the changed stages and those after")
 
 
+# What a user can cause (bad input, full disk, permissions, a busy folder); anything else is a bug and keeps its
+# traceback. cli_build catches these types only to ask user_error_message, and re-raises what it does not classify.
+_USER_ERROR_TYPES = (OSError, ValueError, EOFError, zlib.error, BuildLocked)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM)
+
+
+def user_error_message(exc: BaseException, source: str | None, build_dir: str) -> str | None:
+    """One line saying what went wrong (naming the file or folder) and what to do, for an error the user can fix;
+    None for anything else (a bug: the caller re-raises it with its traceback)."""
+    if isinstance(exc, (SourceError, BuildLocked)):
+        return str(exc)
+    if isinstance(exc, BuildConfigMismatch):
+        return (f"{exc.root} was built with a different config (changed: {', '.join(exc.changed)}). Use a fresh "
+                f"--out folder, or rerun with --allow-config-change to redo the changed stages and everything after "
+                f"them")
+    if isinstance(exc, (EOFError, gzip.BadGzipFile, zlib.error)) and source and source_kind(source) == "tsv.gz":
+        return (f"source {source} is not a complete gzip file ({exc}): it is truncated or corrupt. Replace it with a "
+                f"complete copy (check with: gzip -t {source}), then rerun with a fresh --out folder")
+    if _is_ingest_refusal(exc, build_dir):
+        return (f"{build_dir} holds an ingest of another source file content or other ingest settings (e.g. the "
+                f"source was replaced after a failed build). Use a fresh --out folder, or delete {build_dir} first")
+    os_error = _os_error_in(exc)
+    if os_error is not None:
+        return _os_error_message(os_error, source, build_dir)
+    return None
+
+
+def _is_ingest_refusal(exc: BaseException, build_dir: str) -> bool:
+    """curation.ingest refuses a folder holding another source's ingest with a plain ValueError, so only its message
+    tells it from a bug. Should that message change, this is False and the error keeps its traceback (a test pins
+    the wording)."""
+    return isinstance(exc, ValueError) and str(exc).startswith(f"{Path(build_dir)} already holds an ingest of ")
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError with an errno a user can fix, in `exc` or what it was raised from (`raise ... from`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (*_NO_SPACE, *_NO_PERMISSION, errno.EROFS):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def _os_error_message(exc: OSError, source: str | None, build_dir: str) -> str:
+    where = exc.filename or build_dir
+    if exc.errno in _NO_SPACE:
+        return (f"no space left on the device holding {where} (build folder {build_dir}). Free some space or use an "
+                f"--out folder on a bigger disk, then rerun the same command: finished stages are kept")
+    if exc.errno == errno.EROFS:
+        return f"{where} is on a read-only file system. Use an --out folder on a writable disk"
+    if source and exc.filename and Path(exc.filename) == Path(source):
+        return f"cannot read source {source} (permission denied). Make it readable, or copy it to a place you can read"
+    return (f"permission denied writing {where} (build folder {build_dir}). Make the build folder writable (or "
+            f"choose another --out), then rerun the same command")
+
+
+def _fail(message: str) -> int:
+    print(f"cc4m build: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message held
+    return 2
+
+
 def cli_build(args: Any) -> int:
+    """`cc4m build`: a user error (user_error_message) is one line on stderr and exit code 2; a bug raises."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return _cli_build(args)
+    except _USER_ERROR_TYPES as exc:
+        message = user_error_message(exc, args.source, args.out)
+        if message is None:
+            raise
+        return _fail(message)
+
+
+def _cli_build(args: Any) -> int:
     try:
         base = read_json(args.config) if args.config else None
         overrides = parse_overrides(args.overrides)
     except (OSError, ValueError) as exc:
-        print(f"cc4m build: {exc}")
-        return 2
+        return _fail(f"{exc}. Check --config and --set")
     results: dict[str, Any] = {}
     # On a terminal, one live progress line; elsewhere (CI logs) the stages' own progress log lines suffice.
     terminal = TerminalProgress() if sys.stderr.isatty() else None
@@ -248,16 +388,17 @@ def cli_build(args: Any) -> int:
     else:
         try:
             cfg = config_with_overrides(args.source, args.out, base, overrides)
-            if is_wds_source(cfg.source):
-                expand_shards(cfg.source)  # a missing shard is one clear error now, not a traceback later
-        except (OSError, ValueError) as exc:
-            print(f"cc4m build: {exc}")
-            return 2
-        manifest = run_build(cfg, **run)
-    layout = BuildLayout(Path(args.out))
+        except ValueError as exc:
+            return _fail(f"{exc}. Check --source, --out, --config and --set")
+        manifest = run_build(cfg, **run)  # checks the source first (SourceError: one line, nothing written)
+    _print_summary(manifest, Path(args.out), results)
+    return 0
+
+
+def _print_summary(manifest: Path, build_dir: Path, results: dict[str, Any]) -> None:
+    layout = BuildLayout(build_dir)
     print(f"manifest: {manifest}")
     print(f"shards:   {layout.shards_dir} ({len(layout.shards())} shards)")
     print(f"index:    {layout.index_dir}")
     print(f"report:   {layout.report_dir / 'index.html'}")
     print(f"stage seconds: {json.dumps(results.get('seconds', {}))}")
-    return 0
