@@ -302,21 +302,12 @@ def user_error_message(exc: BaseException, source: str | None, build_dir: str) -
                 f"them")
     if isinstance(exc, (EOFError, gzip.BadGzipFile, zlib.error)) and source and source_kind(source) == "tsv.gz":
         return (f"source {source} is not a complete gzip file ({exc}): it is truncated or corrupt. Replace it with a "
-                f"complete copy (check with: gzip -t {source}), then rerun with a fresh --out folder")
-    if _is_ingest_refusal(exc, build_dir):
-        return (f"{build_dir} holds an ingest of another source file content or other ingest settings (e.g. the "
-                f"source was replaced after a failed build). Use a fresh --out folder, or delete {build_dir} first")
+                f"complete copy (check with: gzip -t {source}) and rerun: the same --out folder is fine, its parts are "
+                f"checked by content")
     os_error = _os_error_in(exc)
     if os_error is not None:
         return _os_error_message(os_error, source, build_dir)
     return None
-
-
-def _is_ingest_refusal(exc: BaseException, build_dir: str) -> bool:
-    """curation.ingest refuses a folder holding another source's ingest with a plain ValueError, so only its message
-    tells it from a bug. Should that message change, this is False and the error keeps its traceback (a test pins
-    the wording)."""
-    return isinstance(exc, ValueError) and str(exc).startswith(f"{Path(build_dir)} already holds an ingest of ")
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from curation.build import check_source
 from curation.config import BuildConfig
 from curation.lock import BuildLock
 from flows.tasks import (
@@ -175,6 +176,7 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
     # One build at a time per folder, held for the whole flow run (curation.lock): a second run fails at once.
     with BuildLock(build_path):
         source_path = fetch_source(source, build_path)
+        check_source(source_path)  # a mistyped source fails here, before config.json is written
         cfg = BuildConfig.from_dict(merge_config(BuildConfig(source=source_path, build_dir=build_path).to_dict(), config))
         cfg_dict = cfg.to_dict()
         prepare_task(cfg_dict)

@@ -57,15 +57,23 @@ def test_truncated_tsv_gz_is_one_line(tmp_path, capsys):
     assert str(source) in line and "truncated" in line and "complete copy" in line and "--out" in line
 
 
-def test_replaced_source_in_a_started_build_folder_is_one_line(tmp_path, capsys):
-    """The rerun after a truncated .tsv.gz was replaced, into the same folder: ingest refuses to mix two sources."""
+def test_replaced_source_in_a_started_build_folder_just_builds(tmp_path, capsys, monkeypatch):
+    """The rerun after a truncated .tsv.gz was replaced by a complete copy, into the same folder: ingest is
+    content-addressed, so the parts read before the truncation are checked and kept, and the build goes on."""
     source, out = tmp_path / "src.tsv.gz", tmp_path / "out"
     data = gzip.compress(ROWS.encode())
     source.write_bytes(data[: len(data) // 2])
     _one_error_line(capsys, source, out)
     source.write_bytes(data)
-    line = _one_error_line(capsys, source, out)
-    assert f"{out} holds an ingest of another source" in line and "Use a fresh --out folder" in line
+
+    def stop_after_ingest(*args, **kwargs):
+        raise StopBuild
+
+    monkeypatch.setattr(curation.build, "parse_part", stop_after_ingest)
+    with pytest.raises(StopBuild):
+        main(["build", "--source", str(source), "--out", str(out)])
+    done = json.loads((out / "ingest" / "ingest-done.json").read_text())
+    assert done["result"]["read"] == len(ROWS.splitlines())
 
 
 def test_parquet_with_wrong_columns_is_one_line_and_writes_nothing(tmp_path, capsys):

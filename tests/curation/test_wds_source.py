@@ -205,7 +205,7 @@ def test_cli_refuses_missing_shards_with_one_clear_error(tmp_path, capsys):
 
     crawl(tmp_path / "crawl")
     assert main(["build", "--source", f"{tmp_path}/crawl/{{00000..00002}}.tar", "--out", str(tmp_path / "b")]) == 2
-    assert "1 shard(s) not found" in capsys.readouterr().out and not (tmp_path / "b").exists()
+    assert "1 shard(s) not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
