@@ -155,7 +155,9 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
                 for path in stage.outputs(layout):
                     log.warning("build: config of %s changed, removing %s", plan[start].name, path)
                     _remove(path)
-    if not layout.config.exists() or read_json(layout.config) != cfg.to_dict():
+    # Rewritten only when what it describes changed: a copied build (another folder) or a new proxy port is the
+    # same build, and a rerun of it writes nothing (run.json records each run's folder and run-time settings).
+    if not layout.config.exists() or BuildConfig.from_dict(read_json(layout.config)).identity() != cfg.identity():
         cfg.save()
     return layout
 
@@ -166,7 +168,7 @@ def _holds_only_config(layout: BuildLayout) -> bool:
 
     The config check exists so that two configs' outputs are never mixed in one folder. With no output at all there
     is nothing to mix: such a folder is what a build leaves that failed before its first stage wrote anything (a
-    mistyped source in the Prefect flow, which has no check_source, or in a cc4m older than it). Refusing there
+    build killed before its first stage, or a mistyped source in a cc4m older than check_source). Refusing there
     would make the user delete the folder or pass --allow-config-change for no protection, so the new config
     replaces the old one. The lock file is required: run_build and the flow write config.json only while holding
     it, so config.json + lock is that story; a config.json alone got there some other way (copied in, or a direct
