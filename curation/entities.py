@@ -30,6 +30,7 @@ same-length name before tagging, so offsets stay exact and the tagger sees a pro
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,33 @@ def _base_of(form: str, surface: str) -> str:
     return "glass" if low == "glass" else low
 
 
+@functools.lru_cache(maxsize=8)
+def spacy_model_version(model: str) -> str:
+    """The model package's version ("3.8.0"), from the installed distribution or its meta.json; no weights."""
+    from importlib import metadata
+
+    for dist in (model.replace("_", "-"), model):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import spacy
+
+        return str(spacy.info(model).get("version", "unknown"))
+    except Exception:  # noqa: BLE001 - version reporting must never break extraction
+        return "unknown"
+
+
+def spacy_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("spacy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class EntityExtractor:
     """Finds vocabulary classes in captions under THE RULE (module docstring). Build once per process: the spaCy
     tagger is loaded lazily, the first time a caption needs it."""
@@ -290,29 +318,11 @@ class EntityExtractor:
         return self._model_version
 
     def _read_model_version(self) -> str:
-        """The model package's version ("3.8.0"), from the installed distribution or its meta.json; no weights."""
-        from importlib import metadata
-
-        for dist in (self.model.replace("_", "-"), self.model):
-            try:
-                return metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-        try:
-            import spacy
-
-            return str(spacy.info(self.model).get("version", "unknown"))
-        except Exception:  # noqa: BLE001 - version reporting must never break extraction
-            return "unknown"
+        return spacy_model_version(self.model)
 
     @property
     def spacy_version(self) -> str:
-        from importlib import metadata
-
-        try:
-            return metadata.version("spacy")
-        except metadata.PackageNotFoundError:
-            return "unknown"
+        return spacy_version()
 
     # -- public API ---------------------------------------------------------------------------------------------
     def extract(self, captions: Sequence[str]) -> list[list[EntityWord]]:

@@ -50,12 +50,39 @@ def _same_ids(name: str, left: np.ndarray, right: np.ndarray, left_label: str, r
     return problems
 
 
-def count_tar_samples(path: Path) -> Counter[str]:
-    """Members per sample key in a shard tar, read from the tar headers."""
-    keys: Counter[str] = Counter()
+def shard_members(path: Path) -> dict[str, list[str]]:
+    """{sample key: member extensions} of a shard tar, from its headers alone (data is skipped, never read).
+
+    Our shards are plain USTAR (curation.reshard), so the headers are scanned directly: about 10x faster than
+    tarfile's member objects, which is what keeps a rerun of a finished build cheap. Each header's checksum is
+    checked (a flipped byte is a TarError, as with tarfile); any header we did not write (long names, pax, links)
+    hands the whole file to tarfile instead."""
+    keys: dict[str, list[str]] = {}
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(512)
+            if len(header) < 512 or not header.strip(b"\0"):
+                break
+            if header[156:157] not in (b"0", b"\0"):
+                return _tarfile_members(path)
+            stored = header[148:156].strip(b"\0 ")
+            if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+                raise tarfile.ReadError(f"{path.name}: bad header checksum at byte {fh.tell() - 512}")
+            name = header[:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            stem, _, ext = (f"{prefix}/{name}" if prefix else name).rpartition(".")
+            keys.setdefault(stem, []).append(ext)
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            fh.seek(-(-size // 512) * 512, 1)
+    return keys
+
+
+def _tarfile_members(path: Path) -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
     with tarfile.open(path) as tar:
         for member in tar:
-            keys[member.name.rpartition(".")[0]] += 1
+            stem, _, ext = member.name.rpartition(".")
+            keys.setdefault(stem, []).append(ext)
     return keys
 
 
@@ -124,16 +151,17 @@ def _index(layout: BuildLayout, kept: np.ndarray) -> list[str]:
 
 
 def _shards(layout: BuildLayout, kept: np.ndarray) -> list[str]:
-    meta = pq.read_table(layout.parts(layout.meta_dir), columns=["sample_id", "shard"]) \
-        if layout.parts(layout.meta_dir) else pa.table({"sample_id": pa.array([], pa.int64()),
-                                                        "shard": pa.array([], pa.string())})
+    # One file at a time: a list of paths goes through pyarrow.dataset, whose import (pandas) alone costs 0.4 s.
+    parts = [pq.read_table(p, columns=["sample_id", "shard"]) for p in layout.parts(layout.meta_dir)]
+    meta = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.int64()),
+                                                           "shard": pa.array([], pa.string())})
     problems = _same_ids("reshard: meta holds the kept samples", meta["sample_id"].to_numpy(), kept, "meta/",
                          "kept.parquet")
     per_shard = Counter(meta["shard"].to_pylist())
     for path in layout.shards():
         try:
-            members = count_tar_samples(path)
-        except (tarfile.TarError, OSError) as err:
+            members = {key: len(exts) for key, exts in shard_members(path).items()}
+        except (tarfile.TarError, OSError, ValueError) as err:
             problems.append(f"reshard: shard samples = meta rows: {path.name} is unreadable ({err})")
             continue
         incomplete = [key for key, n in members.items() if n != 3]

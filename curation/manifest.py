@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from curation.download import STATUSES
 from curation.history import changes_since_previous
-from curation.invariants import INGEST_DONE, check_invariants
+from curation.invariants import INGEST_DONE, check_invariants, shard_members
 from curation.io import read_json, sha256_file, write_json_atomic
 from curation.layout import BuildLayout, shard_name
 from curation.reshard import SHARD_META_KEY
@@ -316,12 +316,8 @@ class VerifyReport:
 
 def _count_samples(path: Path) -> tuple[int, list[str]]:
     """Samples in a shard (distinct keys), and problems: members not in jpg/txt/json triples."""
-    keys: dict[str, set[str]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            stem, _, ext = member.name.rpartition(".")
-            keys.setdefault(stem, set()).add(ext)
-    bad = [k for k, exts in keys.items() if exts != {"jpg", "txt", "json"}]
+    keys = shard_members(path)
+    bad = [k for k, exts in keys.items() if sorted(exts) != ["jpg", "json", "txt"]]
     return len(keys), [f"shard {path.name}: sample {k} has members {sorted(keys[k])}" for k in bad[:5]]
 
 
@@ -355,7 +351,7 @@ def verify_manifest(manifest_path: str | Path) -> VerifyReport:
             report.problems.append(f"shard {entry['name']}: sha256 differs from the manifest")
         try:
             samples, member_problems = _count_samples(shard)
-        except tarfile.TarError as err:
+        except (tarfile.TarError, ValueError) as err:  # ValueError: a header field that is not a number
             report.problems.append(f"shard {entry['name']}: unreadable tar ({err})")
             continue
         report.samples_checked += samples

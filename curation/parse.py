@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.entities import DEFAULT_SPACY_MODEL, EntityExtractor
+from curation.entities import DEFAULT_SPACY_MODEL, EntityExtractor, spacy_model_version, spacy_version
 from curation.ingest import REJECT_SCHEMA, IngestConfig, ingest_source
 from curation.io import (
     atomic_path,
@@ -129,12 +129,11 @@ def part_fingerprint(ingest_part: Path, cfg: ParseConfig) -> str:
     the spaCy model and spaCy (by version: no weights are loaded) and this stage's version."""
     record = unit_record(ingest_part)
     content = record["content"] if record else table_digest(pq.read_table(ingest_part))  # a hand-made part
-    extractor = get_extractor(cfg.vocabulary, cfg.spacy_model, cfg.batch_size)
-    vocab = extractor.vocab
+    vocab = load_vocabulary(cfg.vocabulary)
     return fingerprint_of({"stage": "parse", "version": PARSE_VERSION, "input": content,
                            "vocabulary": [vocab.version, vocab.surface_words, vocab.synonyms],
-                           "spacy_model": [extractor.spacy_model_name, extractor.spacy_model_version],
-                           "spacy": extractor.spacy_version})
+                           "spacy_model": [cfg.spacy_model, spacy_model_version(cfg.spacy_model)],
+                           "spacy": spacy_version()})
 
 
 def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig(),
