@@ -55,12 +55,13 @@ def make_small_sample(sample_dir: Path | str, rows: int):
     return make_sample(sample_dir, n_rows=rows, image_size=64, eval_images=1, eval_selection_images=0)
 
 
-def child_main(sample_dir: str, out: str, rows: int) -> int:
+def child_main(sample_dir: str, out: str) -> int:
     """One build of the sample, as `cc4m build --sample` runs it (proxy in this process)."""
     from curation.build import run_build
     from curation.config import BuildConfig
     from curation.sample import SampleImageServer
 
+    rows = json.loads((Path(sample_dir) / "sample.json").read_text())["n_rows"]  # as the parent rendered it
     info = make_small_sample(sample_dir, rows)  # already rendered by the parent: returns at once
     with SampleImageServer(info.root, slow_seconds=1.0) as server:
         server.start()
@@ -75,10 +76,8 @@ def child_main(sample_dir: str, out: str, rows: int) -> int:
 
 
 def _child_cmd(sample_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child", str(sample_dir), str(out), "--rows", ROWS[0]]
-
-
-ROWS = ["300"]  # the sample's size, set once by main() for every child
+    # The sample's size is not passed: make_small_sample finds the one the parent rendered (its info file).
+    return [sys.executable, str(Path(__file__).resolve()), "--child", str(sample_dir), str(out)]
 
 
 def _run_child(sample_dir: Path, out: Path, env: dict[str, str], timeout: float) -> tuple[int, float, str]:
@@ -194,9 +193,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.child:
-        return child_main(*args.child, rows=args.rows)
+        return child_main(*args.child)
 
-    ROWS[0] = str(args.rows)
     work = Path(args.work or tempfile.mkdtemp(prefix="cc4m-faults-"))
     sample_dir = work / "sample"
     make_small_sample(sample_dir, args.rows)
