@@ -8,6 +8,7 @@ measure on the VALIDATION split, promote only if strictly better.
 """
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def retrain(source: str | None = None, build_dir: str = ".cc4m-runs/retrain/cc4m
     registry_path = str(Path(registry_dir or default_registry_dir()).resolve())
     built = build_cc4m(source=source, build_dir=build_dir, config=with_transient_retries(config), sample=sample,
                        sample_dir=sample_dir, sample_rows=sample_rows)
+    changes = json.loads(Path(built["manifest"]).read_text()).get("changes", {})
+    logger.info("build changes since the previous build: %s", json.dumps(changes, sort_keys=True))
     if validation_datasets is None:
         if not built["sample"]:
             raise ValueError("retrain needs validation_datasets (a checkpoint-selection split, not the eval split)")
@@ -78,7 +81,8 @@ def retrain(source: str | None = None, build_dir: str = ".cc4m-runs/retrain/cc4m
     logger.info("candidate %s %s=%.4f vs champion %s: %s", trained["entry_id"], PROMOTION_METRIC, validated["mIoU"],
                 champion["entry_id"] if champion else None, "PROMOTED" if promoted else "kept the champion")
     champion_now = ModelRegistry(registry_path).champion()
-    return {"build": built["manifest"], "candidate": trained["entry_id"], "checkpoint": trained["checkpoint"],
+    return {"build": built["manifest"], "build_changes": changes, "candidate": trained["entry_id"],
+            "checkpoint": trained["checkpoint"],
             PROMOTION_METRIC: validated["mIoU"], "promoted": promoted,
             "champion": champion_now.entry_id if champion_now else None}
 

@@ -265,6 +265,9 @@ def test_retrain_promotes_the_first_model_then_only_a_better_one(sample_build, s
               "registry_dir": str(registry.root)}
     first = retrain(**params)
     assert first["promoted"] and first["champion"] == first["candidate"]
+    # The source did not change: the manifest (and so the changes it records) is the finished build's.
+    manifest = json.loads((Path(sample_build["build_dir"]) / "manifest.json").read_text())
+    assert first["build_changes"] == manifest["changes"] and first["build_changes"]["samples_removed"] == 0
     second = retrain(**params)
     candidate, champion = registry.get(second["candidate"]), registry.get(first["candidate"])
     assert candidate.parent_id == champion.entry_id and candidate.stage == 2
