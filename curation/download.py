@@ -35,7 +35,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation import tario
 from curation.fetch import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_REDIRECTS,
@@ -282,7 +282,7 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
         env.pop(name, None)  # the guarded fetcher takes its proxy from the config only
     output = Path(payload["img2dataset"]["output_folder"])
-    cmd = [sys.executable, "-m", "curation.download", json.dumps(payload)]
+    cmd = [sys.executable, "-m", "curation.download", json.dumps({**payload, "parent_pid": os.getpid()})]
     started = time.monotonic()
     done_before = _stats_progress(output, total, 0, started)["done"]
     with open(log_path, "ab") as log_file:
@@ -633,12 +633,8 @@ def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: 
 
 # ----------------------------------------------------------------------------------------------- reading the images
 def _shard_images(staging: Path, shard: str, keys: dict[str, int]) -> Iterator[tuple[int, bytes]]:
-    images: dict[int, bytes] = {}
-    with tarfile.open(staging / f"{shard}.tar") as tar:
-        for member in tar:
-            stem, _, ext = member.name.rpartition(".")
-            if ext == "jpg" and stem in keys:
-                images[keys[stem]] = tar.extractfile(member).read()
+    images = {keys[name[:-len(".jpg")]]: data
+              for name, data in tario.read_members(staging / f"{shard}.tar", {f"{k}.jpg" for k in keys})}
     lost = sorted(set(keys.values()) - set(images))
     if lost:
         raise FileNotFoundError(f"staging shard {shard}.tar lacks images of successful samples {lost[:10]}")
@@ -687,9 +683,9 @@ def _driver_main(argv: list[str]) -> int:
     """Entry point of the img2dataset subprocess: argv[0] is the JSON payload (img2dataset kwargs, fetch policy,
     pixel cap)."""
     payload = json.loads(argv[0])
+    # First, before the heavy imports: an orphaned img2dataset must never write into the folder of a build that died.
+    exit_with_parent(payload.get("parent_pid"))
     from curation import download_worker  # imported here: the parent process never pays for img2dataset
-
-    exit_with_parent()  # an orphaned img2dataset must never write into the folder of a build that died
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
     download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
     return 0

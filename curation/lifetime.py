@@ -36,10 +36,14 @@ def kill_process_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def exit_with_parent(poll_s: float = WATCHDOG_POLL_S) -> threading.Thread:
+def exit_with_parent(parent: int | None = None, poll_s: float = WATCHDOG_POLL_S) -> threading.Thread:
     """In a helper started in its own session: a daemon thread that SIGKILLs the helper's whole process group as soon
-    as the process that started it is gone."""
-    parent = os.getppid()
+    as the process that started it is gone.
+
+    `parent` is the pid the starter passed down. Pass it: a helper that reads its parent only when it gets here (after
+    its imports, seconds under load) may already have been reparented by then, and would watch the wrong process
+    forever (fault injection found such an orphan finishing its shards beside the rerun)."""
+    parent = parent or os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

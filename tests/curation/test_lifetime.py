@@ -66,6 +66,34 @@ def test_a_helper_and_its_workers_die_when_the_build_is_killed(tmp_path: Path):
     assert _wait_dead([helper, worker], within_s=10) == []
 
 
+LATE_HELPER = """
+import sys, time
+time.sleep(float(sys.argv[2]))  # slow imports: the build is killed before the watchdog starts
+from curation.lifetime import exit_with_parent
+exit_with_parent(int(sys.argv[1]))
+time.sleep(120)
+"""
+LATE_BUILD = """
+import os, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, sys.argv[1], str(os.getpid()), "1.5"], start_new_session=True)
+print(helper.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_helper_whose_build_died_before_its_watchdog_started_still_dies(tmp_path: Path):
+    """The starter's pid comes down with the helper: a helper reparented before it got to exit_with_parent (its
+    imports take seconds under load) still sees that its build is gone, instead of watching its new parent."""
+    (tmp_path / "helper.py").write_text(LATE_HELPER)
+    build = subprocess.Popen([sys.executable, "-c", LATE_BUILD, str(tmp_path / "helper.py")], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    helper = int(build.stdout.readline())
+    build.send_signal(signal.SIGKILL)  # before the helper's watchdog exists
+    build.wait()
+    assert _alive(helper)
+    assert _wait_dead([helper], within_s=10) == []
+
+
 def _selected_part(build: Path, urls: list[str]) -> None:
     layout = BuildLayout(build)
     layout.selected_dir.mkdir(parents=True)
