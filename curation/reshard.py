@@ -13,10 +13,8 @@ record matches the current inputs is skipped on a rerun.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation import tario
 from curation.download import iter_staged_images
 from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, sha256_file, table_digest, write_parquet_atomic
@@ -66,14 +65,6 @@ class ShardConfig:
 
 def sample_key(sample_id: int) -> str:
     return f"{int(sample_id):0{KEY_DIGITS}d}"
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.type = size, 0, 0o644, tarfile.REGTYPE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 def _shard_fingerprint(samples: pa.Table, partners: _Partners, lo: int, hi: int, cfg: ShardConfig) -> str:
@@ -184,7 +175,8 @@ def _write_shard(layout: BuildLayout, index: int, rows: list[dict], images: dict
     name = shard_name(index)
     partners = all_partners.for_range(rows[0]["sample_id"], rows[-1]["sample_id"])
     final = layout.shards_dir / name
-    with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        tar = tario.ShardWriter(fh)
         for row in rows:
             sid = row["sample_id"]
             key = sample_key(sid)
@@ -198,7 +190,8 @@ def _write_shard(layout: BuildLayout, index: int, rows: list[dict], images: dict
             }
             for ext, data in (("jpg", jpg), ("txt", row["caption"].encode("utf-8")),
                               ("json", json.dumps(doc, sort_keys=True, ensure_ascii=False).encode("utf-8"))):
-                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                tar.add(f"{key}.{ext}", data)
+        tar.close()
     meta = pa.Table.from_pylist(
         [{"sample_id": r["sample_id"], "shard": name, "position": pos, "caption": r["caption"],
           "entities": r["entities"], "entity_words": r["entity_words"], "width": r["width"], "height": r["height"],
@@ -214,12 +207,8 @@ def _write_shard(layout: BuildLayout, index: int, rows: list[dict], images: dict
 
 def shard_locator(path: Path) -> list[tuple[int, int, int]]:
     """(sample_id, offset, size) of every .jpg member's data in one shard, in member order (reads headers only)."""
-    out = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.name.endswith(".jpg"):
-                out.append((int(member.name[: -len(".jpg")]), member.offset_data, member.size))
-    return out
+    return [(int(name[: -len(".jpg")]), offset, size) for name, offset, size in tario.scan(path)
+            if name.endswith(".jpg")]
 
 
 def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback | None = None) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
         edited: dict = {}
         run_build(_cfg(source, grown, http_proxy=server.proxy_url), results=edited)
     assert edited["ingest"]["changes"]["kind"] == "changed"
-    newest = sorted(layout.staging_dir.glob("retry-*/" + URLS_NAME))[-1]
+    newest = max(layout.staging_dir.glob("retry-*/" + URLS_NAME))
     assert pq.read_table(newest, columns=["sample_id"])["sample_id"].to_pylist() == [victim["sample_id"]]
     rows = {r["sample_id"]: r for m in layout.parts(layout.meta_dir) for r in pq.read_table(m).to_pylist()}
     assert rows[victim["sample_id"]]["caption"] == "a dog and a cat on a red sofa"

@@ -153,32 +153,3 @@ def test_unknown_status_is_not_counted_as_a_failure(finished):
     with pytest.raises(ManifestCountError, match="download: selected = success \\+ failed"):
         write_manifest(root, cfg, results)
     assert pc.sum(pc.equal(pq.read_table(BuildLayout(root).downloads)["status"], "teleported")).as_py() == 1
-
-
-def test_shard_members_reads_headers_like_tarfile_and_catches_a_flipped_header_byte(tmp_path):
-    import io
-    import tarfile
-
-    from curation.invariants import _tarfile_members, shard_members
-
-    ustar = tmp_path / "shard.tar"
-    with tarfile.open(ustar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(4):
-            for ext in ("jpg", "txt", "json"):
-                data = bytes(range(256)) * (i * 3 + len(ext))  # sizes that are and are not multiples of 512
-                info = tarfile.TarInfo(f"{i:012d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    assert shard_members(ustar) == _tarfile_members(ustar) == {f"{i:012d}": ["jpg", "txt", "json"] for i in range(4)}
-    pax = tmp_path / "pax.tar"  # a long name: headers we do not write go to tarfile
-    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("k" * 150 + ".jpg")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"abc"))
-    assert shard_members(pax) == {"k" * 150: ["jpg"]}
-    flipped = bytearray(ustar.read_bytes())
-    flipped[512 + 1024 + 5] ^= 0x01  # the second header: after the first (768 bytes of data in 2 blocks)
-    broken = tmp_path / "broken.tar"
-    broken.write_bytes(bytes(flipped))
-    with pytest.raises(tarfile.ReadError, match="checksum"):
-        shard_members(broken)
