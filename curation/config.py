@@ -28,6 +28,7 @@ RUNTIME_ONLY: dict[str, frozenset[str]] = {
     "parse": frozenset({"batch_size", "chunk_rows"}),
     "download": frozenset({"http_proxy", "processes_count", "thread_count", "distributor", "subprocess_timeout_s",
                           "retry_transient", "max_attempts", "progress_interval_s", "stall_timeout_s"}),
+    "dedup": frozenset({"workers"}),  # how many processes hash, not what they hash
     "shard": frozenset({"rehash_existing"}),
 }
 
