@@ -260,6 +260,7 @@ def spacy_model_version(model: str) -> str:
         return "unknown"
 
 
+@functools.cache
 def spacy_version() -> str:
     from importlib import metadata
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import fingerprint_of, parquet_digest, sha256_file, unit_record, write_parquet_atomic
+from curation.io import fingerprint_of, parquet_digest, unit_content, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.version import code_version
 
@@ -251,8 +251,7 @@ def _fingerprint(layout: BuildLayout, cfg: IndexConfig) -> str:
     """The index's inputs by content (never kept.parquet's bytes: its metadata names the code version)."""
     inputs: dict[str, Any] = {"config": cfg.to_dict(), "kept": parquet_digest(layout.kept, ["sample_id", "entities"])}
     if cfg.partner_mode == "embedding":  # partners then depend on the captions too
-        inputs["captions"] = [(unit_record(p) or {}).get("content") or sha256_file(p)
-                              for p in layout.parts(layout.selected_dir)]
+        inputs["captions"] = [unit_content(p) for p in layout.parts(layout.selected_dir)]
     return fingerprint_of(inputs)
 
 

@@ -23,7 +23,7 @@ from manifests.fileio import (
 
 __all__ = [
     "UNIT_META_KEY", "atomic_path", "fingerprint_of", "parquet_digest", "read_json", "remove_stale_temporaries",
-    "sha256_file", "table_digest", "unit_record", "with_unit_record", "write_bytes_atomic", "write_json_atomic",
+    "sha256_file", "table_digest", "unit_content", "unit_record", "with_unit_record", "write_bytes_atomic", "write_json_atomic",
     "write_parquet_atomic", "write_text_atomic",
 ]
 
@@ -68,6 +68,12 @@ def with_unit_record(table: pa.Table, fingerprint: str) -> pa.Table:
     metadata = dict(table.schema.metadata or {})
     metadata[UNIT_META_KEY] = json.dumps({"fingerprint": fingerprint, "content": table_digest(table)}).encode()
     return table.replace_schema_metadata(metadata)
+
+
+def unit_content(path: str | os.PathLike) -> str:
+    """The content digest a unit recorded, or (a part without a record, e.g. hand-made) its table's digest."""
+    record = unit_record(path)
+    return record["content"] if record else table_digest(pq.read_table(path))
 
 
 def unit_record(path: str | os.PathLike) -> dict[str, str] | None:

@@ -24,7 +24,7 @@ from curation.ingest import REJECT_SCHEMA, IngestConfig, ingest_source
 from curation.io import (
     atomic_path,
     fingerprint_of,
-    table_digest,
+    unit_content,
     unit_record,
     with_unit_record,
     write_parquet_atomic,
@@ -127,10 +127,8 @@ PARSE_VERSION = 1
 def part_fingerprint(ingest_part: Path, cfg: ParseConfig) -> str:
     """What a captions part is made from: its ingest part's content (as its unit record states it), the vocabulary,
     the spaCy model and spaCy (by version: no weights are loaded) and this stage's version."""
-    record = unit_record(ingest_part)
-    content = record["content"] if record else table_digest(pq.read_table(ingest_part))  # a hand-made part
     vocab = load_vocabulary(cfg.vocabulary)
-    return fingerprint_of({"stage": "parse", "version": PARSE_VERSION, "input": content,
+    return fingerprint_of({"stage": "parse", "version": PARSE_VERSION, "input": unit_content(ingest_part),
                            "vocabulary": [vocab.version, vocab.surface_words, vocab.synonyms],
                            "spacy_model": [cfg.spacy_model, spacy_model_version(cfg.spacy_model)],
                            "spacy": spacy_version()})

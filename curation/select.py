@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import fingerprint_of, table_digest, unit_record, with_unit_record, write_parquet_atomic
+from curation.io import fingerprint_of, unit_content, unit_record, with_unit_record, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
@@ -68,9 +68,7 @@ SELECT_VERSION = 1
 
 def _part_fingerprint(captions_part: Path, cfg: SelectConfig) -> str:
     """The captions part's content (its unit record, else hashed here), the config and this stage's version."""
-    record = unit_record(captions_part)
-    content = record["content"] if record else table_digest(pq.read_table(captions_part))
-    return fingerprint_of({"stage": "select", "version": SELECT_VERSION, "input": content,
+    return fingerprint_of({"stage": "select", "version": SELECT_VERSION, "input": unit_content(captions_part),
                            "config": cfg.fingerprint()})
 
 
