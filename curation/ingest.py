@@ -255,9 +255,9 @@ def _is_prefix(old_path: Path, new: pa.Table) -> bool:
     return old.num_rows <= new.num_rows and old.equals(new.slice(0, old.num_rows))
 
 
-def _write_part(layout: BuildLayout, index: int, rows: list[_Row], content_cfg: dict[str, Any]) -> str:
-    """Write part `index` unless it already holds exactly these rows; returns "same", "new", "grown" (the old part's
-    rows are a prefix of the new ones: rows were appended) or "changed"."""
+def _write_part(layout: BuildLayout, index: int, rows: list[_Row], content_cfg: dict[str, Any]) -> tuple[str, str]:
+    """Write part `index` unless it already holds exactly these rows; returns its fingerprint and "same", "new",
+    "grown" (the old part's rows are a prefix of the new ones: rows were appended) or "changed"."""
     ingested, rejects = _part_tables(rows)
     name = part_name(index)
     ingest_path, rejects_path = layout.ingest_dir / name, layout.rejects_dir / name
@@ -266,7 +266,7 @@ def _write_part(layout: BuildLayout, index: int, rows: list[_Row], content_cfg: 
     record = unit_record(ingest_path)
     if record is not None and rejects_path.exists():
         if record["fingerprint"] == fingerprint:
-            return "same"
+            return "same", fingerprint
         old_rows = pq.read_metadata(ingest_path).num_rows + pq.read_metadata(rejects_path).num_rows
         grown = old_rows < ingested.num_rows + rejects.num_rows and _is_prefix(ingest_path, ingested) \
             and _is_prefix(rejects_path, rejects)
@@ -276,7 +276,7 @@ def _write_part(layout: BuildLayout, index: int, rows: list[_Row], content_cfg: 
     # Rejects first: the ingest part's presence (with its record) is what marks this part as complete.
     write_parquet_atomic(rejects_path, rejects)
     write_parquet_atomic(ingest_path, with_unit_record(ingested, fingerprint))
-    return status
+    return status, fingerprint
 
 
 def _remove_parts_beyond(layout: BuildLayout, parts: list[str]) -> list[str]:
@@ -305,8 +305,8 @@ def _unchanged_result(layout: BuildLayout, identity: dict[str, Any]) -> dict[str
         if record is None or record["fingerprint"] != fingerprints.get(part) \
                 or not (layout.rejects_dir / part).exists():
             return None
-    return {**done["result"], "changes": {"kind": "unchanged", "rows_before": done["result"]["read"],
-                                          "rows_added": 0, "parts_rewritten": [], "parts_removed": []}}
+    unchanged = dict.fromkeys(done["result"]["parts"], "same")
+    return {**done["result"], "changes": _changes(done, unchanged, [], done["result"]["read"])}
 
 
 def _changes(previous: dict[str, Any] | None, statuses: dict[str, str], removed: list[str],
@@ -323,7 +323,8 @@ def _changes(previous: dict[str, Any] | None, statuses: dict[str, str], removed:
         kind = "changed"
     else:
         kind = "appended"
-    return {"kind": kind, "rows_before": before, "rows_added": max(0, read - before) if kind == "appended" else None,
+    rows_added = read - before if kind in ("appended", "unchanged") else None
+    return {"kind": kind, "rows_before": before, "rows_added": rows_added,
             "parts_rewritten": rewritten, "parts_added": added, "parts_removed": removed}
 
 
@@ -362,11 +363,13 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
     read = ingested = 0
     rejects_by_reason: Counter[str] = Counter()
     statuses: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
     buffer: list[_Row] = []
     current_part = 0
 
     def flush(index: int, rows: list[_Row]) -> None:
-        statuses[part_name(index)] = _write_part(layout, index, rows, content_cfg)
+        name = part_name(index)
+        statuses[name], fingerprints[name] = _write_part(layout, index, rows, content_cfg)
 
     try:
         for row in rows_iter(path, cfg, progress):
@@ -399,7 +402,6 @@ def ingest_source(source: str | Path, build_dir: str | Path, cfg: IngestConfig =
         "parts": parts,
         "rows_per_part": cfg.rows_per_part,
     }
-    fingerprints = {p: unit_record(layout.ingest_dir / p)["fingerprint"] for p in parts}
     changes = _changes(previous, statuses, removed, read)
     # "changes" stays in the marker until the source changes again: the manifest reports it (curation.history).
     write_json_atomic(done_path, {**identity, "fingerprints": fingerprints, "result": result, "changes": changes})
