@@ -158,8 +158,12 @@ def near_pairs(hashes: np.ndarray, max_hamming: int, force_multihash: bool = Fal
 def _read_successes(layout: BuildLayout) -> pa.Table:
     if not layout.downloads.exists():
         raise FileNotFoundError(f"dedup needs {layout.downloads} (run the download stage first)")
-    downloads = pq.read_table(layout.downloads, columns=["sample_id", "status"])
-    ok = downloads.filter(pc.equal(downloads["status"], "success")).select(["sample_id"])
+    # sha256 (of the original download) keys the hash cache; a hand-made downloads.parquet may lack it
+    names = set(pq.read_schema(layout.downloads).names)
+    downloads = pq.read_table(layout.downloads, columns=[c for c in ("sample_id", "status", "sha256") if c in names])
+    if "sha256" not in names:
+        downloads = downloads.append_column("sha256", pa.nulls(downloads.num_rows, pa.string()))
+    ok = downloads.filter(pc.equal(downloads["status"], "success")).select(["sample_id", "sha256"])
     ids = ok["sample_id"].to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{layout.downloads}: duplicate sample_id rows among successful downloads")
@@ -399,7 +403,8 @@ def deduplicate(
     phash_col: pa.Array = pa.nulls(n, pa.uint64())
     reuse: dict[str, int] = {}
     if cfg.enabled and n:
-        sha, phash, phash_ok, extra, reuse = _hashes(layout, sample_ids, cfg, images, progress)
+        originals = ok["sha256"].cast(pa.string()) if images is None else pa.nulls(n, pa.string())
+        sha, phash, phash_ok, extra, reuse = _hashes(layout, sample_ids, originals, cfg, images, progress)
         removed, keepers, is_exact, distance = find_duplicates(
             sample_ids, sha, phash if cfg.near else None, phash_ok, cfg
         )
@@ -454,28 +459,23 @@ def _hash_settings(cfg: DedupConfig) -> bytes:
                       sort_keys=True).encode()
 
 
-def _cached_hashes(layout: BuildLayout, sample_ids: np.ndarray, cfg: DedupConfig) -> tuple[pa.Table, np.ndarray]:
-    """(the original download's sha256 of each sample, the cached hash rows still valid for them): a row is reused
-    only when the same sample still has the same original bytes and the hash settings are the same."""
-    downloads = pq.read_table(layout.downloads, columns=["sample_id", "sha256"])
-    downloads = downloads.filter(pc.is_in(downloads["sample_id"], value_set=pa.array(sample_ids, pa.int64())))
-    originals = downloads.sort_by("sample_id")["sha256"].to_numpy(zero_copy_only=False)
+def _cached_hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, cfg: DedupConfig) -> pa.Table:
+    """The cached hash rows still valid: a row is reused only when the same sample still has the same original bytes
+    (img2dataset's sha256 of the download) and the hash settings are the same."""
     path = layout.dedup_hashes
     if not path.exists() or (pq.read_schema(path).metadata or {}).get(b"cc4m.dedup.hash") != _hash_settings(cfg):
-        return HASHES_SCHEMA.empty_table(), originals
+        return HASHES_SCHEMA.empty_table()
     cache = pq.read_table(path).cast(HASHES_SCHEMA)
-    want = pa.table({"sample_id": pa.array(sample_ids, pa.int64()),
-                     "download_sha256": pa.array(originals, pa.string())})
-    return cache.join(want, keys=["sample_id", "download_sha256"], join_type="inner"), originals
+    want = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "download_sha256": originals})
+    return cache.join(want, keys=["sample_id", "download_sha256"], join_type="inner")
 
 
-def _hashes(layout: BuildLayout, sample_ids: np.ndarray, cfg: DedupConfig,
+def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, cfg: DedupConfig,
             images: Iterable[tuple[int, bytes]] | None, progress: ProgressCallback | None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], dict[str, int]]:
     """sha256, pHash, pHash ok of every sample: from the cache where the image is unchanged, else hashed now (only
-    those images are read); the cache is then rewritten for all of them."""
-    cached, originals = _cached_hashes(layout, sample_ids, cfg) if images is None else \
-        (HASHES_SCHEMA.empty_table(), np.full(len(sample_ids), None, object))
+    those images are read); the cache is then rewritten for all of them. Injected `images` never use the cache."""
+    cached = _cached_hashes(layout, sample_ids, originals, cfg) if images is None else HASHES_SCHEMA.empty_table()
     have = np.isin(sample_ids, cached["sample_id"].to_numpy())
     todo = sample_ids[~have]
     if images is None:
@@ -496,7 +496,7 @@ def _hashes(layout: BuildLayout, sample_ids: np.ndarray, cfg: DedupConfig,
         phash_ok[pos] = cached["phash_ok"].to_numpy(zero_copy_only=False)
     if cfg.near:  # over every image, as a fresh build counts it
         extra["phash_failed"] = int((~phash_ok).sum())
-    table = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "download_sha256": pa.array(originals, pa.string()),
+    table = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "download_sha256": originals,
                       "sha256": pa.array([bytes(r) for r in sha], pa.binary(32)), "phash": pa.array(phash, pa.uint64()),
                       "phash_ok": pa.array(phash_ok)}, schema=HASHES_SCHEMA)
     write_parquet_atomic(layout.dedup_hashes, table.replace_schema_metadata({b"cc4m.dedup.hash": _hash_settings(cfg)}))

@@ -27,7 +27,6 @@ Nothing is lost silently: downloads.parquet has exactly one row per selected sam
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import json
 import logging
@@ -58,7 +57,7 @@ from curation.fetch import (
     reason_of,
 )
 from curation.imaging import DEFAULT_MAX_PIXELS
-from curation.io import table_digest, write_parquet_atomic
+from curation.io import fingerprint_of, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
 from curation.lifetime import exit_with_parent, group_alive, kill_process_group
 
@@ -452,9 +451,7 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
     layout = BuildLayout(Path(build_dir))
     staging = layout.staging_dir
     urls = collect_selected(build_dir)
-    fingerprint = hashlib.sha256(
-        json.dumps({"urls": table_digest(urls), "staging": cfg.staging_fingerprint()}, sort_keys=True).encode()
-    ).hexdigest()
+    fingerprint = fingerprint_of({"urls": table_digest(urls), "staging": cfg.staging_fingerprint()})
 
     if layout.downloads.exists():
         meta = (pq.read_schema(layout.downloads).metadata or {}).get(DOWNLOADS_META_KEY)
