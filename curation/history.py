@@ -33,17 +33,22 @@ def written_ids(layout: BuildLayout) -> np.ndarray:
     return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
 
 
+def _snapshot_of(layout: BuildLayout, manifest_sha: str) -> bool:
+    """Whether the snapshot in history/ holds the ids of the build whose manifest has this sha256."""
+    record = history_dir(layout) / PREVIOUS_RECORD
+    return record.exists() and read_json(record).get("manifest_sha256") == manifest_sha
+
+
 def snapshot_written(layout: BuildLayout) -> None:
     """Before the shards of a finished build are rewritten: keep its written ids, tagged with its manifest's
     sha256. Taken once per manifest (a rerun after a crash keeps the first snapshot)."""
     if not layout.manifest.exists():
         return
     manifest_sha = sha256_file(layout.manifest)
-    record = history_dir(layout) / PREVIOUS_RECORD
-    if record.exists() and read_json(record).get("manifest_sha256") == manifest_sha:
+    if _snapshot_of(layout, manifest_sha):
         return
     write_parquet_atomic(history_dir(layout) / PREVIOUS_IDS, pa.table({"sample_id": written_ids(layout)}))
-    write_json_atomic(record, {"manifest_sha256": manifest_sha})
+    write_json_atomic(history_dir(layout) / PREVIOUS_RECORD, {"manifest_sha256": manifest_sha})
 
 
 def changes_since_previous(layout: BuildLayout) -> dict[str, Any]:
@@ -55,8 +60,7 @@ def changes_since_previous(layout: BuildLayout) -> dict[str, Any]:
     if not layout.manifest.exists():
         return {"previous_manifest_sha256": None, "source": source, "samples_added": len(now), "samples_removed": 0}
     manifest_sha = sha256_file(layout.manifest)
-    record = history_dir(layout) / PREVIOUS_RECORD
-    if record.exists() and read_json(record).get("manifest_sha256") == manifest_sha:
+    if _snapshot_of(layout, manifest_sha):
         before = pq.read_table(history_dir(layout) / PREVIOUS_IDS)["sample_id"].to_numpy()
     else:  # the shards were not rewritten since that manifest: the same ids
         before = now

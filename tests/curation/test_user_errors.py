@@ -41,11 +41,14 @@ def _one_error_line(capsys, source, out, *extra) -> str:
     return lines[0]
 
 
-def _stop_at_ingest(monkeypatch):
-    def first_stage(*args, **kwargs):
+def _build_until(monkeypatch, stage: str, source, out) -> None:
+    """Run `cc4m build` and stop it when it calls `stage` (a name in curation.build): it got past its checks."""
+    def stop(*args, **kwargs):
         raise StopBuild
 
-    monkeypatch.setattr(curation.build, "ingest_any", first_stage)
+    monkeypatch.setattr(curation.build, stage, stop)
+    with pytest.raises(StopBuild):
+        main(["build", "--source", str(source), "--out", str(out)])
 
 
 def test_truncated_tsv_gz_is_one_line(tmp_path, capsys):
@@ -65,13 +68,7 @@ def test_replaced_source_in_a_started_build_folder_just_builds(tmp_path, capsys,
     source.write_bytes(data[: len(data) // 2])
     _one_error_line(capsys, source, out)
     source.write_bytes(data)
-
-    def stop_after_ingest(*args, **kwargs):
-        raise StopBuild
-
-    monkeypatch.setattr(curation.build, "parse_part", stop_after_ingest)
-    with pytest.raises(StopBuild):
-        main(["build", "--source", str(source), "--out", str(out)])
+    _build_until(monkeypatch, "parse_part", source, out)
     done = json.loads((out / "ingest" / "ingest-done.json").read_text())
     assert done["result"]["read"] == len(ROWS.splitlines())
 
@@ -149,9 +146,7 @@ def test_mistyped_source_leaves_no_config_and_the_corrected_rerun_starts(tmp_pat
     line = _one_error_line(capsys, tmp_path / "scr.tsv", out)
     assert str(tmp_path / "scr.tsv") in line and "does not exist" in line and "Check the path" in line
     assert not (out / "config.json").exists()
-    _stop_at_ingest(monkeypatch)
-    with pytest.raises(StopBuild):
-        main(["build", "--source", str(source), "--out", str(out)])
+    _build_until(monkeypatch, "ingest_any", source, out)
     assert json.loads((out / "config.json").read_text())["source"] == str(source)
 
 
@@ -161,9 +156,7 @@ def test_folder_left_with_only_config_and_lock_takes_a_new_config(tmp_path, monk
     BuildConfig(source=str(tmp_path / "scr.tsv"), build_dir=str(out)).save()
     with BuildLock(out):
         pass
-    _stop_at_ingest(monkeypatch)
-    with pytest.raises(StopBuild):
-        main(["build", "--source", str(source), "--out", str(out)])
+    _build_until(monkeypatch, "ingest_any", source, out)
     assert json.loads((out / "config.json").read_text())["source"] == str(source)
 
 
