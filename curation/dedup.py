@@ -16,7 +16,6 @@ img2dataset's hash would catch is missed.)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -28,7 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import DOWNLOAD_CONTENT_COLUMNS
+from curation.download import DOWNLOAD_CONTENT_COLUMNS, STORED_HASH_COLUMNS, with_stored_hashes
+from curation.imagehash import (
+    PHASH_VERSION,
+    STAGED_HASH_SIZE,
+    STAGED_HIGHFREQ_FACTOR,
+    hamming,
+    phash_bytes,
+)
 from curation.io import parquet_digest, write_parquet_atomic
 from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
@@ -77,46 +83,6 @@ class DedupConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------------------- pHash
-def _dct_rows(n_out: int, n_in: int) -> np.ndarray:
-    """First n_out rows of the (unnormalised) DCT-II matrix of size n_in: scale does not matter for a median test."""
-    k = np.arange(n_out)[:, None]
-    i = np.arange(n_in)[None, :]
-    return np.cos(np.pi * (2 * i + 1) * k / (2 * n_in))
-
-
-def _gray_pixels(jpg: bytes, side: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpg)) as im:
-        # draft() lets libjpeg decode at 1/2..1/8 scale: far faster, and we only need side x side pixels.
-        im.draft("L", (side * 2, side * 2))
-        small = im.convert("L").resize((side, side), Image.Resampling.LANCZOS)
-        return np.asarray(small, dtype=np.float64)
-
-
-def phash_pixels(pixels: np.ndarray, hash_size: int = 8) -> np.ndarray:
-    """pHash of grayscale images (B, S, S) -> (B,) uint64, the imagehash.phash definition: 2-D DCT, keep the top-left
-    hash_size x hash_size coefficients, bit = coefficient > their median; bits row-major, first bit most significant."""
-    pixels = np.asarray(pixels, dtype=np.float64)
-    side = pixels.shape[-1]
-    dct = _dct_rows(hash_size, side)
-    low = dct @ pixels @ dct.T  # (B, hash_size, hash_size)
-    flat = low.reshape(low.shape[0], -1)
-    bits = flat > np.median(flat, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).ravel()
-
-
-def phash_bytes(jpg: bytes, hash_size: int = 8, highfreq_factor: int = 4) -> int:
-    """pHash of one encoded image (any format PIL reads)."""
-    return int(phash_pixels(_gray_pixels(jpg, hash_size * highfreq_factor)[None], hash_size)[0])
-
-
-def hamming(a: int | np.ndarray, b: int | np.ndarray) -> np.ndarray:
-    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
-    return np.bitwise_count(x).astype(np.int32)
-
-
 # ------------------------------------------------------------------------------------------------------ near search
 def _codes(hashes: np.ndarray) -> np.ndarray:
     """uint64 hashes -> (n, 8) uint8 faiss binary codes (byte order is irrelevant to the Hamming distance)."""
@@ -160,10 +126,13 @@ def _read_successes(layout: BuildLayout) -> pa.Table:
         raise FileNotFoundError(f"dedup needs {layout.downloads} (run the download stage first)")
     # sha256 (of the original download) keys the hash cache; a hand-made downloads.parquet may lack it
     names = set(pq.read_schema(layout.downloads).names)
-    downloads = pq.read_table(layout.downloads, columns=[c for c in ("sample_id", "status", "sha256") if c in names])
+    columns = ("sample_id", "status", "sha256", *STORED_HASH_COLUMNS)
+    downloads = pq.read_table(layout.downloads, columns=[c for c in columns if c in names])
     if "sha256" not in names:
         downloads = downloads.append_column("sha256", pa.nulls(downloads.num_rows, pa.string()))
-    ok = downloads.filter(pc.equal(downloads["status"], "success")).select(["sample_id", "sha256"])
+    downloads = with_stored_hashes(downloads)
+    ok = downloads.filter(pc.equal(downloads["status"], "success")).select(["sample_id", "sha256",
+                                                                            *STORED_HASH_COLUMNS])
     ids = ok["sample_id"].to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{layout.downloads}: duplicate sample_id rows among successful downloads")
@@ -190,23 +159,20 @@ def hash_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(sample_ids, sha256 digests (b, 32), phash (b,), phash_ok (b,)) of one batch. Module-level so that worker
     processes can import it."""
-    side = hash_size * highfreq_factor
     ids = np.array([sid for sid, _ in items], np.int64)
     sha = np.array([np.frombuffer(hashlib.sha256(jpg).digest(), np.uint8) for _, jpg in items], np.uint8)
     sha = sha.reshape(len(items), 32)
     phash = np.zeros(len(items), np.uint64)
     ok = np.zeros(len(items), bool)
     if near:
-        pixels = []
         for j, (_, jpg) in enumerate(items):
+            # One image at a time, through the same function as the download workers: a batched DCT could round
+            # differently, and a blank image's bits are decided by that rounding.
             try:
-                px = _gray_pixels(jpg, side)
-            except Exception:  # noqa: BLE001, S112 - undecodable: counted by the caller, kept out of the near search
+                phash[j] = phash_bytes(jpg, hash_size, highfreq_factor)
+            except ValueError:  # undecodable: counted by the caller, kept out of the near search
                 continue
-            pixels.append(px)
             ok[j] = True
-        if pixels:
-            phash[ok] = phash_pixels(np.stack(pixels), hash_size)
     return ids, sha, phash, ok
 
 
@@ -404,7 +370,8 @@ def deduplicate(
     reuse: dict[str, int] = {}
     if cfg.enabled and n:
         originals = ok["sha256"].cast(pa.string()) if images is None else pa.nulls(n, pa.string())
-        sha, phash, phash_ok, extra, reuse = _hashes(layout, sample_ids, originals, cfg, images, progress)
+        staged = _staged_hashes(ok, cfg) if images is None else HASHES_SCHEMA.empty_table()
+        sha, phash, phash_ok, extra, reuse = _hashes(layout, sample_ids, originals, staged, cfg, images, progress)
         removed, keepers, is_exact, distance = find_duplicates(
             sample_ids, sha, phash if cfg.near else None, phash_ok, cfg
         )
@@ -455,7 +422,8 @@ HASHES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("download_sha256", pa.str
 
 
 def _hash_settings(cfg: DedupConfig) -> bytes:
-    return json.dumps({"hash_size": cfg.hash_size, "highfreq_factor": cfg.highfreq_factor, "near": cfg.near},
+    return json.dumps({"hash_size": cfg.hash_size, "highfreq_factor": cfg.highfreq_factor, "near": cfg.near,
+                       "phash_version": PHASH_VERSION},
                       sort_keys=True).encode()
 
 
@@ -470,15 +438,33 @@ def _cached_hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Ar
     return cache.join(want, keys=["sample_id", "download_sha256"], join_type="inner")
 
 
-def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, cfg: DedupConfig,
+def _staged_hashes(ok: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Hash rows made by the download workers (downloads.parquet's stored_* columns), when they were made with this
+    config's settings: the same function on the same bytes, so the same bits as hashing here."""
+    if (cfg.hash_size, cfg.highfreq_factor) != (STAGED_HASH_SIZE, STAGED_HIGHFREQ_FACTOR):
+        return HASHES_SCHEMA.empty_table()
+    rows = ok.filter(pc.and_(pc.is_valid(ok["stored_sha256"]), pc.is_valid(ok["stored_phash"])))
+    digests = [bytes.fromhex(h) for h in rows["stored_sha256"].to_pylist()]
+    return pa.table({"sample_id": rows["sample_id"].cast(pa.int64()), "download_sha256": rows["sha256"].cast(pa.string()),
+                     "sha256": pa.array(digests, pa.binary(32)), "phash": rows["stored_phash"].cast(pa.uint64()),
+                     "phash_ok": pa.array(np.ones(rows.num_rows, bool))}, schema=HASHES_SCHEMA)
+
+
+def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, staged: pa.Table, cfg: DedupConfig,
             images: Iterable[tuple[int, bytes]] | None, progress: ProgressCallback | None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], dict[str, int]]:
-    """sha256, pHash, pHash ok of every sample: from the cache where the image is unchanged, else hashed now (only
-    those images are read); the cache is then rewritten for all of them. Injected `images` never use the cache."""
+    """sha256, pHash, pHash ok of every sample: as the download workers hashed them (`staged`), else from the cache
+    where the image is unchanged, else hashed now (only those images are read); the cache is then rewritten for all
+    of them. Injected `images` use neither."""
     cached = _cached_hashes(layout, sample_ids, originals, cfg) if images is None else HASHES_SCHEMA.empty_table()
+    cached = cached.filter(pc.invert(pc.is_in(cached["sample_id"], value_set=staged["sample_id"])))
+    from_download = len(staged)
+    cached = pa.concat_tables([staged, cached.select(HASHES_SCHEMA.names).cast(HASHES_SCHEMA)])
     have = np.isin(sample_ids, cached["sample_id"].to_numpy())
     todo = sample_ids[~have]
-    if images is None:
+    if images is None and not len(todo):
+        images = ()  # every image was hashed by the download workers or is cached: none is read
+    elif images is None:
         from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
 
         images = iter_staged_images(layout.root, sample_ids=set(todo.tolist()))
@@ -500,7 +486,8 @@ def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, cf
                       "sha256": pa.array([bytes(r) for r in sha], pa.binary(32)), "phash": pa.array(phash, pa.uint64()),
                       "phash_ok": pa.array(phash_ok)}, schema=HASHES_SCHEMA)
     write_parquet_atomic(layout.dedup_hashes, table.replace_schema_metadata({b"cc4m.dedup.hash": _hash_settings(cfg)}))
-    return sha, phash, phash_ok, extra, {"images_hashed": len(todo), "hashes_reused": int(have.sum())}
+    return sha, phash, phash_ok, extra, {"images_hashed": len(todo), "hashes_from_download": from_download,
+                                         "hashes_reused": int(have.sum()) - from_download}
 
 
 def _checked(images: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:

@@ -56,7 +56,7 @@ from curation.fetch import (
     parse_networks,
     reason_of,
 )
-from curation.imaging import DEFAULT_MAX_PIXELS
+from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
 from curation.lifetime import exit_with_parent, group_alive, kill_process_group
@@ -91,7 +91,11 @@ DOWNLOADS_SCHEMA = pa.schema([
     ("transient", pa.bool_()), ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("sha256", pa.string()), ("attempts", pa.int32()), ("first_attempt_at", TIMESTAMP),
     ("last_attempt_at", TIMESTAMP), ("staging_shard", pa.string()), ("staging_key", pa.string()),
+    # sha256 and pHash of the STORED JPEG (curation.imagehash), made where it was encoded; null for failures and for
+    # images staged without them (dedup then hashes those itself).
+    ("stored_sha256", pa.string()), ("stored_phash", pa.uint64()),
 ])
+STORED_HASH_COLUMNS = ["stored_sha256", "stored_phash"]
 # The downloads.parquet columns that decide what later stages write (which samples, which original bytes): their
 # content, not the file's bytes or mtime, is what dedup and reshard fingerprint. Where an image is staged is left
 # out on purpose: a grown build fetches its new rows in a later round than a fresh build would, and must still end
@@ -203,7 +207,8 @@ class DownloadConfig:
     def staging_fingerprint(self) -> dict[str, Any]:
         """Settings that change what lands in staging/ (proxy, parallelism, distributor and retries do not)."""
         return {
-            "image_size": self.image_size, "resize_mode": self.resize_mode, "encode_quality": self.encode_quality,
+            "imaging": IMAGING_VERSION, "image_size": self.image_size, "resize_mode": self.resize_mode,
+            "encode_quality": self.encode_quality,
             "number_sample_per_shard": self.number_sample_per_shard, "extra": dict(self.extra_img2dataset_args),
             "guard": {"allowed_networks": list(self.allowed_networks), "max_bytes": self.max_bytes,
                       "max_pixels": self.max_pixels, "max_seconds": self.max_seconds,
@@ -361,7 +366,16 @@ def _read_staging_parquet(path: Path) -> pa.Table:
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise ValueError(f"download: staging parquet {path} lacks columns {missing}")
-    return table.select(wanted)
+    return with_stored_hashes(table).select(wanted + STORED_HASH_COLUMNS)
+
+
+def with_stored_hashes(table: pa.Table) -> pa.Table:
+    """`table` with the stored-image hash columns, null where the staging round was written without them."""
+    for name in STORED_HASH_COLUMNS:
+        field = DOWNLOADS_SCHEMA.field(name)
+        if name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def _payload(cfg: DownloadConfig, urls_path: Path, output: Path) -> dict[str, Any]:
@@ -513,8 +527,8 @@ def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: Down
 
 STAGED_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("staging_shard", pa.string()),
-    ("attempt_at", TIMESTAMP),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("stored_sha256", pa.string()),
+    ("stored_phash", pa.uint64()), ("staging_shard", pa.string()), ("attempt_at", TIMESTAMP),
 ])
 MISSING_MESSAGE = "missing: not reported by any finished img2dataset staging shard"
 
@@ -601,6 +615,8 @@ def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: 
         "attempts": joined["attempts"], "first_attempt_at": joined["first_attempt_at"],
         "last_attempt_at": joined["attempt_at"],
         "staging_shard": joined["staging_shard"], "staging_key": joined["key"],
+        **{name: pc.if_else(success, joined[name], pa.scalar(None, DOWNLOADS_SCHEMA.field(name).type))
+           for name in STORED_HASH_COLUMNS},
     }, schema=DOWNLOADS_SCHEMA)
 
     status_counts = Counter(table["status"].to_pylist())

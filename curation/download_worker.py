@@ -8,6 +8,10 @@ stats and distributors, with two parts swapped for ours.
   `StoredImageResizer`, i.e. `curation.imaging.to_stored_jpeg` (header-checked pixel cap, upright decode, the same
   resize modes), the one encoder every route into a build uses.
 
+- The sample writer is wrapped (`HashingSampleWriter`): each stored JPEG's sha256 and pHash (`curation.imagehash`)
+  are computed here, in the parallel workers, and written as two more staging parquet columns, so dedup does not
+  read and decode every image again in one process after the download.
+
 How: `img2dataset.main.download` looks `Downloader` and `Resizer` up in its module at call time, so the driver swaps
 them there. Workers are spawned and receive the Downloader by pickling: `GuardedDownloader` is importable from here,
 and it installs the fetch replacement in the worker process the first time it is called.
@@ -22,9 +26,14 @@ from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import img2dataset.downloader as i2d_downloader
+import pyarrow as pa
 
 from curation.fetch import FetchError, FetchPolicy, fetch
+from curation.imagehash import stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
+
+# The staging parquet's extra columns (curation.download.STAGED_HASH_COLUMNS reads them back).
+STORED_HASH_FIELDS = (pa.field("stored_sha256", pa.string()), pa.field("stored_phash", pa.uint64()))
 
 # `img2dataset.main` the attribute is the CLI function (the package re-exports it); the module is what we patch.
 i2d_main = importlib.import_module("img2dataset.main")
@@ -46,11 +55,29 @@ def guarded_download_with_retry(row: tuple[int, str], timeout: float, retries: i
     return key, None, str(error)
 
 
+class HashingSampleWriter:
+    """img2dataset's sample writer contract, around its own writer: adds the stored image's hashes to each row."""
+
+    def __init__(self, inner_class: Any, shard_id: int, output_folder: str, save_caption: bool, oom_shard_count: int,
+                 schema: pa.Schema, encode_format: str) -> None:
+        for field in STORED_HASH_FIELDS:
+            schema = schema.append(field)
+        self.inner = inner_class(shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
+
+    def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        sha, phash = stored_hashes(img_str) if img_str is not None else (None, None)
+        self.inner.write(img_str, key, caption, {**meta, "stored_sha256": sha, "stored_phash": phash})
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class GuardedDownloader(i2d_downloader.Downloader):
-    """img2dataset's Downloader whose worker fetches go through the guarded fetcher."""
+    """img2dataset's Downloader whose worker fetches go through the guarded fetcher, and whose writer hashes."""
 
     def __init__(self, *args: Any, policy: FetchPolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.sample_writer_class = functools.partial(HashingSampleWriter, self.sample_writer_class)
         directives = tuple(sorted(self.disallowed_header_directives or ()))
         self.policy = replace(policy, user_agent_token=self.user_agent_token,
                               disallowed_header_directives=directives)

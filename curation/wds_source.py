@@ -52,8 +52,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from curation.download import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TIMESTAMP, DownloadConfig
+from curation.download import (
+    DOWNLOADS_META_KEY,
+    DOWNLOADS_SCHEMA,
+    STATUSES,
+    TIMESTAMP,
+    DownloadConfig,
+    with_stored_hashes,
+)
 from curation.fetch import is_transient, reason_of
+from curation.imagehash import stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig
 from curation.io import (
@@ -84,7 +92,8 @@ WDS_INGEST_SCHEMA = pa.schema([
 ])
 STAGED_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("stored_sha256", pa.string()),
+    ("stored_phash", pa.uint64()),
 ])
 
 
@@ -385,8 +394,9 @@ def _extract_one(job: _ShardJob) -> int:
                 rows.append({**row, "status": "failed_to_resize", "error_message": str(err)[:500], "sha256": None})
                 continue
             add_member(tar, f"{key}.jpg", stored.jpeg)
+            stored_sha256, stored_phash = stored_hashes(stored.jpeg)  # here, in the parallel workers (see dedup)
             rows.append({**row, "status": "success", "error_message": None, "width": stored.width,
-                         "height": stored.height})
+                         "height": stored.height, "stored_sha256": stored_sha256, "stored_phash": stored_phash})
         stream.drain()
     if stream.digest.hexdigest() != job.sha256:
         raise ValueError(f"source shard {job.shard} changed since ingest (sha256 {stream.digest.hexdigest()} != "
@@ -511,7 +521,7 @@ def _run_jobs(jobs: list[_ShardJob], processes: int, meter: Progress) -> None:
 def _collect(layout: BuildLayout, selected: pa.Table, names: list[str], cfg: DownloadConfig,
              seconds: float) -> tuple[dict[str, Any], pa.Table]:
     staging = layout.staging_dir
-    staged = [pq.read_table(staging / f"{n}.parquet").append_column(
+    staged = [with_stored_hashes(pq.read_table(staging / f"{n}.parquet")).append_column(
         "staging_shard", pa.array([n] * pq.read_metadata(staging / f"{n}.parquet").num_rows, pa.string()))
         for n in names]
     rows = pa.concat_tables(staged) if staged else STAGED_SCHEMA.append(pa.field("staging_shard", pa.string()))\
@@ -532,6 +542,7 @@ def _collect(layout: BuildLayout, selected: pa.Table, names: list[str], cfg: Dow
         "sha256": joined["sha256"], "attempts": pa.array([1] * joined.num_rows, pa.int32()),
         "first_attempt_at": attempted_at, "last_attempt_at": attempted_at,
         "staging_shard": joined["staging_shard"], "staging_key": joined["key"],
+        "stored_sha256": joined["stored_sha256"], "stored_phash": joined["stored_phash"],
     }, schema=DOWNLOADS_SCHEMA)
     statuses = Counter(table["status"].to_pylist())
     by_status = {s: statuses.get(s, 0) for s in STATUSES}

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
 
-from curation.dedup import DedupConfig, deduplicate, find_duplicates, hamming, near_pairs, phash_bytes, phash_pixels
+from curation.dedup import DedupConfig, deduplicate, find_duplicates, hash_batch, near_pairs
+from curation.imagehash import hamming, phash_bytes, phash_pixels, stored_hashes
 from curation.layout import BuildLayout, part_name
 
 CLASSES = ["dog", "cat", "car", "people", "bus"]
@@ -90,6 +91,32 @@ def test_phash_separates_copies_from_different_images() -> None:
     assert min(int(hamming(h, o)) for o in others) > 8
     # A constant image has no structure: all DCT coefficients but DC are ~0; the hash is still well defined.
     assert phash_pixels(np.full((1, 32, 32), 7.0)).dtype == np.uint64
+
+
+def test_hashes_made_by_the_download_workers_equal_dedups_own_and_spare_every_decode(
+        scenario: tuple[BuildLayout, dict[int, bytes]]) -> None:
+    layout, images = scenario
+    blank = jpeg(Image.new("RGB", (64, 64), (128, 128, 128)))  # all AC coefficients ~0: rounding decides its bits
+    items = [*images.items(), (99, blank)]
+    _ids, sha, phash, ok = hash_batch(items, 8, 4, near=True)
+    for (sid, data), digest, bits in zip(items, sha, phash, strict=True):
+        assert stored_hashes(data) == (bytes(digest).hex(), int(bits)), sid
+    assert ok.all()
+
+    by_decoding = deduplicate(layout.root, DedupConfig(), images=list(images.items()))
+    expected = [pq.read_table(p).to_pylist() for p in (layout.kept, layout.duplicates)]
+    downloads = pq.read_table(layout.downloads)
+    hashes = [stored_hashes(images[sid]) if sid in images else (None, None)
+              for sid in downloads["sample_id"].to_pylist()]
+    downloads = downloads.append_column("stored_sha256", pa.array([h[0] for h in hashes], pa.string()))
+    downloads = downloads.append_column("stored_phash", pa.array([h[1] for h in hashes], pa.uint64()))
+    pq.write_table(downloads, layout.downloads)
+    layout.kept.unlink()
+    from_download = deduplicate(layout.root, DedupConfig())  # no images given, none staged: must read none
+    assert from_download["images_hashed"] == 0 and from_download["hashes_from_download"] == len(images)
+    assert [pq.read_table(p).to_pylist() for p in (layout.kept, layout.duplicates)] == expected
+    assert {k: from_download[k] for k in ("checked", "exact_removed", "near_removed", "kept")} == \
+        {k: by_decoding[k] for k in ("checked", "exact_removed", "near_removed", "kept")}
 
 
 def test_deduplicate_finds_exact_and_near(scenario: tuple[BuildLayout, dict[int, bytes]]) -> None:
