@@ -1,4 +1,4 @@
-"""Build report: report/index.html + report/report.md with PNG plots (entity histogram, class co-occurrence heatmap,
+"""Build report: report/index.html + report/report.md with SVG plots (entity histogram, class co-occurrence heatmap,
 download outcomes) and count tables (manifest.json's stage counts when present, else counted from the files).
 
 `report_markdown(build_dir)` returns the Markdown alone, for the flow to publish as a Prefect artifact.
@@ -7,23 +7,26 @@ download outcomes) and count tables (manifest.json's stage counts when present, 
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from curation import svgplot
 from curation.io import read_json, sha256_file, write_bytes_atomic
 from curation.layout import BuildLayout
 from curation.stats import READY_QUERIES, connect, view_names
 from manifests.vocabulary import load_vocabulary
 
 PLOTS = {
-    "entity_histogram.png": "Written samples per class",
-    "cooccurrence_heatmap.png": "Class co-occurrence (log scale; diagonal = class frequency)",
-    "download_outcomes.png": "Download outcomes",
+    "entity_histogram.svg": "Written samples per class",
+    "cooccurrence_heatmap.svg": "Class co-occurrence (log scale; diagonal = class frequency)",
+    "download_outcomes.svg": "Download outcomes",
 }
+# Plots of reports written before they were SVG: removed when the report is rewritten.
+OLD_PLOTS = ("entity_histogram.png", "cooccurrence_heatmap.png", "download_outcomes.png")
+HISTOGRAM_BLUE, SUCCESS_GREEN, FAILURE_RED = "#3b75af", "#4c9a2a", "#c0392b"
 MANIFEST_COUNT_KEYS = ("stage_results", "stages", "counts")
 # Every failed download by class: blocked_scheme/blocked_address (the address guard), too_large/too_many_pixels
 # (caps), http_404, timeout, ...; `transient` ones are fetched again by a rebuild with download.retry_transient.
@@ -132,32 +135,14 @@ def _tables(layout: BuildLayout, data: dict[str, Any]) -> list[Table]:
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _plots(data: dict[str, Any]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # headless: workers and CI have no display
-    import matplotlib.pyplot as plt
-
-    pngs: dict[str, bytes] = {}
+    svgs: dict[str, bytes] = {}
     freq: dict[str, int] = data.get("frequency", {})
     classes = _class_order(list(freq))
     if freq or "entities" in data["views"]:
-        fig, ax = plt.subplots(figsize=(16, 4.5))
-        ax.bar(range(len(classes)), [freq.get(c, 0) for c in classes], color="#3b75af")
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_ylabel("samples")
-        ax.set_title(f"Samples per class ({data.get('entity_source', 'written samples')})")
-        ax.set_xlim(-0.7, len(classes) - 0.3)
-        pngs["entity_histogram.png"] = _png(fig)
+        svgs["entity_histogram.svg"] = svgplot.bar_chart(
+            classes, [freq.get(c, 0) for c in classes],
+            f"Samples per class ({data.get('entity_source', 'written samples')})", "samples", HISTOGRAM_BLUE)
     if "cooccurrence" in data:
         pos = {c: i for i, c in enumerate(classes)}
         matrix = np.zeros((len(classes), len(classes)))
@@ -166,25 +151,15 @@ def _plots(data: dict[str, Any]) -> dict[str, bytes]:
                 matrix[pos[a], pos[b]] = matrix[pos[b], pos[a]] = count
         for c, count in freq.items():
             matrix[pos[c], pos[c]] = count
-        fig, ax = plt.subplots(figsize=(13, 11))
-        image = ax.imshow(np.log10(1 + matrix), cmap="viridis")
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(classes)), classes, fontsize=6)
-        fig.colorbar(image, ax=ax, label="log10(1 + samples with both classes)")
-        ax.set_title("Class co-occurrence")
-        pngs["cooccurrence_heatmap.png"] = _png(fig)
+        svgs["cooccurrence_heatmap.svg"] = svgplot.heatmap(
+            classes, np.log10(1 + matrix), "Class co-occurrence", "log10(1 + samples with both classes)")
     if "outcomes" in data:
         _, rows = data["outcomes"]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
         labels = [str(r[0]) for r in rows]
-        colors = ["#4c9a2a" if label == "success" else "#c0392b" for label in labels]
-        ax.barh(labels, [r[1] for r in rows], color=colors)
-        for i, r in enumerate(rows):
-            ax.text(r[1], i, f" {r[1]}", va="center", fontsize=8)
-        ax.set_xlabel("selected samples")
-        ax.set_title("Download outcomes")
-        pngs["download_outcomes.png"] = _png(fig)
-    return pngs
+        svgs["download_outcomes.svg"] = svgplot.hbar_chart(
+            labels, [r[1] for r in rows], [SUCCESS_GREEN if label == "success" else FAILURE_RED for label in labels],
+            "Download outcomes", "selected samples")
+    return svgs
 
 
 # --------------------------------------------------------------------------------------------------------- renderers
@@ -247,19 +222,19 @@ def _report_current(layout: BuildLayout) -> bool:
 
 
 def write_report(build_dir: str | Path) -> Path:
-    """Write report/index.html, report/report.md and the PNG plots; return the HTML path. Redone whenever the
+    """Write report/index.html, report/report.md and the SVG plots; return the HTML path. Redone whenever the
     build's manifest.json is not the one the report was made from (report/report.json records its sha256)."""
     build = Path(build_dir)
     layout = BuildLayout(build)
     if _report_current(layout):
         return layout.report_dir / "index.html"
     data = _collect(build)
-    pngs = _plots(data)
-    for name, png in pngs.items():
-        write_bytes_atomic(layout.report_dir / name, png)
-    for stale in set(PLOTS) - set(pngs):  # a plot whose data is gone must not survive from an older report
+    svgs = _plots(data)
+    for name, svg in svgs.items():
+        write_bytes_atomic(layout.report_dir / name, svg)
+    for stale in (set(PLOTS) - set(svgs)) | set(OLD_PLOTS):  # a plot whose data is gone must not survive
         (layout.report_dir / stale).unlink(missing_ok=True)
-    plots = [name for name in PLOTS if name in pngs]
+    plots = [name for name in PLOTS if name in svgs]
     tables = _tables(layout, data)
     write_bytes_atomic(layout.report_dir / "report.md", _markdown(build, tables, plots).encode("utf-8"))
     html = write_bytes_atomic(layout.report_dir / "index.html", _html(build, tables, plots).encode("utf-8"))

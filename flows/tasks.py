@@ -135,7 +135,7 @@ def manifest_task(build_dir: str, build_config: dict[str, Any], stage_results: d
 # The report is a pure function of the finished build: curation.report redoes it only when manifest.json changed.
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(build_dir: str) -> dict[str, str]:
-    from curation import report  # matplotlib: imported only when a report is made
+    from curation import report  # DuckDB views and plots: imported only when a report is made
 
     path = report.write_report(build_dir)
     return {"path": str(path), "markdown": report.report_markdown(build_dir)}

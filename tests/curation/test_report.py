@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from curation.dedup import DedupConfig, deduplicate
 from curation.index import IndexConfig, build_index
 from curation.layout import BuildLayout, part_name
 from curation.report import report_markdown, write_report
+from curation.stats import READY_QUERIES, connect
 
 CLASSES = ["dog", "cat", "people", "car", "bus", "tv"]
 
@@ -62,21 +65,50 @@ def make_build(root: Path) -> BuildLayout:
     return layout
 
 
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.width > 200 and im.height > 100
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def duckdb_rows(layout: BuildLayout, sql: str) -> list[tuple]:
+    con = connect(layout.root)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def svg_rects(path: Path, fill: str | None = None) -> list[ET.Element]:
+    """The plot's rectangles (of one colour): parsing fails on anything but well-formed SVG."""
+    root = ET.fromstring(path.read_bytes())
+    assert root.tag == f"{SVG}svg" and float(root.get("width")) > 200 and float(root.get("height")) > 100
+    return [r for r in root.iter(f"{SVG}rect") if fill is None or r.get("fill") == fill]
+
+
+def bar_heights(path: Path) -> dict[str, float]:
+    """Bar chart: class -> bar height, from each bar's tooltip."""
+    return {r.find(f"{SVG}title").text.split(":")[0]: float(r.get("height")) for r in svg_rects(path, "#3b75af")}
 
 
 def test_report_files(tmp_path: Path) -> None:
     layout = make_build(tmp_path)
     html_path = write_report(layout.root)
     assert html_path == layout.report_dir / "index.html"
-    for name in ("entity_histogram.png", "cooccurrence_heatmap.png", "download_outcomes.png"):
-        assert_png(layout.report_dir / name)
+    for name in ("entity_histogram.svg", "cooccurrence_heatmap.svg", "download_outcomes.svg"):
+        assert svg_rects(layout.report_dir / name)
         assert f"src='{name}'" in html_path.read_text()
+    # the histogram has one bar per vocabulary class, as tall as its count of written samples
+    heights = bar_heights(layout.report_dir / "entity_histogram.svg")
+    frequency = dict(duckdb_rows(layout, READY_QUERIES["entity_frequency"]))
+    assert len(heights) >= 73 and max(frequency.values()) > 0
+    top = max(frequency, key=frequency.get)
+    for cls, height in heights.items():
+        assert height == pytest.approx(heights[top] * frequency.get(cls, 0) / frequency[top], abs=0.1), cls
+    # the outcomes chart: a green success bar and a red failure bar, longest for the larger count (34 vs 6)
+    green = svg_rects(layout.report_dir / "download_outcomes.svg", "#4c9a2a")
+    red = svg_rects(layout.report_dir / "download_outcomes.svg", "#c0392b")
+    assert len(green) == len(red) == 1 and float(green[0].get("width")) > 5 * float(red[0].get("width"))
+    # the heatmap: a square of class x class cells
+    n = len(heights)
+    assert len(svg_rects(layout.report_dir / "cooccurrence_heatmap.svg")) >= n * n
     md = (layout.report_dir / "report.md").read_text()
     assert "| failed_to_download | 6 |" in md and "| success | 34 |" in md
     assert "| exact | 1 |" in md
@@ -104,8 +136,9 @@ def test_report_on_an_early_build(tmp_path: Path) -> None:
         layout.captions_dir / part_name(0),
     )
     write_report(tmp_path)
-    assert_png(layout.report_dir / "entity_histogram.png")
-    assert not (layout.report_dir / "download_outcomes.png").exists()
+    heights = bar_heights(layout.report_dir / "entity_histogram.svg")
+    assert heights["dog"] == 2 * heights["cat"] > 0 and heights["car"] == 0  # counted from the captions
+    assert not (layout.report_dir / "download_outcomes.svg").exists()
     assert "captions (no samples written yet)" in (layout.report_dir / "report.md").read_text()
 
 
