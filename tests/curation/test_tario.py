@@ -36,6 +36,7 @@ def test_shard_writer_is_byte_identical_to_tarfile_ustar_and_knows_its_offsets(t
     with tarfile.open(reference) as tar:
         expected = [(m.name, m.offset_data, m.size) for m in tar]
     assert tario.scan(ours) == expected
+    assert tario._fast_scan(ours) == expected  # the memory-mapped path, not the careful one, read it
     assert offsets == [offset for _, offset, _ in expected]
     assert dict(tario.read_members(ours, {"000000000003.txt"})) == {"000000000003.txt": _member("x", 512)[1]}
 
@@ -53,6 +54,22 @@ def test_scan_reads_pax_and_falls_back_to_tarfile_for_other_headers(tmp_path, fm
         expected = [(m.name, m.offset_data, m.size) for m in tar]
     assert tario.scan(path) == expected
     assert [n for n, _ in tario.read_members(path)] == names
+    # PAX extended headers are read on the fast path too; GNU long names are left to the careful one
+    assert tario._fast_scan(path) == (expected if fmt == tarfile.PAX_FORMAT else None)
+
+
+def test_the_fast_scan_reads_what_webdataset_and_img2dataset_write(tmp_path):
+    """tarfile's default (PAX) format with short ASCII names and whole-second mtimes has no extended headers."""
+    path = tmp_path / "staging.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(5):
+            for ext in ("jpg", "txt", "json"):
+                info, data = _member(f"{i:09d}.{ext}", 37 * i + 3)
+                info.mtime = 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar]
+    assert tario._fast_scan(path) == expected == tario.scan(path)
 
 
 def test_a_flipped_header_byte_or_a_truncated_member_is_an_error(tmp_path):
@@ -65,6 +82,7 @@ def test_a_flipped_header_byte_or_a_truncated_member_is_an_error(tmp_path):
     data = bytearray(path.read_bytes())
     data[512 + 1024 + 3] ^= 0x01
     (tmp_path / "flipped.tar").write_bytes(bytes(data))
+    assert tario._fast_scan(tmp_path / "flipped.tar") is None  # its checksum pass refuses, the careful scan names it
     with pytest.raises(tarfile.ReadError, match="checksum"):
         tario.scan(tmp_path / "flipped.tar")
     (tmp_path / "cut.tar").write_bytes(path.read_bytes()[:512 + 300])
