@@ -18,8 +18,9 @@ With `retry_transient`, a rerun of a finished download fetches the transient fai
 record it (an attempt = one round that fetched the sample; a round makes up to 1 + `retries` requests for a
 transient failure). downloads.parquet is always recomputed from staging/ and its rounds, latest round winning.
 
-downloads.parquet's `sha256` is the hash of the ORIGINAL downloaded bytes (provenance; before resizing); the stored
-JPEG's hash is dedup's (kept.parquet) and the shards' (meta).
+downloads.parquet's `sha256` is the hash of the ORIGINAL downloaded bytes (provenance; before resizing);
+`stored_sha256` / `stored_phash` are the stored JPEG's, made by the workers (dedup uses them; kept.parquet and the
+shards' meta carry the stored sha256 on).
 
 Nothing is lost silently: downloads.parquet has exactly one row per selected sample. Rows img2dataset never reported
 (e.g. a shard that failed all its retries) get status "missing" with an error message.
@@ -39,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -698,11 +699,37 @@ def _driver_main(argv: list[str]) -> int:
     payload = json.loads(argv[0])
     # First, before the heavy imports: an orphaned img2dataset must never write into the folder of a build that died.
     exit_with_parent(payload.get("parent_pid"))
+    _leave_unused_packages_unloaded()
     from curation import download_worker  # imported here: the parent process never pays for img2dataset
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
     download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
     return 0
 
+
+# img2dataset imports these at module level for things the download stage never does: webdataset (and through it
+# torch) for its webdataset writer, which `curation.download_worker.StagingSampleWriter` replaces; wandb for W&B
+# logging (enable_wandb is always False); albumentations for its resizer and bounding-box blurring (replaced, and
+# refused by DownloadConfig). Loading them cost ~2.8 s of CPU in the driver, in each worker and in img2dataset's
+# logger process: more than the image work of a 2,000-image round on two cores.
+UNUSED_BY_THE_DOWNLOAD = ("webdataset", "wandb", "albumentations")
+
+
+class _Unloaded(ModuleType):
+    """Stands in for a package img2dataset imports but the download processes never use: any use fails loudly."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"{self.__name__}.{name}: {self.__name__} is not loaded in cc4m's download processes "
+                             f"(curation.download.UNUSED_BY_THE_DOWNLOAD); this img2dataset feature is not supported")
+
+
+def _leave_unused_packages_unloaded() -> None:
+    """Only in the img2dataset driver and the processes it spawns (never in a process that may need them)."""
+    for name in UNUSED_BY_THE_DOWNLOAD:
+        sys.modules.setdefault(name, _Unloaded(name))
+
+
+if __name__ == "__mp_main__":  # a process img2dataset's driver spawned (its workers, its logger) re-imports us so
+    _leave_unused_packages_unloaded()
 
 if __name__ == "__main__":  # the spawn-safe guard img2dataset's worker pool needs
     sys.exit(_driver_main(sys.argv[1:]))

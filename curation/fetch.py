@@ -290,8 +290,12 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cc4m-fetch-watchdog", daemon=True)
                 self._thread.start()
+            # Wake the thread only if this deadline comes before the one it sleeps towards: deadlines are mostly
+            # increasing (now + max_seconds), so that is rare, and 32 fetch threads do not each force a GIL switch.
+            earliest = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._ids), entry))
-            self._cond.notify()
+            if earliest:
+                self._cond.notify()
         return entry
 
     def _run(self) -> None:

@@ -65,3 +65,29 @@ def test_staging_writer_writes_img2datasets_files_plus_the_stored_hashes(tmp_pat
     hashes = [stored_hashes(img) if img is not None else (None, None) for img, *_ in rows]
     assert table["stored_sha256"].to_pylist() == [h[0] for h in hashes]
     assert table["stored_phash"].to_pylist() == [h[1] for h in hashes]
+
+
+def test_the_download_processes_leave_torch_wandb_and_albumentations_unloaded_and_fail_loudly_if_used():
+    """In a fresh interpreter, as the img2dataset driver: img2dataset and our worker import without those packages,
+    and touching one names the reason."""
+    import subprocess
+    import sys
+
+    from curation.download import REPO_ROOT
+
+    code = (
+        "import sys\n"
+        "from curation import download\n"
+        "download._leave_unused_packages_unloaded()\n"
+        "import img2dataset, curation.download_worker\n"
+        "assert 'torch' not in sys.modules, 'torch was loaded'\n"
+        "import webdataset\n"
+        "try:\n"
+        "    webdataset.TarWriter\n"
+        "except AttributeError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "webdataset.TarWriter: webdataset is not loaded in cc4m's download processes" in done.stdout
