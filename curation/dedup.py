@@ -35,7 +35,7 @@ from curation.imagehash import (
     hamming,
     phash_bytes,
 )
-from curation.io import parquet_digest, write_parquet_atomic
+from curation.io import parquet_digest, read_parquet, write_parquet_atomic
 from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
 from manifests.version import code_version
@@ -127,7 +127,7 @@ def _read_successes(layout: BuildLayout) -> pa.Table:
     # sha256 (of the original download) keys the hash cache; a hand-made downloads.parquet may lack it
     names = set(pq.read_schema(layout.downloads).names)
     columns = ("sample_id", "status", "sha256", *STORED_HASH_COLUMNS)
-    downloads = pq.read_table(layout.downloads, columns=[c for c in columns if c in names])
+    downloads = read_parquet(layout.downloads, columns=[c for c in columns if c in names])
     if "sha256" not in names:
         downloads = downloads.append_column("sha256", pa.nulls(downloads.num_rows, pa.string()))
     downloads = with_stored_hashes(downloads)
@@ -144,7 +144,7 @@ def _read_entities(layout: BuildLayout, sample_ids: np.ndarray) -> pa.Array:
     parts = layout.parts(layout.selected_dir)
     if not parts:
         raise FileNotFoundError(f"dedup needs selected parts in {layout.selected_dir}")
-    selected = pa.concat_tables([pq.read_table(p, columns=["sample_id", "entities"]) for p in parts])
+    selected = pa.concat_tables([read_parquet(p, columns=["sample_id", "entities"]) for p in parts])
     selected = selected.cast(pa.schema([("sample_id", pa.int64()), ("entities", pa.list_(pa.string()))]))
     pos = pc.index_in(pa.array(sample_ids, pa.int64()), value_set=selected["sample_id"])
     missing = int(pos.null_count)
@@ -328,7 +328,7 @@ def _fingerprint(layout: BuildLayout, cfg: DedupConfig) -> str:
 
 
 def _counts_from_outputs(layout: BuildLayout) -> dict[str, Any]:
-    dups = pq.read_table(layout.duplicates, columns=["kind"])
+    dups = read_parquet(layout.duplicates, columns=["kind"])
     kinds = dups["kind"].to_pylist()
     kept = pq.read_metadata(layout.kept).num_rows
     meta = pq.read_schema(layout.kept).metadata or {}
@@ -433,7 +433,7 @@ def _cached_hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Ar
     path = layout.dedup_hashes
     if not path.exists() or (pq.read_schema(path).metadata or {}).get(b"cc4m.dedup.hash") != _hash_settings(cfg):
         return HASHES_SCHEMA.empty_table()
-    cache = pq.read_table(path).cast(HASHES_SCHEMA)
+    cache = read_parquet(path).cast(HASHES_SCHEMA)
     want = pa.table({"sample_id": pa.array(sample_ids, pa.int64()), "download_sha256": originals})
     return cache.join(want, keys=["sample_id", "download_sha256"], join_type="inner")
 

@@ -58,7 +58,7 @@ from curation.fetch import (
     reason_of,
 )
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
-from curation.io import fingerprint_of, table_digest, write_parquet_atomic
+from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
 from curation.lifetime import exit_with_parent, group_alive, kill_process_group
 
@@ -252,7 +252,7 @@ def collect_selected(build_dir: str | Path) -> pa.Table:
     parts = layout.parts(layout.selected_dir)
     if not parts:
         raise FileNotFoundError(f"download: no selected parts in {layout.selected_dir} (run select first)")
-    table = pa.concat_tables(pq.read_table(p, columns=["sample_id", "url", "caption"]) for p in parts)
+    table = pa.concat_tables(read_parquet(p, columns=["sample_id", "url", "caption"]) for p in parts)
     table = table.sort_by("sample_id")
     ids = table["sample_id"].to_numpy()
     if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
@@ -363,7 +363,7 @@ def _report(state: dict[str, Any], progress: Progress | None) -> None:
 
 def _read_staging_parquet(path: Path) -> pa.Table:
     wanted = ["sample_id", "key", "status", "error_message", "width", "height", "sha256"]
-    table = pq.read_table(path)
+    table = read_parquet(path)
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise ValueError(f"download: staging parquet {path} lacks columns {missing}")
@@ -422,7 +422,7 @@ def _resume_unfinished(staging: Path, cfg: DownloadConfig, progress: Progress | 
     ran = False
     for folder in _round_folders(staging):
         if not _round_done(folder, cfg):
-            _run_round(folder, pq.read_table(folder / URLS_NAME), cfg, staging / LOG_NAME, progress)
+            _run_round(folder, read_parquet(folder / URLS_NAME), cfg, staging / LOG_NAME, progress)
             ran = True
     return ran
 
@@ -433,7 +433,7 @@ def _not_yet_fetched(staging: Path, urls: pa.Table) -> pa.Table:
     folders = _round_folders(staging)
     if not folders:
         return urls
-    asked = pa.concat_tables(pq.read_table(f / URLS_NAME, columns=["sample_id", "url"]) for f in folders)
+    asked = pa.concat_tables(read_parquet(f / URLS_NAME, columns=["sample_id", "url"]) for f in folders)
     return urls.join(asked, keys=["sample_id", "url"], join_type="left anti").sort_by("sample_id")
 
 
@@ -505,7 +505,7 @@ def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprin
 def _retry_candidates(layout: BuildLayout, cfg: DownloadConfig) -> pa.Table:
     """Failures to fetch again: the build's own (proxy_unreachable) always; with retry_transient, the transient ones
     while a sample has had fewer than max_attempts rounds."""
-    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "reason", "transient", "attempts"])
+    table = read_parquet(layout.downloads, columns=["sample_id", "status", "reason", "transient", "attempts"])
     failed = pc.not_equal(table["status"], "success")
     own = pc.is_in(table["reason"], value_set=pa.array(sorted(OWN_FAILURE_REASONS)))
     mask = pc.and_(failed, pc.fill_null(own, False))
@@ -571,7 +571,7 @@ def _merge_rounds(layout: BuildLayout, urls: pa.Table, per_shard: list[dict[str,
     for prefix in staging_rounds(layout.staging_dir):
         folder = layout.staging_dir / prefix
         staged = _read_round(folder, prefix, per_shard)
-        asked = (pq.read_table(folder / URLS_NAME, columns=["sample_id", "url"]) if (folder / URLS_NAME).exists()
+        asked = (read_parquet(folder / URLS_NAME, columns=["sample_id", "url"]) if (folder / URLS_NAME).exists()
                  else base.slice(0, 0))
         unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=asked["sample_id"])))
         if unknown.num_rows:  # staging rows this round never asked for: the staging folder is not ours
@@ -665,7 +665,7 @@ def iter_staged_images(build_dir: str | Path, sample_ids: Iterable[int] | None =
     cover consecutive ranges, retry rounds' shards interleave with them. A shard is opened only when its smallest
     wanted id is next, so about one shard per round is held in memory."""
     layout = BuildLayout(Path(build_dir))
-    table = pq.read_table(layout.downloads, columns=["sample_id", "status", "staging_shard", "staging_key"])
+    table = read_parquet(layout.downloads, columns=["sample_id", "status", "staging_shard", "staging_key"])
     wanted = None if sample_ids is None else {int(s) for s in sample_ids}
     by_shard: dict[str, dict[str, int]] = {}
     for sid, status, shard, key in zip(*(table[c].to_pylist() for c in table.column_names)):

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curation.ingest import DONE_MARKER
-from curation.io import read_json, sha256_file, write_json_atomic, write_parquet_atomic
+from curation.io import read_json, read_parquet, sha256_file, write_json_atomic, write_parquet_atomic
 from curation.layout import BuildLayout
 
 PREVIOUS_IDS = "previous_written.parquet"
@@ -29,7 +28,7 @@ def history_dir(layout: BuildLayout) -> Path:
 
 def written_ids(layout: BuildLayout) -> np.ndarray:
     parts = layout.parts(layout.meta_dir) if layout.meta_dir.exists() else []
-    arrays = [pq.read_table(p, columns=["sample_id"])["sample_id"].to_numpy() for p in parts]
+    arrays = [read_parquet(p, columns=["sample_id"])["sample_id"].to_numpy() for p in parts]
     return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
 
 
@@ -61,7 +60,7 @@ def changes_since_previous(layout: BuildLayout) -> dict[str, Any]:
         return {"previous_manifest_sha256": None, "source": source, "samples_added": len(now), "samples_removed": 0}
     manifest_sha = sha256_file(layout.manifest)
     if _snapshot_of(layout, manifest_sha):
-        before = pq.read_table(history_dir(layout) / PREVIOUS_IDS)["sample_id"].to_numpy()
+        before = read_parquet(history_dir(layout) / PREVIOUS_IDS)["sample_id"].to_numpy()
     else:  # the shards were not rewritten since that manifest: the same ids
         before = now
     return {"previous_manifest_sha256": manifest_sha, "source": source,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import fingerprint_of, parquet_digest, unit_content, write_parquet_atomic
+from curation.io import fingerprint_of, parquet_digest, read_parquet, unit_content, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.version import code_version
 
@@ -343,7 +343,7 @@ def _read_captions(layout: BuildLayout, sample_ids: np.ndarray) -> list[str]:
     parts = layout.parts(layout.selected_dir)
     if not parts:
         raise FileNotFoundError(f"partner_mode='embedding' needs the captions in {layout.selected_dir}")
-    selected = pa.concat_tables([pq.read_table(p, columns=["sample_id", "caption"]) for p in parts])
+    selected = pa.concat_tables([read_parquet(p, columns=["sample_id", "caption"]) for p in parts])
     pos = pc.index_in(pa.array(sample_ids, pa.int64()), value_set=selected["sample_id"].cast(pa.int64()))
     if pos.null_count:
         raise ValueError(f"{pos.null_count} kept samples have no caption in {layout.selected_dir}")
@@ -369,7 +369,7 @@ def build_index(
         if meta.get(b"cc4m.index.fingerprint", b"").decode() == fingerprint and counts is not None:
             return {**counts, "skipped": True}
 
-    kept = pq.read_table(layout.kept, columns=["sample_id", "entities"])
+    kept = read_parquet(layout.kept, columns=["sample_id", "entities"])
     t = entity_table(kept["sample_id"].to_numpy(), kept["entities"])
     del kept
     k = cfg.partners_per_sample

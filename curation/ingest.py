@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from curation.io import (
     fingerprint_of,
     read_json,
+    read_parquet,
     sha256_file,
     table_digest,
     unit_record,
@@ -251,7 +252,7 @@ def _part_tables(rows: list[_Row]) -> tuple[pa.Table, pa.Table]:
 
 
 def _is_prefix(old_path: Path, new: pa.Table) -> bool:
-    old = pq.read_table(old_path).replace_schema_metadata(None)
+    old = read_parquet(old_path).replace_schema_metadata(None)
     return old.num_rows <= new.num_rows and old.equals(new.slice(0, old.num_rows))
 
 

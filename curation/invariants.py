@@ -15,19 +15,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation import tario
 from curation.download import STATUSES
 from curation.ingest import DONE_MARKER
-from curation.io import read_json
+from curation.io import read_json, read_parquet
 from curation.layout import BuildLayout
 
 INGEST_DONE = Path("ingest") / DONE_MARKER
 
 
 def _ids(paths: Iterable[Path], column: str = "sample_id") -> np.ndarray:
-    arrays = [pq.read_table(p, columns=[column])[column].to_numpy(zero_copy_only=False) for p in paths]
+    arrays = [read_parquet(p, columns=[column])[column].to_numpy(zero_copy_only=False) for p in paths]
     return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
 
 
@@ -87,7 +86,7 @@ def _decisions(layout: BuildLayout, ingested: np.ndarray) -> tuple[list[str], np
     outside = np.setdiff1d(selected, captions)
     if len(outside):
         problems.append(f"select: selected rows are parsed rows: {_describe(outside)} in selected/ only")
-    downloads = pq.read_table(layout.downloads, columns=["sample_id", "status"])
+    downloads = read_parquet(layout.downloads, columns=["sample_id", "status"])
     unknown = sorted(set(downloads["status"].to_pylist()) - set(STATUSES))
     if unknown:
         problems.append(f"download: every status is known: {unknown} are not among {list(STATUSES)}")
@@ -95,7 +94,7 @@ def _decisions(layout: BuildLayout, ingested: np.ndarray) -> tuple[list[str], np
                           "downloads.parquet", "selected/")
     success = downloads.filter(pc.equal(downloads["status"], "success"))["sample_id"].to_numpy()
     kept = _ids([layout.kept])
-    duplicates = pq.read_table(layout.duplicates, columns=["sample_id", "duplicate_of"]) \
+    duplicates = read_parquet(layout.duplicates, columns=["sample_id", "duplicate_of"]) \
         if layout.duplicates.exists() else pa.table({"sample_id": pa.array([], pa.int64()),
                                                      "duplicate_of": pa.array([], pa.int64())})
     removed = duplicates["sample_id"].to_numpy()
@@ -110,11 +109,11 @@ def _decisions(layout: BuildLayout, ingested: np.ndarray) -> tuple[list[str], np
 def _index(layout: BuildLayout, kept: np.ndarray) -> list[str]:
     problems = []
     if layout.entity_index.exists():
-        lists = pq.read_table(layout.entity_index, columns=["sample_ids"])["sample_ids"]
+        lists = read_parquet(layout.entity_index, columns=["sample_ids"])["sample_ids"]
         indexed = np.unique(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(np.int64)
         problems += _same_ids("index: entity_index covers the kept samples", indexed, np.unique(kept),
                               "index/entity_index.parquet", "kept.parquet")
-    partners = pq.read_table(layout.partners, columns=["sample_id", "partner_id"])
+    partners = read_parquet(layout.partners, columns=["sample_id", "partner_id"])
     strays = np.setdiff1d(np.concatenate([partners["sample_id"].to_numpy(), partners["partner_id"].to_numpy()]),
                           kept)
     if len(strays):
@@ -126,7 +125,7 @@ def _index(layout: BuildLayout, kept: np.ndarray) -> list[str]:
 
 def _shards(layout: BuildLayout, kept: np.ndarray) -> list[str]:
     # One file at a time: a list of paths goes through pyarrow.dataset, whose import (pandas) alone costs 0.4 s.
-    parts = [pq.read_table(p, columns=["sample_id", "shard"]) for p in layout.parts(layout.meta_dir)]
+    parts = [read_parquet(p, columns=["sample_id", "shard"]) for p in layout.parts(layout.meta_dir)]
     meta = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.int64()),
                                                            "shard": pa.array([], pa.string())})
     problems = _same_ids("reshard: meta holds the kept samples", meta["sample_id"].to_numpy(), kept, "meta/",

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from curation.download import STATUSES
 from curation.history import changes_since_previous
 from curation.invariants import INGEST_DONE, check_invariants, shard_members
-from curation.io import read_json, sha256_file, write_json_atomic
+from curation.io import read_json, read_parquet, sha256_file, write_json_atomic
 from curation.layout import BuildLayout, shard_name
 from curation.reshard import SHARD_META_KEY
 from curation.select import selected_counts
@@ -96,7 +96,7 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
     """Per-stage counts, from the build's files."""
     rejected_by_reason: Counter[str] = Counter()
     for part in layout.parts(layout.rejects_dir):
-        rejected_by_reason.update(pq.read_table(part, columns=["reason"])["reason"].to_pylist())
+        rejected_by_reason.update(read_parquet(part, columns=["reason"])["reason"].to_pylist())
     ingested = _parts_rows(layout, layout.ingest_dir)
     rejected = sum(rejected_by_reason.values())
     done = layout.root / INGEST_DONE
@@ -112,7 +112,7 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
     sel = {"parsed": parsed, "selected": selected, "dropped": parsed - selected,
            "dropped_by_reason": dropped_by_reason}
 
-    downloads = pq.read_table(layout.downloads)
+    downloads = read_parquet(layout.downloads)
     statuses = Counter(downloads["status"].to_pylist())
     errors = Counter(e for e in downloads["error_message"].to_pylist() if e)
     success = statuses.pop("success", 0)
@@ -129,10 +129,10 @@ def collect_counts(layout: BuildLayout, stage_results: dict[str, Any], samples_p
     kept = _rows(layout.kept)
     removed_by_kind: dict[str, int] = {"exact": 0, "near": 0}
     if layout.duplicates.exists():
-        removed_by_kind.update(Counter(pq.read_table(layout.duplicates, columns=["kind"])["kind"].to_pylist()))
+        removed_by_kind.update(Counter(read_parquet(layout.duplicates, columns=["kind"])["kind"].to_pylist()))
     dedup_input = kept + sum(removed_by_kind.values())  # what dedup decided on, from its own two files
 
-    partners = pq.read_table(layout.partners, columns=["sample_id"])
+    partners = read_parquet(layout.partners, columns=["sample_id"])
     with_partners = len(pc.unique(partners["sample_id"])) if partners.num_rows else 0
     per_sample = pc.value_counts(partners["sample_id"]).field("counts").to_pylist() if partners.num_rows else []
     classes = _rows(layout.entity_index) if layout.entity_index.exists() else 0

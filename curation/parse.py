@@ -24,6 +24,7 @@ from curation.ingest import REJECT_SCHEMA, IngestConfig, ingest_source
 from curation.io import (
     atomic_path,
     fingerprint_of,
+    read_parquet,
     unit_content,
     unit_record,
     with_unit_record,
@@ -147,10 +148,10 @@ def parse_part(build_dir: str | Path, part: str, cfg: ParseConfig = ParseConfig(
     fingerprint = part_fingerprint(source, cfg)
     record = unit_record(target)
     if record is not None and record["fingerprint"] == fingerprint:
-        return {"part": part, "skipped": True, **_counts(pq.read_table(target, columns=["entities"]))}
+        return {"part": part, "skipped": True, **_counts(read_parquet(target, columns=["entities"]))}
     extractor = get_extractor(cfg.vocabulary, cfg.spacy_model, cfg.batch_size)
     t0 = time.perf_counter()
-    rows = pq.read_table(source)
+    rows = read_parquet(source)
     meter = Progress(f"parse {part}", rows.num_rows, "row", progress)
     table = parse_table(rows, extractor, cfg.chunk_rows, meter)
     meter.finish()
@@ -182,7 +183,7 @@ def _concat_parts(paths: list[Path], output: Path, schema: pa.Schema, metadata: 
     schema = schema.with_metadata(metadata) if metadata else schema
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for path in paths:
-            writer.write_table(pq.read_table(path).cast(schema))
+            writer.write_table(read_parquet(path).cast(schema))
 
 
 def cli_parse(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ import numpy as np
 from curation import svgplot
 from curation.io import read_json, sha256_file, write_bytes_atomic
 from curation.layout import BuildLayout
-from curation.stats import READY_QUERIES, connect, view_names
 from manifests.vocabulary import load_vocabulary
 
 PLOTS = {
@@ -47,6 +46,9 @@ def _class_order(observed: list[str]) -> list[str]:
 
 def _collect(build_dir: Path) -> dict[str, Any]:
     """Everything the report shows, read once through the DuckDB views."""
+    # DuckDB is imported here, not with the module: a rerun whose report is current never loads it
+    from curation.stats import READY_QUERIES, connect, view_names
+
     con = connect(build_dir)
     try:
         views = view_names(con)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from curation import tario
 from curation.download import iter_staged_images
 from curation.history import snapshot_written
-from curation.io import atomic_path, fingerprint_of, sha256_file, table_digest, write_parquet_atomic
+from curation.io import atomic_path, fingerprint_of, read_parquet, sha256_file, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 from curation.progress import Progress, ProgressCallback
 
@@ -101,7 +101,7 @@ class _Partners:
     40M-row table)."""
 
     def __init__(self, path: Path, kept: pa.ChunkedArray) -> None:
-        table = pq.read_table(path, columns=["sample_id", "rank", "partner_id", "shared_class"])
+        table = read_parquet(path, columns=["sample_id", "rank", "partner_id", "shared_class"])
         table = table.sort_by([("sample_id", "ascending"), ("rank", "ascending")])
         bad = pc.or_(pc.or_(pc.invert(pc.is_in(table["sample_id"], value_set=kept)),
                             pc.invert(pc.is_in(table["partner_id"], value_set=kept))),
@@ -134,18 +134,18 @@ def _load_inputs(layout: BuildLayout) -> tuple[pa.Table, _Partners]:
     for path in (layout.kept, layout.partners, layout.downloads):
         if not path.exists():
             raise FileNotFoundError(f"reshard: missing input {path}")
-    kept_table = pq.read_table(layout.kept)
+    kept_table = read_parquet(layout.kept)
     kept = kept_table["sample_id"].cast(pa.int64())
     ids = kept.to_numpy()
     if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
         raise ValueError(f"reshard: {layout.kept} must hold unique sample ids in ascending order")
 
     selected = pa.concat_tables(
-        pq.read_table(p, columns=["sample_id", "caption", "entities", "entity_words"])
+        read_parquet(p, columns=["sample_id", "caption", "entities", "entity_words"])
         for p in layout.parts(layout.selected_dir)
     )
     selected = selected.filter(pc.is_in(selected["sample_id"], value_set=kept)).sort_by("sample_id")
-    downloads = pq.read_table(layout.downloads, columns=["sample_id", "status", "width", "height", "sha256"])
+    downloads = read_parquet(layout.downloads, columns=["sample_id", "status", "width", "height", "sha256"])
     downloads = downloads.filter(pc.is_in(downloads["sample_id"], value_set=kept)).sort_by("sample_id")
     for name, table in (("selected parts", selected), ("downloads.parquet", downloads)):
         if table.num_rows != len(ids) or not pc.all(pc.equal(table["sample_id"], kept)).as_py():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import fingerprint_of, unit_content, unit_record, with_unit_record, write_parquet_atomic
+from curation.io import fingerprint_of, read_parquet, unit_content, unit_record, with_unit_record, write_parquet_atomic
 from curation.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
@@ -88,7 +88,7 @@ def select_part(build_dir: str | Path, part: str, cfg: SelectConfig) -> dict[str
         if counts is not None:
             return {**counts["counts"], "skipped": True}
 
-    table = pq.read_table(src)
+    table = read_parquet(src)
     for col in ("sample_id", "entities", "entity_words"):
         if col not in table.column_names:
             raise ValueError(f"select: {src} lacks column {col!r} (columns: {table.column_names})")

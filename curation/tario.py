@@ -23,6 +23,7 @@ import numpy as np
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads an archive to whole records
 _REGULAR = (b"0", b"\0")
+_REGULAR_KINDS, _PAX = (ord("0"), 0), ord("x")  # the type flag as the int a memory map's index gives
 # PAX keys that change nothing about where a member's data is, or (path, size) that both scans apply
 _HARMLESS_PAX = frozenset({"path", "size", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment"})
 
@@ -92,20 +93,21 @@ def _fast_scan(path: str | Path) -> list[tuple[str, int, int]] | None:
             members, headers, pos, pax = [], [], 0, {}
             try:
                 while pos + BLOCK <= size:
-                    header = mm[pos:pos + BLOCK]
-                    if not header.strip(b"\0"):
+                    if mm[pos] == 0:  # no member name starts with NUL: the end-of-archive blocks, or damage
+                        if mm[pos:pos + BLOCK].strip(b"\0"):
+                            return None
                         break
-                    kind, length = header[156:157], int(header[124:136].strip(b"\0 ") or b"0", 8)
+                    kind, length = mm[pos + 156], int(mm[pos + 124:pos + 136].strip(b"\0 ") or b"0", 8)
                     headers.append(pos)
                     data_at = pos + BLOCK
-                    if kind == b"x":  # img2dataset's per-member PAX header (a fractional mtime)
+                    if kind == _PAX:  # img2dataset's per-member PAX header (a fractional mtime)
                         pax = _pax_records(mm[data_at:data_at + length])
-                    elif kind not in _REGULAR or set(pax) - _HARMLESS_PAX or header[257:262] == b"ustar" \
-                            and header[345] != 0:
+                    elif kind not in _REGULAR_KINDS or (pax and set(pax) - _HARMLESS_PAX) or (
+                            mm[pos + 345] != 0 and mm[pos + 257:pos + 262] == b"ustar"):
                         return None  # links, global headers, prefixed names...: the careful scan handles them
                     else:
                         length = int(pax["size"]) if "size" in pax else length
-                        name = pax.get("path") or header[:100].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                        name = pax.get("path") or mm[pos:pos + 100].rstrip(b"\0").decode("utf-8", "surrogateescape")
                         members.append((name, data_at, length))
                         pax = {}
                     pos = data_at + -(-length // BLOCK) * BLOCK
@@ -113,10 +115,10 @@ def _fast_scan(path: str | Path) -> list[tuple[str, int, int]] | None:
                 return None
             if not headers or pos > size:
                 return None
-            # a copy (fancy indexing): no view of the map outlives it
-            blocks = np.frombuffer(mm, np.uint8)[np.array(headers)[:, None] + np.arange(BLOCK)].astype(np.int64)
+            # uint8 rows, a copy (fancy indexing): no view of the map outlives it
+            blocks = np.frombuffer(mm, np.uint8)[np.array(headers)[:, None] + np.arange(BLOCK)]
             stored = [mm[h + 148:h + 156].strip(b"\0 ") for h in headers]
-        sums = blocks.sum(axis=1) - blocks[:, 148:156].sum(axis=1) + 8 * 32
+        sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
     try:
         if not all(stored) or not np.array_equal(sums, [int(v, 8) for v in stored]):
             return None

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from curation.download import STATUSES, round_shards
 from curation.fetch import is_transient
+from curation.io import read_parquet
 from curation.layout import BuildLayout
 
 
@@ -32,7 +31,7 @@ class VerifyConfig:
 
 def _shard_problems(layout: BuildLayout, shard: str, stats: dict[str, Any], pointing: dict[str, str]) -> list[str]:
     """img2dataset's stats vs its own shard parquet, and the downloads rows that point at this shard vs that parquet."""
-    staged = pq.read_table(layout.staging_dir / f"{shard}.parquet", columns=["key", "status"])
+    staged = read_parquet(layout.staging_dir / f"{shard}.parquet", columns=["key", "status"])
     statuses = Counter(staged["status"].to_pylist())
     problems = []
     for theirs, mine in (("count", staged.num_rows), ("successes", statuses["success"]),
@@ -55,7 +54,7 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
     layout = BuildLayout(Path(build_dir))
     if not layout.downloads.exists():
         raise FileNotFoundError(f"verify: {layout.downloads} does not exist (run download first)")
-    table = pq.read_table(layout.downloads,
+    table = read_parquet(layout.downloads,
                           columns=["sample_id", "status", "reason", "transient", "staging_shard", "staging_key"])
     rows = {c: table[c].to_pylist() for c in table.column_names}
     statuses = Counter(rows["status"])

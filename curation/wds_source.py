@@ -68,6 +68,7 @@ from curation.io import (
     atomic_path,
     fingerprint_of,
     read_json,
+    read_parquet,
     table_digest,
     with_unit_record,
     write_json_atomic,
@@ -278,7 +279,7 @@ def _recorded_shard(layout: BuildLayout, index: int, shard: str) -> dict[str, An
 
 def _check_unique_ids(layout: BuildLayout, parts: list[str]) -> None:
     ids = pa.chunked_array(
-        [pq.read_table(d / p, columns=["sample_id"])["sample_id"].combine_chunks()
+        [read_parquet(d / p, columns=["sample_id"])["sample_id"].combine_chunks()
          for p in parts for d in (layout.ingest_dir, layout.rejects_dir)], pa.int64())
     if len(pc.unique(ids)) != len(ids):
         counts = pc.value_counts(ids)
@@ -332,7 +333,7 @@ def ingest_wds(source: str, build_dir: str | Path, cfg: IngestConfig | None = No
     reasons: Counter[str] = Counter()
     ingested = 0
     for part in parts:
-        reasons.update(pq.read_table(layout.rejects_dir / part, columns=["reason"])["reason"].to_pylist())
+        reasons.update(read_parquet(layout.rejects_dir / part, columns=["reason"])["reason"].to_pylist())
         ingested += pq.read_metadata(layout.ingest_dir / part).num_rows
     rejected = sum(reasons.values())
     result = {
@@ -433,9 +434,9 @@ def _selected_sources(layout: BuildLayout) -> pa.Table:
     parts = layout.parts(layout.selected_dir)
     if not parts:
         raise FileNotFoundError(f"extract: no selected parts in {layout.selected_dir} (run select first)")
-    selected = pa.concat_tables(pq.read_table(p, columns=["sample_id"]) for p in parts)
+    selected = pa.concat_tables(read_parquet(p, columns=["sample_id"]) for p in parts)
     ingest = pa.concat_tables(
-        pq.read_table(p, columns=["sample_id", "url", "source_shard", "source_key"])
+        read_parquet(p, columns=["sample_id", "url", "source_shard", "source_key"])
         for p in layout.parts(layout.ingest_dir))
     table = selected.join(ingest, keys="sample_id", join_type="inner").sort_by("sample_id")
     if table.num_rows != selected.num_rows:
@@ -521,7 +522,7 @@ def _run_jobs(jobs: list[_ShardJob], processes: int, meter: Progress) -> None:
 def _collect(layout: BuildLayout, selected: pa.Table, names: list[str], cfg: DownloadConfig,
              seconds: float) -> tuple[dict[str, Any], pa.Table]:
     staging = layout.staging_dir
-    staged = [with_stored_hashes(pq.read_table(staging / f"{n}.parquet")).append_column(
+    staged = [with_stored_hashes(read_parquet(staging / f"{n}.parquet")).append_column(
         "staging_shard", pa.array([n] * pq.read_metadata(staging / f"{n}.parquet").num_rows, pa.string()))
         for n in names]
     rows = pa.concat_tables(staged) if staged else STAGED_SCHEMA.append(pa.field("staging_shard", pa.string()))\

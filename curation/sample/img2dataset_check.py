@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.io import read_parquet
 from curation.sample.make import read_caption_rows
 from curation.sample.server import SampleImageServer
 
@@ -122,7 +123,7 @@ def run_img2dataset(
             totals[key] += int(stats.get(key, 0))
     status_by_id: dict[int, str] = {}
     for part in sorted(downloaded.glob("*.parquet")):
-        table = pq.read_table(part, columns=["sample_id", "status"])
+        table = read_parquet(part, columns=["sample_id", "status"])
         status_by_id.update(zip(table["sample_id"].to_pylist(), table["status"].to_pylist()))
     return {
         "rows": len(caption_rows),
