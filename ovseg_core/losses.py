@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from ovseg_core.numerics import at_least_float32
+
 
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -56,7 +58,8 @@ def global_row_mean(row_losses: torch.Tensor) -> torch.Tensor:
     local_sum = row_losses.sum()
     if not _dist_ready():
         return local_sum / row_losses.numel() if row_losses.numel() else 0.0 * local_sum
-    stats = torch.stack([local_sum.detach().float(), torch.tensor(float(row_losses.numel()), device=local_sum.device)])
+    total = at_least_float32(local_sum.detach())
+    stats = torch.stack([total, torch.tensor(float(row_losses.numel()), device=total.device, dtype=total.dtype)])
     dist.all_reduce(stats)
     count = stats[1].clamp(min=1.0)
     scaled = local_sum * (dist.get_world_size() / count)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ovseg_core.layers.attention import CrossAttnBlock
 from ovseg_core.layers.mlp import TokenMlp
+from ovseg_core.numerics import at_least_float32
 
 
 def straight_through_one_hot(y_soft: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,11 +54,11 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = True, di
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Gumbel-softmax sample; `hard=True` gives a one-hot forward with straight-through gradients.
 
-    Noise, softmax and arg-max run in float32 whatever the logits' dtype (autocast off inside); the result is cast
-    back to the logits' dtype.
+    Noise, softmax and arg-max run in float32 at least (float64 logits stay float64) whatever the logits' dtype
+    (autocast off inside); the result is cast back to the logits' dtype.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        noisy = logits.float() + gumbel_noise(logits.shape, logits.device, generator)
+        noisy = at_least_float32(logits) + gumbel_noise(logits.shape, logits.device, generator)
         y_soft = (noisy / tau).softmax(dim)
         y = straight_through_one_hot(y_soft, dim) if hard else y_soft
     return y.to(logits.dtype)

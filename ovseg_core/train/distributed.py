@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ovseg_core.numerics import at_least_float32
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -75,8 +77,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
-        xf = x.float()
-        count = torch.full((1,), float(x.shape[0]), device=x.device)
+        xf = at_least_float32(x)
+        count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=xf.dtype)
         stats = all_reduce(torch.cat([xf.sum(0), (xf * xf).sum(0), count]))
         n = stats[-1]
         mean = stats[:c] / n

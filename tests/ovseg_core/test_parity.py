@@ -91,6 +91,25 @@ def test_hard_gumbel_on_bf16_logits_picks_groups_uniformly():
     assert logits.grad is not None and logits.grad.abs().sum() > 0  # straight-through gradient
 
 
+def test_soft_gumbel_keeps_float64_precision():
+    # The noise is float32, but float64 logits must not be narrowed: the DDP parity test runs in float64, and a
+    # float32 softmax inside it was 1e-3 off where float64 sums agree to 1e-12.
+    logits = torch.randn(2, 4, 50, dtype=torch.float64) * 1e-9  # differences float32 cannot hold around 1
+    y = gumbel_softmax(logits + 1.0, hard=False, dim=1, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == torch.float64
+    ref = (logits + 1.0 + gumbel_noise(logits.shape, logits.device, torch.Generator().manual_seed(0))).softmax(1)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-15)
+
+
+def test_at_least_float32_widens_half_and_keeps_double():
+    from ovseg_core.numerics import at_least_float32
+
+    assert at_least_float32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert at_least_float32(torch.ones(2, dtype=torch.float16)).dtype == torch.float32
+    assert at_least_float32(torch.ones(2)).dtype == torch.float32
+    assert at_least_float32(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_mask_weight_config_override_still_validated():
     cfg = ovseg_core.get_model_config("tiny")
     with pytest.raises(ValueError):
