@@ -468,7 +468,10 @@ def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, st
         from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
 
         images = iter_staged_images(layout.root, sample_ids=set(todo.tolist()))
-    meter = Progress("dedup", len(todo), "image", progress)
+    # Progress over every image checked, not only those hashed here: with the download workers' hashes there is
+    # often nothing to hash, and the stage should still show that it ran to 100 %.
+    meter = Progress("dedup", len(sample_ids), "image", progress)
+    meter.advance(int(have.sum()))
     new_sha, new_phash, new_ok, extra = _hash_images(_checked(images), todo, cfg, meter)
     meter.finish()
     n = len(sample_ids)

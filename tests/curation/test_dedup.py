@@ -112,8 +112,10 @@ def test_hashes_made_by_the_download_workers_equal_dedups_own_and_spare_every_de
     downloads = downloads.append_column("stored_phash", pa.array([h[1] for h in hashes], pa.uint64()))
     pq.write_table(downloads, layout.downloads)
     layout.kept.unlink()
-    from_download = deduplicate(layout.root, DedupConfig())  # no images given, none staged: must read none
+    states: list[dict] = []
+    from_download = deduplicate(layout.root, DedupConfig(), progress=states.append)  # none staged: must read none
     assert from_download["images_hashed"] == 0 and from_download["hashes_from_download"] == len(images)
+    assert (states[-1]["done"], states[-1]["total"]) == (len(images), len(images))  # still shows it ran to 100 %
     assert [pq.read_table(p).to_pylist() for p in (layout.kept, layout.duplicates)] == expected
     assert {k: from_download[k] for k in ("checked", "exact_removed", "near_removed", "kept")} == \
         {k: by_decoding[k] for k in ("checked", "exact_removed", "near_removed", "kept")}
