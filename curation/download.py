@@ -57,6 +57,7 @@ from curation.fetch import (
     parse_networks,
     reason_of,
 )
+from curation.imagehash import STORED_HASH_FIELDS
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
@@ -94,9 +95,9 @@ DOWNLOADS_SCHEMA = pa.schema([
     ("last_attempt_at", TIMESTAMP), ("staging_shard", pa.string()), ("staging_key", pa.string()),
     # sha256 and pHash of the STORED JPEG (curation.imagehash), made where it was encoded; null for failures and for
     # images staged without them (dedup then hashes those itself).
-    ("stored_sha256", pa.string()), ("stored_phash", pa.uint64()),
+    *STORED_HASH_FIELDS,
 ])
-STORED_HASH_COLUMNS = ["stored_sha256", "stored_phash"]
+STORED_HASH_COLUMNS = [f.name for f in STORED_HASH_FIELDS]
 # The downloads.parquet columns that decide what later stages write (which samples, which original bytes): their
 # content, not the file's bytes or mtime, is what dedup and reshard fingerprint. Where an image is staged is left
 # out on purpose: a grown build fetches its new rows in a later round than a fresh build would, and must still end
@@ -372,10 +373,9 @@ def _read_staging_parquet(path: Path) -> pa.Table:
 
 def with_stored_hashes(table: pa.Table) -> pa.Table:
     """`table` with the stored-image hash columns, null where the staging round was written without them."""
-    for name in STORED_HASH_COLUMNS:
-        field = DOWNLOADS_SCHEMA.field(name)
-        if name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    for column in STORED_HASH_FIELDS:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
     return table
 
 
@@ -528,8 +528,8 @@ def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: Down
 
 STAGED_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("stored_sha256", pa.string()),
-    ("stored_phash", pa.uint64()), ("staging_shard", pa.string()), ("attempt_at", TIMESTAMP),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), *STORED_HASH_FIELDS,
+    ("staging_shard", pa.string()), ("attempt_at", TIMESTAMP),
 ])
 MISSING_MESSAGE = "missing: not reported by any finished img2dataset staging shard"
 

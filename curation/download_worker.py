@@ -34,11 +34,8 @@ import pyarrow as pa
 
 from curation import tario
 from curation.fetch import FetchError, FetchPolicy, fetch
-from curation.imagehash import stored_hashes
+from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
-
-# The staging parquet's extra columns (curation.download.STAGED_HASH_COLUMNS reads them back).
-STORED_HASH_FIELDS = (pa.field("stored_sha256", pa.string()), pa.field("stored_phash", pa.uint64()))
 
 # `img2dataset.main` the attribute is the CLI function (the package re-exports it); the module is what we patch.
 i2d_main = importlib.import_module("img2dataset.main")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 
 # Part of the dedup hash cache's settings: bumped whenever the same bytes would give another pHash.
 # 2: full greyscale decode with OpenCV + area reduction to side x side (was Pillow draft decode + LANCZOS, ~3x slower).
@@ -17,6 +18,8 @@ PHASH_VERSION = 2
 # settings are these.
 STAGED_HASH_SIZE = 8
 STAGED_HIGHFREQ_FACTOR = 4
+# Where they are stored: the staging parquets' and downloads.parquet's columns (null where an image has none).
+STORED_HASH_FIELDS = (pa.field("stored_sha256", pa.string()), pa.field("stored_phash", pa.uint64()))
 
 
 def _dct_rows(n_out: int, n_in: int) -> np.ndarray:

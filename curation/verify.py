@@ -55,7 +55,7 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
     if not layout.downloads.exists():
         raise FileNotFoundError(f"verify: {layout.downloads} does not exist (run download first)")
     table = read_parquet(layout.downloads,
-                          columns=["sample_id", "status", "reason", "transient", "staging_shard", "staging_key"])
+                         columns=["sample_id", "status", "reason", "transient", "staging_shard", "staging_key"])
     rows = {c: table[c].to_pylist() for c in table.column_names}
     statuses = Counter(rows["status"])
     unknown = sorted(set(statuses) - set(STATUSES))

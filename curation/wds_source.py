@@ -61,7 +61,7 @@ from curation.download import (
     with_stored_hashes,
 )
 from curation.fetch import is_transient, reason_of
-from curation.imagehash import stored_hashes
+from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig
 from curation.io import (
@@ -93,8 +93,7 @@ WDS_INGEST_SCHEMA = pa.schema([
 ])
 STAGED_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("stored_sha256", pa.string()),
-    ("stored_phash", pa.uint64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), *STORED_HASH_FIELDS,
 ])
 
 
