@@ -45,6 +45,8 @@ class TrainConfig:
         buffered sample shares a class) or always via the locator ("locator", one random read per sample).
     shard_base_url: read the shards from http(s) or an fsspec URL (folder holding the manifest's shard names)
         instead of build_dir/shards; meta and index stay in build_dir.
+    compile: torch.compile the forward and the losses ("auto" = on CUDA only; "on"; "off"); see
+        ovseg_core.train.compiled (fixed text-length buckets, CUDA graphs on one GPU).
     """
 
     build_dir: str
@@ -88,6 +90,7 @@ class TrainConfig:
     repeat_threshold: float | None = None
     lr_scales: tuple[tuple[str, float], ...] = ()
     cache_frozen_text: bool = False
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -131,6 +134,8 @@ class TrainConfig:
             raise ValueError("time_limit_s must be positive")
         if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
             raise ValueError(f"repeat_threshold must be None or in (0, 1], got {self.repeat_threshold}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if any(float(scale) < 0 for _, scale in self.lr_scales):
             raise ValueError(f"lr_scales multipliers must be >= 0, got {self.lr_scales}")
 

@@ -53,6 +53,7 @@ from ovseg_core.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ovseg_core.train.compiled import COMPILE_CHOICES, build_train_step
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, scaled_lrs
 from ovseg_core.train.text_cache import FrozenTextCache, is_frozen
@@ -293,6 +294,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
         text_cache = FrozenTextCache(text_encoder).install()
     ddp_model = D.wrap_ddp(TrainStep(model), device, info)
     ddp_model.train()
+    train_step = build_train_step(ddp_model, cfg.compile, device, info.world_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(out_dir=str(out_dir), stage=cfg.stage, total_steps=total_steps, start_step=start_step,
                          final_step=start_step, best_val_itc=best_val)
@@ -351,7 +353,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
             t0 = time.perf_counter()  # t0 - t_data: time the step waited for the loader
             lr = scheduler.get_last_lr()
             with _autocast(device):
-                out = ddp_model(batch, cfg.stage)
+                out = train_step(batch, cfg.stage)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: {_scalars(out)}")
@@ -452,6 +454,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile the forward + losses (auto: on CUDA only)")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -479,7 +483,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         log_every=args.log_every, max_text_len=args.max_text_len, time_limit_s=args.time_limit,
         resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
         shard_base_url=args.shard_base_url, partner_source=args.partner_source, shuffle_buffer=args.shuffle_buffer,
-        shards_in_flight=args.shards_in_flight,
+        shards_in_flight=args.shards_in_flight, compile=getattr(args, "compile", "auto"),
         **{k: v for k, v in explicit.items() if v is not None},
     )
 
