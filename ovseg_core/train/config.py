@@ -47,6 +47,8 @@ class TrainConfig:
         instead of build_dir/shards; meta and index stay in build_dir.
     compile: torch.compile the forward and the losses ("auto" = on CUDA only; "on"; "off"); see
         ovseg_core.train.compiled (fixed text-length buckets, CUDA graphs on one GPU).
+    gpu_decode: the loader ships JPEG bytes and crop draws; the training device decodes and crops the batch
+        (ovseg_core.data.device_decode; light/crop augmentations only).
     """
 
     build_dir: str
@@ -91,6 +93,7 @@ class TrainConfig:
     lr_scales: tuple[tuple[str, float], ...] = ()
     cache_frozen_text: bool = False
     compile: str = "auto"
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -134,6 +137,9 @@ class TrainConfig:
             raise ValueError("time_limit_s must be positive")
         if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
             raise ValueError(f"repeat_threshold must be None or in (0, 1], got {self.repeat_threshold}")
+        if self.gpu_decode and self.augment not in ("light", "crop"):
+            raise ValueError(f"gpu_decode supports the light and crop augmentations, not {self.augment!r} (DeiT's "
+                             f"ColorJitter/RandAugment/RandomErasing run on the CPU path)")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if any(float(scale) < 0 for _, scale in self.lr_scales):

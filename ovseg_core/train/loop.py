@@ -32,6 +32,7 @@ from torch import nn
 
 from manifests.fileio import atomic_path, write_text_atomic
 from ovseg_core.data.cc4m import BuildReader, check_build
+from ovseg_core.data.device_decode import decode_on_device
 from ovseg_core.data.loader import (
     CC4MMapDataset,
     CC4MTrainStream,
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
     processor = SampleProcessor(
         reader, tokenizer, cfg.max_text_len, build_train_transform(image_size, cfg.augment), stage=cfg.stage,
         partner_transform=build_train_transform(image_size, cfg.augment), val_percent=cfg.val_percent,
-        entity_classes=tuple(getattr(model, "entity_classes", ())),
+        entity_classes=tuple(getattr(model, "entity_classes", ())), batch_text=True, device_decode=cfg.gpu_decode,
     )
     repeat_factors = None
     if cfg.repeat_threshold is not None:
@@ -285,7 +286,8 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
     val_loader = None
     val_ids = reader.split_ids("val", cfg.val_percent)[: cfg.val_max_samples]
     if info.is_main and val_ids:
-        val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size), stage=1)
+        val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size), stage=1,
+                                        batch_text=True)
         val_loader = make_val_loader(CC4MMapDataset(reader, val_processor, val_ids, seed=cfg.seed), cfg.val_batch_size)
 
     text_cache = None
@@ -349,7 +351,7 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
     try:
         while step < total_steps:
             t_data = time.perf_counter()
-            batch = _to_device(trim_text_padding(next(data_iter)), device)
+            batch = _to_device(decode_on_device(trim_text_padding(next(data_iter)), device), device)
             t0 = time.perf_counter()  # t0 - t_data: time the step waited for the loader
             lr = scheduler.get_last_lr()
             with _autocast(device):
@@ -454,6 +456,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode and crop JPEGs on the training device (light/crop augmentations)")
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the forward + losses (auto: on CUDA only)")
 
@@ -484,6 +488,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
         shard_base_url=args.shard_base_url, partner_source=args.partner_source, shuffle_buffer=args.shuffle_buffer,
         shards_in_flight=args.shards_in_flight, compile=getattr(args, "compile", "auto"),
+        gpu_decode=getattr(args, "gpu_decode", False),
         **{k: v for k, v in explicit.items() if v is not None},
     )
 
