@@ -44,7 +44,7 @@ from ovseg_core.data.text import (
     shared_prompt,
 )
 from ovseg_core.data.device_decode import crop_draw, jpeg_tensor
-from ovseg_core.data.transforms import apply_to_jpeg
+from ovseg_core.data.transforms import ALL_RNGS, apply_to_jpeg, global_rngs
 
 TEXT_KEYS = ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask")
 PARTNER_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
@@ -106,18 +106,27 @@ def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with python/numpy/torch RNGs seeded, restoring the caller's states after (no global side effect)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+def seeded_rng(seed: int, rngs: Sequence[str] = ALL_RNGS) -> Iterator[None]:
+    """Run a block with the global RNGs named in `rngs` ("python", "numpy", "torch") seeded, restoring the caller's
+    states after (no global side effect). Name only those the block draws from (`transforms.global_rngs`):
+    saving and restoring numpy's state costs ~1 ms, more than decoding a small JPEG."""
+    py_state = random.getstate() if "python" in rngs else None
+    np_state = np.random.get_state() if "numpy" in rngs else None
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
+        if py_state is not None:
+            random.seed(seed)
+        if np_state is not None:
+            np.random.seed(seed % (2**32))
+        # the CPU generator only (what the transforms draw from): torch.manual_seed also queues a lazy CUDA seeding
+        # that formats a stack trace on every call in a process without CUDA, ~2 ms per sample
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            if py_state is not None:
+                random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
 
 
 @dataclass
@@ -218,7 +227,7 @@ class SampleProcessor:
     def _add_image(self, out: dict[str, Any], prefix: str, transform: Callable, jpeg: bytes, seed: int) -> None:
         """out[prefix + "image"] decoded and augmented, or (device_decode) the bytes and the crop row drawn with
         the same seed, for the device to decode."""
-        with seeded_rng(seed):
+        with seeded_rng(seed, global_rngs(transform)):
             if self.device_decode:
                 out[prefix + "crop"] = crop_draw(transform, jpeg)
                 out[prefix + "jpeg"] = jpeg_tensor(jpeg)

@@ -91,6 +91,19 @@ def with_draft(transform: T.Compose) -> T.Compose:
     return T.Compose([DraftResizedCrop(first), *transform.transforms[1:]])
 
 
+ALL_RNGS = ("python", "numpy", "torch")
+
+
+def global_rngs(transform: Callable) -> tuple[str, ...]:
+    """The global RNGs `transform` draws from: torchvision's ops use torch's only; timm's (DeiT: crop, RandAugment,
+    RandomErasing) also Python's `random` and numpy's."""
+    ops = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    ops = [getattr(op, "crop", op) for op in ops]  # DraftResizedCrop draws with the crop it wraps
+    if all(type(op).__module__.startswith("torchvision.") for op in ops):
+        return ("torch",)
+    return ALL_RNGS
+
+
 def accepts_lazy_jpeg(transform: Callable) -> bool:
     """Whether `transform` takes an undecoded (lazily opened) JPEG and decodes it itself."""
     first = transform.transforms[0] if isinstance(transform, T.Compose) else transform

@@ -53,6 +53,7 @@ def _losses_and_grads(model, step, batch, seed: int) -> tuple[dict[str, float], 
     return {k: float(v.detach()) for k, v in out.items()}, grads
 
 
+@pytest.mark.slow  # cold inductor compile: ~2.5 CPU-minutes (gcc per kernel); seconds once cached
 def test_compiled_tiny_step_matches_eager_losses_and_gradients():
     import torch._dynamo
     import torch._inductor.config as inductor_config

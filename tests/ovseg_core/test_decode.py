@@ -125,3 +125,47 @@ def test_device_decode_refuses_deit_and_keeps_bytes_in_lists(fixture_build, mini
     batch = collate(samples)
     assert isinstance(batch["jpeg"], list) and batch["crop"].shape == (3, 7)
     assert bytes(batch["jpeg"][1].numpy()) == reader.read_jpeg(reader.sample_ids()[1])
+
+
+def _webdataset_samples(path) -> list[dict]:
+    import webdataset as wds
+
+    with open(path, "rb") as stream:
+        return list(wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])))
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_shard_reader_groups_members_as_webdataset_does(tmp_path, fmt):
+    import tarfile
+
+    from ovseg_core.data.cc4m import shard_samples
+
+    path = tmp_path / f"{fmt}.tar"
+    tar_format = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    deep = "d" * 60 + "/" + "e" * 60 if fmt != "ustar" else "dir"  # > 100 characters: GNU long name / pax path
+    members = [("000001.jpg", b"\xff\xd8jpeg"), ("000001.json", b"{}"), ("000001.TXT", b"cap"),
+               ("__index__", b"meta"), (f"{deep}/000002.jpg", b"x" * 1500), (f"{deep}/000002.json", b"{\"a\": 1}"),
+               ("000003.json", b"")]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        info = tarfile.TarInfo("somedir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ours = list(shard_samples(str(path)))
+    assert ours == _webdataset_samples(path)
+    assert [s["__key__"] for s in ours] == ["000001", f"{deep}/000002", "000003"] and ours[0]["txt"] == b"cap"
+
+
+def test_shard_reader_refuses_a_truncated_shard(tmp_path, fixture_build):
+    from ovseg_core.data.cc4m import shard_samples
+
+    shard = sorted((fixture_build / "shards").glob("*.tar"))[0]
+    assert list(shard_samples(str(shard))) == _webdataset_samples(shard)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:1700])  # mid-way through a member's bytes
+    with pytest.raises(ValueError, match="truncated"):
+        list(shard_samples(str(cut)))
