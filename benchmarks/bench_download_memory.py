@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.bench_build import code_identity
 from curation.download import DownloadConfig, download_selected
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 RESULTS = REPO / "benchmarks" / "results" / "download_memory.json"
 KINDS = ("png_bomb_100mp", "png_81mp", "jpeg_header_bomb", "endless", "big_garbage", "drip")

@@ -28,7 +28,6 @@ from curation.download import DownloadConfig, download_selected
 from curation.index import build_index
 from curation.ingest import IngestConfig, ingest_source, source_kind
 from curation.io import read_json
-from curation.layout import BuildLayout
 from curation.lock import LOCK_NAME, BuildLock, BuildLocked
 from curation.manifest import write_manifest
 from curation.parse import parse_part
@@ -37,6 +36,7 @@ from curation.reshard import reshard
 from curation.select import select_part
 from curation.verify import verify_downloads
 from curation.wds_source import expand_shards, extract_selected, ingest_wds, is_wds_source
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from curation.download import DownloadConfig
 from curation.index import IndexConfig
 from curation.ingest import IngestConfig
 from curation.io import write_json_atomic
-from curation.layout import BuildLayout
 from curation.parse import ParseConfig
 from curation.reshard import ShardConfig
 from curation.select import SelectConfig
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
 
 STAGE_CONFIGS: dict[str, type] = {
     "ingest": IngestConfig, "parse": ParseConfig, "select": SelectConfig, "download": DownloadConfig,
@@ -56,7 +56,7 @@ def _config_from_dict(cls: type, d: dict[str, Any], stage: str) -> Any:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """source: CC12M-layout TSV (url<TAB>caption) or parquet; build_dir: the build folder (see curation.layout)."""
+    """source: CC12M-layout TSV (url<TAB>caption) or parquet; build_dir: the build folder (see manifests.layout)."""
 
     source: str
     build_dir: str

@@ -50,7 +50,7 @@ from curation.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 DONE_MARKER = "ingest-done.json"
 # Bump when the same source rows would give different part contents: every part is then rewritten.

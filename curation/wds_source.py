@@ -74,8 +74,8 @@ from curation.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from curation.layout import BuildLayout, part_name
 from curation.progress import Progress, ProgressCallback
+from manifests.layout import BuildLayout, part_name
 
 log = logging.getLogger(__name__)
 

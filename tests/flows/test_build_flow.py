@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.io import sha256_file
-from curation.layout import BuildLayout
 from curation.lock import LOCK_NAME
 from curation.manifest import verify_manifest
+from manifests.layout import BuildLayout
 from tests.flows.conftest import SAMPLE_ROWS
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
