@@ -32,6 +32,16 @@ RUNTIME_ONLY: dict[str, frozenset[str]] = {
     "shard": frozenset({"rehash_existing"}),
 }
 
+# Flat convenience overrides (what people type in a flow's parameters) -> their place in BuildConfig.to_dict().
+OVERRIDE_SHORTCUTS: dict[str, tuple[str, str]] = {
+    "samples_per_shard": ("shard", "samples_per_shard"),
+    "processes": ("download", "processes_count"),
+    "threads": ("download", "thread_count"),
+    "image_size": ("download", "image_size"),
+    "distributor": ("download", "distributor"),
+    "rows_per_part": ("ingest", "rows_per_part"),
+}
+
 
 def _config_to_dict(cfg: Any) -> dict[str, Any]:
     if hasattr(cfg, "to_dict"):
@@ -126,3 +136,38 @@ class BuildConfig:
     @classmethod
     def load(cls, path: str | Path) -> BuildConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`stage.setting=value` strings (`cc4m build --set`; the value parsed as JSON when it parses, else kept as a
+    string) -> nested overrides for `config_with_overrides`."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or stage not in STAGE_CONFIGS:
+            raise ValueError(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE in {sorted(STAGE_CONFIGS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(stage, {})[name] = value
+    return overrides
+
+
+def config_with_overrides(source: str, build_dir: str, base: dict[str, Any] | None = None,
+                          overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """The one way a build's settings are overridden (the CLI's --config/--set and the flow's `config`): a
+    BuildConfig from an optional base dict (e.g. a saved config.json; its source and build_dir are not used) with
+    `overrides` applied in order: per-stage dicts ({"download": {"timeout": 2}}) or OVERRIDE_SHORTCUTS keys."""
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items() if k in STAGE_CONFIGS}
+    for key, value in (overrides or {}).items():
+        if key in OVERRIDE_SHORTCUTS:
+            stage, name = OVERRIDE_SHORTCUTS[key]
+            merged.setdefault(stage, {})[name] = value
+        elif key in STAGE_CONFIGS and isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            raise ValueError(f"unknown build config key {key!r}; known: {sorted(STAGE_CONFIGS)} (each a dict of "
+                             f"settings) + {sorted(OVERRIDE_SHORTCUTS)}")
+    return BuildConfig.from_dict({"source": source, "build_dir": build_dir, **merged})

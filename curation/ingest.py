@@ -87,6 +87,10 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
+class SourceError(ValueError):
+    """The build's source is missing, unreadable or not a source at all; found before anything is written."""
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     rows_per_part: int = 100_000

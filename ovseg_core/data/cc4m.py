@@ -33,6 +33,7 @@ from PIL import Image
 
 from manifests.fileio import sha256_file
 from manifests.layout import BuildLayout
+from manifests.locations import is_url, open_location
 from manifests.schema import count_problems, validate_manifest
 
 
@@ -86,27 +87,9 @@ def _shard_and_meta_problems(layout: BuildLayout, manifest: dict[str, Any], shar
     return problems
 
 
-HTTP_SCHEMES = ("http://", "https://")
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def open_shard(url: str, timeout: float = 60.0) -> Any:
-    """A readable binary stream of a whole shard: local path, http(s) (one streamed GET) or an fsspec URL."""
-    if str(url).startswith(HTTP_SCHEMES):
-        return urllib.request.urlopen(url, timeout=timeout)
-    if is_url(url):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return open(str(url).removeprefix("file://"), "rb")
-
-
 def read_range(url: str, offset: int, size: int, timeout: float = 60.0) -> bytes:
     """`size` bytes at `offset` of a remote shard (an HTTP Range request, or fsspec's ranged cat_file)."""
-    if str(url).startswith(HTTP_SCHEMES):
+    if is_url(url, http_only=True):
         req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             data = r.read()
@@ -121,7 +104,7 @@ def read_range(url: str, offset: int, size: int, timeout: float = 60.0) -> bytes
 
 def shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """webdataset samples (dicts of members by extension, plus __key__ and __url__) of one shard at `url`."""
-    stream = open_shard(url)
+    stream = open_location(url)
     try:
         yield from wds.tariterators.group_by_keys(
             wds.tariterators.tar_file_expander([{"url": str(url), "stream": stream}]))
