@@ -17,6 +17,7 @@ from curation.reshard import ShardConfig
 from curation.select import SelectConfig
 from curation.verify import VerifyConfig
 from manifests.layout import BuildLayout
+from manifests.locations import is_url
 
 STAGE_CONFIGS: dict[str, type] = {
     "ingest": IngestConfig, "parse": ParseConfig, "select": SelectConfig, "download": DownloadConfig,
@@ -123,7 +124,7 @@ class BuildConfig:
         """to_dict() without the runtime-only settings: two configs with the same identity produce the same build."""
         d = self.to_dict()
         # A URL (e.g. webdataset shards over http) is kept verbatim: resolving it as a path would mangle it.
-        d["source"] = self.source if "://" in self.source else str(Path(self.source).resolve())
+        d["source"] = self.source if is_url(self.source) else str(Path(self.source).resolve())
         d.pop("build_dir")
         for stage, names in RUNTIME_ONLY.items():
             for name in names:
