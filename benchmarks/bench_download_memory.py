@@ -35,7 +35,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.bench_build import code_identity
+from benchmarks.common import stamp
 from curation.download import DownloadConfig, download_selected
 from curation.sample.bombs import jpeg_header_bomb, png_bomb
 from manifests.layout import BuildLayout, part_name
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=10.0, help="whole-fetch deadline (drip rows wait it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    code = code_identity()
+    stamped = stamp()  # at the start: the code this process imported
 
     server, stopping = make_server()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                            reverse=True),
         "seconds": round(seconds, 1), "selected": counts["selected"], "failed": counts["failed"],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamped,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_build import code_identity, render_images
+from benchmarks.bench_build import render_images
+from benchmarks.common import stamp
 from curation.lock import LOCK_NAME
 from manifests.vocabulary import load_vocabulary
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    code = code_identity()
+    stamped = stamp()  # at the start: the code this process imported
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-rerun-"))
     work.mkdir(parents=True, exist_ok=True)
     render_images(work / "images", args.images)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": reps,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamped,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
