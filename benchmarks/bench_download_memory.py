@@ -38,11 +38,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.bench_build import code_identity
+from benchmarks.common import write_result
 from curation.download import DownloadConfig, download_selected
 from curation.layout import BuildLayout, part_name
 
-RESULTS = REPO / "benchmarks" / "results" / "download_memory.json"
 KINDS = ("png_bomb_100mp", "png_81mp", "jpeg_header_bomb", "endless", "big_garbage", "drip")
 
 
@@ -112,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=10.0, help="whole-fetch deadline (drip rows wait it)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/download-memory-<time>.json")
     args = parser.parse_args(argv)
-    code = code_identity()
 
     server, stopping = make_server()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
@@ -182,10 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                                            reverse=True),
         "seconds": round(seconds, 1), "selected": counts["selected"], "failed": counts["failed"],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("download-memory", result, args.out)
     print(json.dumps(result, indent=2))
     return 0
 
