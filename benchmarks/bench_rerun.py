@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_build import render_images
-from benchmarks.common import write_result
+from benchmarks.common import stamp, write_result
 from curation.lock import LOCK_NAME
 from manifests.vocabulary import load_vocabulary
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="default: a new results/rerun-<time>.json")
     args = p.parse_args(argv)
+    stamped = stamp()  # at the start: the code this process imported
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-rerun-"))
     work.mkdir(parents=True, exist_ok=True)
     render_images(work / "images", args.images)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": reps,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
+        **stamped,
     }
     write_result("rerun", result, args.out)
     print(json.dumps({k: result[k] for k in ("build_s", "ratio_rerun_same_folder", "ratio_rerun_copy",

@@ -97,7 +97,7 @@ def profile_ops(model: Any, optimizer: Any, batch: dict[str, Any], top: int) -> 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.common import write_result
+    from benchmarks.common import stamp, write_result
     from ovseg_core import create_model
     from ovseg_core.config import MINILM_TEXT_MODEL
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    result: dict[str, Any] = {
+    result: dict[str, Any] = {**stamp(),
                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "presets": {}}
     for preset in args.presets:
         model = create_model(preset, text_model=MINILM_TEXT_MODEL).to(device).train()

@@ -36,8 +36,8 @@ from curation.imagehash import (
     phash_bytes,
 )
 from curation.io import parquet_digest, read_parquet, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 
 DUPLICATES_SCHEMA = pa.schema(

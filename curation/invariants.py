@@ -20,7 +20,7 @@ from curation import tario
 from curation.download import STATUSES
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 INGEST_DONE = Path("ingest") / DONE_MARKER
 

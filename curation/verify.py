@@ -13,7 +13,7 @@ from typing import Any
 from curation.download import STATUSES, round_shards
 from curation.fetch import is_transient
 from curation.io import read_parquet
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 
 class BuildQualityError(RuntimeError):

@@ -5,7 +5,7 @@ import pytest
 from build_fixtures import ImageServer, caption_rows, make_jpeg, write_part
 
 from curation.download import DownloadConfig, download_selected, iter_staged_images
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 
 def _routes(ids, bad_404=(), not_image=()):

@@ -17,7 +17,7 @@ import pytest
 
 import curation.download as download_module
 from curation.download import DownloadConfig, DownloadStalled, download_selected
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,6 @@ from PIL import Image
 
 from curation.download import DownloadConfig, iter_staged_images
 from curation.ingest import IngestConfig
-from curation.layout import BuildLayout, part_name
 from curation.verify import VerifyConfig, verify_downloads
 from curation.wds_source import (
     POSITIONAL_BASE,
@@ -30,6 +29,7 @@ from curation.wds_source import (
     is_wds_source,
     write_tar,
 )
+from manifests.layout import BuildLayout, part_name
 
 
 def jpeg(size=(40, 30), colour=(200, 30, 30), exif_orientation: int | None = None) -> bytes:
