@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import tario
-from curation.download import iter_staged_images
 from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, read_parquet, sha256_file, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 from curation.progress import Progress, ProgressCallback
+from curation.staging import iter_staged_images
 
 log = logging.getLogger(__name__)
 

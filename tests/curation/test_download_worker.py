@@ -73,12 +73,12 @@ def test_the_download_processes_leave_torch_wandb_and_albumentations_unloaded_an
     import subprocess
     import sys
 
-    from curation.download import REPO_ROOT
+    from curation.download_driver import REPO_ROOT
 
     code = (
         "import sys\n"
-        "from curation import download\n"
-        "download._leave_unused_packages_unloaded()\n"
+        "from curation.import_standins import leave_unused_packages_unloaded\n"
+        "leave_unused_packages_unloaded()\n"
         "import img2dataset, curation.download_worker\n"
         "assert 'torch' not in sys.modules, 'torch was loaded'\n"
         "import webdataset\n"
