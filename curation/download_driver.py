@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The driver's exit code and log-line prefix for "the installed img2dataset is not the supported one": the parent
+# raises that one line instead of a log tail.
+UNSUPPORTED_EXIT = 3
+UNSUPPORTED_MARK = "cc4m-unsupported: "
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Progress = Callable[[dict[str, Any]], None]
@@ -87,9 +92,17 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
             if proc.poll() is None or group_alive(proc.pid):
                 kill_process_group(proc)
     _report(_stats_progress(output, total, done_before, started), progress)
+    if proc.returncode == UNSUPPORTED_EXIT:
+        raise RuntimeError(_unsupported_line(log_path))
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"img2dataset subprocess failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+
+
+def _unsupported_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines()
+    return next((line[len(UNSUPPORTED_MARK):] for line in reversed(lines) if line.startswith(UNSUPPORTED_MARK)),
+                f"img2dataset is not the supported version (log {log_path})")
 
 
 class DownloadStalled(RuntimeError):
@@ -151,6 +164,11 @@ def _driver_main(argv: list[str]) -> int:
     exit_with_parent(payload.get("parent_pid"))
     leave_unused_packages_unloaded()
     from curation import download_worker  # imported here: the parent process never pays for img2dataset
+    try:
+        download_worker.check_supported_img2dataset()
+    except download_worker.UnsupportedImg2dataset as err:
+        print(f"{UNSUPPORTED_MARK}{err}", flush=True)
+        return UNSUPPORTED_EXIT
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
     download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
     return 0
