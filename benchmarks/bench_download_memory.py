@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     rss.append(proc.memory_info().rss)
                     if proc.pid not in per_process:
                         cmd = " ".join(proc.cmdline())
-                        role = ("driver" if "curation.download" in cmd else "worker/logger (spawn)"
+                        role = ("driver" if "curation.download_driver" in cmd else "worker/logger (spawn)"
                                 if "multiprocessing" in cmd else cmd[:60])
                         per_process[proc.pid] = [0, role]
                     per_process[proc.pid][0] = max(per_process[proc.pid][0], rss[-1])
