@@ -20,6 +20,7 @@ from ovseg_core.train.config import FIDELITY_CHOICES, TrainConfig
 from ovseg_core.train.recipe import RECIPES
 
 TORCHRUN_PORT = 29500
+DRY_RUN_STAGE1 = "<the stage-1 checkpoint: --init-checkpoint>"
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +128,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                  if v is not None}
         return sample_recipe(args.build, args.out, minutes=args.minutes, **extra)
     common = _common(args)
+    if args.dry_run and args.stage == 2 and "init_checkpoint" not in common:
+        common["init_checkpoint"] = DRY_RUN_STAGE1  # a plan needs no weights; the real run needs the file
     if args.recipe == "paper":
         from ovseg_core.train.recipe import paper_config
 
