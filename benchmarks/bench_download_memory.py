@@ -35,12 +35,11 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import stamp
+from benchmarks.common import stamp, write_result
 from curation.download import DownloadConfig, download_selected
 from curation.sample.bombs import jpeg_header_bomb, png_bomb
 from manifests.layout import BuildLayout, part_name
 
-RESULTS = REPO / "benchmarks" / "results" / "download_memory.json"
 KINDS = ("png_bomb_100mp", "png_81mp", "jpeg_header_bomb", "endless", "big_garbage", "drip")
 
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=10.0, help="whole-fetch deadline (drip rows wait it)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/download-memory-<time>.json")
     args = parser.parse_args(argv)
     stamped = stamp()  # at the start: the code this process imported
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     rss.append(proc.memory_info().rss)
                     if proc.pid not in per_process:
                         cmd = " ".join(proc.cmdline())
-                        role = ("driver" if "curation.download" in cmd else "worker/logger (spawn)"
+                        role = ("driver" if "curation.download_driver" in cmd else "worker/logger (spawn)"
                                 if "multiprocessing" in cmd else cmd[:60])
                         per_process[proc.pid] = [0, role]
                     per_process[proc.pid][0] = max(per_process[proc.pid][0], rss[-1])
@@ -155,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         **stamped,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("download-memory", result, args.out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import tario
-from curation.download import iter_staged_images
 from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, read_parquet, sha256_file, table_digest, write_parquet_atomic
 from curation.progress import Progress, ProgressCallback
+from curation.staging import iter_staged_images
 from manifests.layout import PART_GLOB, SHARD_GLOB, BuildLayout, part_name, sample_key, shard_for_rank, shard_name
 
 log = logging.getLogger(__name__)

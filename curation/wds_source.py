@@ -13,7 +13,7 @@ build, with the same outputs, so every later stage is unchanged:
   (`empty_caption`, `bad_utf8`, `caption_too_long`, `no_image`, `duplicate_key`).
 - `extract_selected`: for the selected samples, the image bytes through `curation.imaging.to_stored_jpeg` (EXIF,
   pixel cap, resize as configured) into `staging/NNNNN.tar` + `NNNNN.parquet` + `NNNNN_stats.json` and
-  downloads.parquet, the layout `curation.download.iter_staged_images` and the verify stage read. An image that
+  downloads.parquet, the layout `curation.staging.iter_staged_images` and the verify stage read. An image that
   cannot be stored is a `failed_to_resize` row whose error names the reason (`undecodable: ...`).
 
 Sample ids (stable across reruns): the img2dataset key as a number when it is all digits (at most 15 of them:
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -52,20 +51,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from curation.download import (
-    DOWNLOADS_META_KEY,
-    DOWNLOADS_SCHEMA,
-    STATUSES,
-    TIMESTAMP,
-    DownloadConfig,
-    with_stored_hashes,
-)
+from curation import tario
+from curation.download import DownloadConfig
 from curation.fetch import is_transient, reason_of
 from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig, SourceError
 from curation.io import (
-    atomic_path,
     fingerprint_of,
     read_json,
     read_parquet,
@@ -75,6 +67,7 @@ from curation.io import (
     write_parquet_atomic,
 )
 from curation.progress import Progress, ProgressCallback
+from curation.staging import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TIMESTAMP, with_stored_hashes
 from manifests.layout import BuildLayout, part_name
 from manifests.locations import is_url, open_location
 
@@ -406,7 +399,7 @@ def _extract_one(job: _ShardJob) -> int:
     rows: list[dict[str, Any]] = []
     extracted: set[str] = set()
     started = time.perf_counter()
-    with hashed_shard(job.shard) as stream, write_tar(staging / f"{name}.tar") as tar:
+    with hashed_shard(job.shard) as stream, tario.write_tar(staging / f"{name}.tar") as tar:
         for key, files in iter_shard_samples(stream):
             sid = job.wanted.get(key)
             if sid is None or key in extracted:  # a repeated key: ingest kept its first sample only
@@ -419,7 +412,7 @@ def _extract_one(job: _ShardJob) -> int:
             except ImageRejected as err:
                 rows.append({**row, "status": "failed_to_resize", "error_message": str(err)[:500], "sha256": None})
                 continue
-            add_member(tar, f"{key}.jpg", stored.jpeg)
+            tar.add(f"{key}.jpg", stored.jpeg)
             stored_sha256, stored_phash = stored_hashes(stored.jpeg)  # here, in the parallel workers (see dedup)
             rows.append({**row, "status": "success", "error_message": None, "width": stored.width,
                          "height": stored.height, "stored_sha256": stored_sha256, "stored_phash": stored_phash})
@@ -439,19 +432,6 @@ def _extract_one(job: _ShardJob) -> int:
         "source_shard": job.shard, "cc4m_fingerprint": job.fingerprint,
     })
     return len(rows)
-
-
-@contextmanager
-def write_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar written under a temporary name and renamed when complete (curation.io's atomic rule)."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
-        yield tar
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _selected_sources(layout: BuildLayout) -> pa.Table:
@@ -528,7 +508,7 @@ def extract_selected(build_dir: str | Path, cfg: DownloadConfig,
 def _plan_jobs(wanted: dict[str, dict[str, int]], infos: dict[str, tuple[int, str]], staging: str, spec: ImageSpec,
                fingerprint: str) -> list[_ShardJob]:
     """One job per source shard with selected samples, named in ascending id order. Later stages read staging
-    shards by name expecting ascending sample ids (curation.download.iter_staged_images), so shards whose id
+    shards by name expecting ascending sample ids (curation.staging.iter_staged_images), so shards whose id
     ranges interleave are refused (img2dataset keys are shard * 10^k + row: they never do)."""
     ordered = sorted(wanted.items(), key=lambda kv: min(kv[1].values()))
     for (a, keys_a), (b, keys_b) in itertools.pairwise(ordered):

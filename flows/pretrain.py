@@ -1,8 +1,8 @@
 """Flow `pretrain`: train OVSegmentor on a CC4M build and register the checkpoint in the model registry.
 
 devices == 1 and nodes == 1: in-process (CPU, or one GPU). More: `torchrun --nnodes N --nproc_per_node D
--m flows.train_entry --config <out_dir>/train_config.json` as a subprocess (ovseg_core.train has no module entry
-point of its own); the flow waits and fails on a non-zero exit.
+-m ovseg_core.train.cli --config <out_dir>/train_config.json` as a subprocess; the flow waits and fails on a
+non-zero exit.
 For nodes > 1 run the same deployment once per node with `node_rank` and a shared `master_addr`/`master_port`.
 Progress: a Prefect progress artifact (key "pretrain-progress") follows the run: in-process through train()'s
 `progress` callback, under torchrun by polling the progress.json that rank 0 rewrites every log_every steps.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -99,9 +98,9 @@ def train_in_process(train_config: dict[str, Any]) -> dict[str, Any]:
 
 def torchrun_command(config_path: Path, devices: int, nodes: int, node_rank: int, master_addr: str,
                      master_port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={devices}",
-            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
-            "-m", "flows.train_entry", "--config", str(config_path)]
+    from ovseg_core.train.cli import torchrun_command as command  # lazily: torch is heavy
+
+    return command(config_path, devices, nodes, node_rank, master_addr, master_port)
 
 
 @task(name="train-torchrun", cache_policy=None)

@@ -103,8 +103,8 @@ def write_staged_build(root: Path, n: int = 26, per_staging_shard: int = 10, fai
     import random
     import tarfile
 
-    from curation.download import DOWNLOADS_SCHEMA
     from curation.select import SelectConfig, select_part
+    from curation.staging import DOWNLOADS_SCHEMA
     from manifests.layout import BuildLayout, part_name
 
     layout = BuildLayout(root)

@@ -245,6 +245,9 @@ class HostileServer(ThreadingHTTPServer):
             "/endless": lambda h: h.stream(b"\xff" * 65536, 0, False, 1 << 30),
             "/endless/chunked": lambda h: h.stream(b"\xff" * 65536, 0, True, 1 << 30),
             "/drip": lambda h: h.stream(b"\xff", 0.05, False, 1 << 20),
+            # One byte every 0.5 s for 10 s: each read is far inside a socket timeout; only the deadline ends it.
+            "/drip/slow": lambda h: h.stream(b"\xff", 0.5, False, 20),
+            "/redirect/to-slow-drip": lambda h: h.redirect("/drip/slow"),
             "/reset": lambda h: h.reset(),
             "/not-http": lambda h: (h.wfile.write(b"HELLO THERE\r\n\r\n"), setattr(h, "close_connection", True)),
             "/bomb/png": lambda h: h.send(200, self.bombs["png"], "image/png"),
