@@ -61,7 +61,6 @@ from curation.fetch import (
 )
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.staging import (
     DOWNLOADS_META_KEY,
     DOWNLOADS_SCHEMA,
@@ -72,6 +71,7 @@ from curation.staging import (
     merge_rounds,
     staging_rounds,
 )
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 
