@@ -20,7 +20,7 @@ from manifests.stages import BUILD_STAGES, COUNTED_STAGES, STAGE_NAMES
 def test_every_declared_stage_is_bound_once_in_order():
     assert [s.spec for s in STAGE_PLAN] == list(BUILD_STAGES)
     assert STAGES == STAGE_NAMES and "verify" in STAGES and len(set(STAGES)) == len(STAGES)
-    assert {s.config_field for s in STAGE_PLAN} - {None} == set(STAGE_CONFIGS)
+    assert {s.spec.config_field for s in STAGE_PLAN} - {None} == set(STAGE_CONFIGS)
     layout = BuildLayout("/b")
     assert all(path.is_relative_to("/b") for stage in STAGE_PLAN for path in stage.outputs(layout))
 
