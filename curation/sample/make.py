@@ -27,10 +27,12 @@ import numpy as np
 import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from curation.sample import BUNDLED_CAPTIONS, SAMPLE_HOST
 from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
+
+SAMPLE_HOST = "cc4m-sample.invalid"  # reserved (RFC 2606): never resolvable, answered only by the sample's server
+BUNDLED_CAPTIONS = Path(__file__).parent / "data" / "captions.tsv"
 
 # Deliberate download failures, chosen per row from a hash so the choice never depends on neighbours.
 # Buckets out of 1000: 404 1.2 %, 500 0.8 %, slow 0.5 %, corrupt 0.7 %, notimage 0.8 % (4.0 % in all).
