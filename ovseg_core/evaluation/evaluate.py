@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from manifests.version import code_version
 from ovseg_core.evaluation.datasets import DATASET_LAYOUTS, DatasetLayoutError, SegDataset, load_dataset
-from ovseg_core.evaluation.metrics import ConfusionMatrix, SegmentationScores
+from ovseg_core.evaluation.metrics import ConfusionMatrix
 from ovseg_core.evaluation.overlay import atomic_write_bytes, save_overlay, voc_palette
 from ovseg_core.zero_shot.segment import ZeroShotSegmenter
 from ovseg_core.zero_shot.templates import SEGMENTATION_TEMPLATES, TEMPLATE_SETS, get_templates
@@ -139,8 +138,8 @@ def evaluate(
     return result
 
 
-def _result(dataset: SegDataset, n_images: int, scores: SegmentationScores, settings: dict[str, Any], seconds: float,
-            overlays: list[str]) -> dict[str, Any]:
+def _result(dataset: SegDataset, n_images: int, scores, settings: dict[str, object], seconds: float,
+            overlays: list[str]) -> dict:
     """The JSON-able result of `evaluate` (its docstring lists the keys); `outputs` is filled by the caller."""
     return {
         "dataset": {
