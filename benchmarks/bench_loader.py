@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from benchmarks.common import stamp
-from manifests.layout import BuildLayout, sample_key, shard_name
 
 IMAGE_W, IMAGE_H, CROP = 500, 375, 224  # CC12M-like JPEGs (img2dataset keeps the original size up to a cap)
 GPU_NEEDS = {  # training images/s one GPU needs from the loader (estimates, see README: bench_gpu measures them)
@@ -161,8 +160,8 @@ def run_variant(name: str, build: Path, base_url: str | None, n: int, buffer: in
     holder: dict[str, Any] = {}
 
     def make() -> Iterator:
-        shards = BuildLayout(build).shards()
-        urls = [base_url + p.name for p in shards] if base_url else [str(p) for p in shards]
+        urls = ([base_url + p.name for p in sorted((build / "shards").glob("*.tar"))] if base_url
+                else [str(p) for p in sorted((build / "shards").glob("*.tar"))])
         if name == "baseline":
             return baseline_pipeline(urls)
         it, holder["proc"] = ours_pipeline(build, base_url, name, buffer)
@@ -188,7 +187,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     setups = [("disk", None, 0.0), ("http", "server", args.latency_ms / 1000)]
     results: dict[str, list[dict[str, float]]] = {}
     for where, _, delay in setups:
-        ctx = http_server(BuildLayout(build).shards_dir, delay) if where == "http" else contextlib.nullcontext(None)
+        ctx = http_server(build / "shards", delay) if where == "http" else contextlib.nullcontext(None)
         with ctx as url:
             names = ["baseline", "locator", "buffer"]
             for rep in range(args.repeats):
@@ -218,7 +217,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                        "cores": cores},
             "build": {"samples": args.build_samples, "per_shard": args.per_shard,
                       "image": f"{IMAGE_W}x{IMAGE_H} JPEG q90",
-                      "mean_jpeg_kb": float(np.mean([p.stat().st_size for p in BuildLayout(build).shards()])
+                      "mean_jpeg_kb": float(np.mean([p.stat().st_size for p in (build / "shards").glob("*.tar")])
                                             / args.per_shard / 1024)}}
 
 
@@ -234,14 +233,13 @@ def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, s
         fav = rng.choice(n_classes, 3, replace=False)
         m = min(2000, n - start)
         labels[start:start + m] = np.where(rng.random(m) < 0.8, rng.choice(fav, m), rng.integers(0, n_classes, m))
-    layout = BuildLayout(root)
-    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
     for s in range(0, n, per_shard):
-        with tarfile.open(layout.shards_dir / shard_name(s // per_shard), "w") as tar:
+        with tarfile.open(root / "shards" / f"cc4m-{s // per_shard:06d}.tar", "w") as tar:
             for sid in range(s, min(s + per_shard, n)):
                 for ext, data in (("jpg", b"\xff"), ("json", json.dumps({"sample_id": sid,
                                                                          "entities": [f"c{labels[sid]}"]}).encode())):
-                    info = tarfile.TarInfo(f"{sample_key(sid)}.{ext}")
+                    info = tarfile.TarInfo(f"{sid:012d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return labels
@@ -263,7 +261,7 @@ def mixing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     labels = make_mixing_build(work / "mix", n, per_shard)
     global_hist = np.bincount(labels) / n
     reader = BuildReader.__new__(BuildReader)  # streaming needs only the shard list
-    reader.shard_urls = [str(p) for p in BuildLayout(work / "mix").shards()]
+    reader.shard_urls = [str(p) for p in sorted((work / "mix" / "shards").glob("*.tar"))]
     fake_proc = SimpleNamespace(stage=1, val_percent=0.0)
     settings = {"before (1 shard at a time, buffer 256)": {"shards_in_flight": 1, "shuffle_buffer": 256},
                 "4 shards in flight, buffer 4096": {"shards_in_flight": 4, "shuffle_buffer": 4096},
