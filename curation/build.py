@@ -24,6 +24,7 @@ from typing import Any
 
 from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.dedup import deduplicate
+from curation.diskspace import DiskFull
 from curation.download import DownloadConfig, download_selected
 from curation.index import build_index
 from curation.ingest import IngestConfig, ingest_source, source_kind
@@ -35,7 +36,7 @@ from curation.parse import parse_part
 from curation.progress import ProgressCallback, TerminalProgress
 from curation.reshard import reshard
 from curation.select import select_part
-from curation.verify import verify_downloads
+from curation.verify import BuildQualityError, verify_downloads
 from curation.wds_source import expand_shards, extract_selected, ingest_wds, is_wds_source
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def add_build_arguments(p: Any) -> None:
 
 # What a user can cause (bad input, full disk, permissions, a busy folder); anything else is a bug and keeps its
 # traceback. cli_build catches these types only to ask user_error_message, and re-raises what it does not classify.
-_USER_ERROR_TYPES = (OSError, ValueError, EOFError, zlib.error, BuildLocked)
+_USER_ERROR_TYPES = (OSError, ValueError, EOFError, zlib.error, BuildLocked, BuildQualityError)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM)
 
@@ -296,7 +297,7 @@ _NO_PERMISSION = (errno.EACCES, errno.EPERM)
 def user_error_message(exc: BaseException, source: str | None, build_dir: str) -> str | None:
     """One line saying what went wrong (naming the file or folder) and what to do, for an error the user can fix;
     None for anything else (a bug: the caller re-raises it with its traceback)."""
-    if isinstance(exc, (SourceError, BuildLocked)):
+    if isinstance(exc, (SourceError, BuildLocked, DiskFull, BuildQualityError)):
         return str(exc)
     if isinstance(exc, BuildConfigMismatch):
         return (f"{exc.root} was built with a different config (changed: {', '.join(exc.changed)}). Use a fresh "

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.diskspace import disk_full_as_one_line, warn_if_short
 from curation.download_driver import Progress
 from curation.download_rounds import (
     discard_other_settings,
@@ -237,8 +238,13 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
     called with {"stage": "download", "done", "total", "unit": "images", "rate", "eta_s"} while img2dataset runs.
     Returns counts by status and reason."""
     layout = BuildLayout(Path(build_dir))
+    with disk_full_as_one_line(layout.root):
+        return _download(layout, cfg, progress)
+
+
+def _download(layout: BuildLayout, cfg: DownloadConfig, progress: Progress | None) -> dict[str, Any]:
     staging = layout.staging_dir
-    urls = collect_selected(build_dir)
+    urls = collect_selected(layout.root)
     fingerprint = fingerprint_of({"urls": table_digest(urls), "staging": cfg.staging_fingerprint()})
 
     if layout.downloads.exists():
@@ -256,6 +262,7 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
     started = time.perf_counter()
     resume_unfinished(staging, cfg, progress)
     new = not_yet_fetched(staging, urls)
+    warn_if_short(layout.root, new.num_rows, cfg.image_size)
     if new.num_rows or not (staging / URLS_NAME).exists():
         new_round(staging, new, cfg, progress, "selected rows not fetched yet")
     result = _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)

@@ -21,11 +21,14 @@ Only the subprocess imports this module (it imports img2dataset).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import inspect
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +38,8 @@ import img2dataset.writer as i2d_writer
 import pyarrow as pa
 
 from curation import tario
+from curation.diskspace import is_disk_full
+from curation.download_driver import DISK_FULL_SIGNAL, DRIVER_PID_ENV
 from curation.fetch import FetchError, FetchPolicy, fetch
 from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
@@ -94,6 +99,18 @@ def guarded_download_with_retry(row: tuple[int, str], timeout: float, retries: i
     return key, None, str(error)
 
 
+@contextlib.contextmanager
+def stop_the_download_on_a_full_disk() -> Iterator[None]:
+    """A write that fails with ENOSPC/EDQUOT signals the driver, which exits at once (curation.download_driver):
+    img2dataset catches a sample's write error, prints it and goes on with the next sample and the next shard."""
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err) and os.environ.get(DRIVER_PID_ENV):
+            os.kill(int(os.environ[DRIVER_PID_ENV]), DISK_FULL_SIGNAL)
+        raise
+
+
 class StagingSampleWriter:
     """img2dataset's webdataset sample writer (its contract and its files: `<shard>.tar` with `<key>.jpg/.json/.txt`
     members in webdataset's order, `<shard>.parquet` with every row's meta), leaner and hashing:
@@ -112,6 +129,10 @@ class StagingSampleWriter:
         self.parquet = i2d_writer.BufferedParquetWriter(f"{output_folder}/{name}.parquet", schema, 100)
 
     def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        with stop_the_download_on_a_full_disk():
+            self._write(img_str, key, caption, meta)
+
+    def _write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
         sha, phash = stored_hashes(img_str) if img_str is not None else (None, None)
         meta = {**meta, "stored_sha256": sha, "stored_phash": phash}
         if img_str is not None:
@@ -123,6 +144,10 @@ class StagingSampleWriter:
         self.parquet.write(meta)
 
     def close(self) -> None:
+        with stop_the_download_on_a_full_disk():
+            self._close()
+
+    def _close(self) -> None:
         self.parquet.close()
         self.tar.close()
         self.tar_file.close()
@@ -139,6 +164,12 @@ class GuardedDownloader(i2d_downloader.Downloader):
         directives = tuple(sorted(self.disallowed_header_directives or ()))
         self.policy = replace(policy, user_agent_token=self.user_agent_token,
                               disallowed_header_directives=directives)
+
+    def download_shard(self, row: Any) -> Any:
+        """img2dataset's, except that a full disk stops the whole download at once: img2dataset would print the
+        error, retry the shard and go on to the next one, each failing the same way."""
+        with stop_the_download_on_a_full_disk():
+            return super().download_shard(row)
 
     def __call__(self, row: Any) -> Any:
         # download_shard calls the module-level name: point it at ours (per process, idempotent).
