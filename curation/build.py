@@ -26,6 +26,7 @@ from curation.config import STAGE_CONFIGS, BuildConfig
 from curation.dedup import deduplicate
 from curation.diskspace import DiskFull
 from curation.download import DownloadConfig, download_selected
+from curation.download_parts import PartRunner
 from curation.index import build_index
 from curation.ingest import IngestConfig, ingest_source, source_kind
 from curation.io import read_json
@@ -188,28 +189,30 @@ def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
 
 
 def download_any(source: str | None, build_dir: str | Path, cfg: DownloadConfig,
-                 progress: ProgressCallback | None = None) -> dict[str, Any]:
+                 progress: ProgressCallback | None = None, parts: PartRunner | None = None) -> dict[str, Any]:
     """The download stage: extraction from the shards for a webdataset source (nothing is downloaded), else
     (a TSV/parquet source, or None) img2dataset. Both write downloads.parquet + staging/ in one layout, so later
     stages do not know which ran."""
     if source is not None and is_wds_source(source):
         return extract_selected(build_dir, cfg, progress)
-    return download_selected(build_dir, cfg, progress)
+    return download_selected(build_dir, cfg, progress, parts)
 
 
 def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
-              results: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Path:
+              results: dict[str, Any] | None = None, progress: ProgressCallback | None = None,
+              parts: PartRunner | None = None) -> Path:
     """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
     counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
     progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
-    (curation.lock); a killed build's lock and temporaries are taken over."""
+    (curation.lock); a killed build's lock and temporaries are taken over. `parts`: the download's parts run by
+    that runner (curation.download_parts.dask_parts: on Dask workers)."""
     check_source(cfg.source)  # before the lock and config.json: a mistyped source leaves no build folder behind
     with BuildLock(cfg.build_dir):
-        return _run_stages(cfg, allow_config_change, results, progress)
+        return _run_stages(cfg, allow_config_change, results, progress, download_parts=parts)
 
 
 def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None,
-                progress: ProgressCallback | None) -> Path:
+                progress: ProgressCallback | None, download_parts: PartRunner | None = None) -> Path:
     layout = prepare_build_dir(cfg, allow_config_change)
     build_dir = layout.root
     out: dict[str, Any] = results if results is not None else {}
@@ -228,7 +231,8 @@ def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, 
     parts = list(out["ingest"]["parts"])
     out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse, progress) for p in parts])
     out["select"] = timed("select", lambda: [select_part(build_dir, p, cfg.select) for p in parts])
-    out["download"] = timed("download", lambda: download_any(cfg.source, build_dir, cfg.download, progress))
+    out["download"] = timed("download", lambda: download_any(cfg.source, build_dir, cfg.download, progress,
+                                                                  download_parts))
     out["verify"] = timed("verify", lambda: verify_downloads(build_dir, cfg.verify))
     out["dedup"] = timed("dedup", lambda: deduplicate(build_dir, cfg.dedup, progress=progress))
     out["index"] = timed("index", lambda: build_index(build_dir, cfg.index))

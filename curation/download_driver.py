@@ -201,7 +201,8 @@ def _driver_main(argv: list[str]) -> int:
         return UNSUPPORTED_EXIT
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
     try:
-        download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
+        download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]),
+                            int(payload.get("start_shard", 0)))
     except OSError as err:
         if is_disk_full(err):
             os._exit(DISK_FULL_EXIT)  # not even a traceback: its log is on the full disk

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import img2dataset.downloader as i2d_downloader
+import img2dataset.reader as i2d_reader
 import img2dataset.writer as i2d_writer
 import pyarrow as pa
 
@@ -60,6 +61,9 @@ REPLACED_SIGNATURES = {
         "encode_format", "retries", "user_agent_token", "disallowed_header_directives", "blurring_bbox_col"),
     "img2dataset.writer.WebDatasetSampleWriter.__init__": (
         "self", "shard_id", "output_folder", "save_caption", "oom_shard_count", "schema", "encode_format"),
+    "img2dataset.reader.Reader.__init__": (
+        "self", "url_list", "input_format", "url_col", "caption_col", "verify_hash_col", "verify_hash_type",
+        "save_additional_columns", "number_sample_per_shard", "done_shards", "tmp_path", "start_shard_id"),
 }
 
 
@@ -73,7 +77,8 @@ def check_supported_img2dataset() -> None:
     installed = importlib.metadata.version("img2dataset")
     targets = {"img2dataset.downloader.download_image_with_retry": i2d_downloader.download_image_with_retry,
                "img2dataset.downloader.Downloader.__init__": i2d_downloader.Downloader.__init__,
-               "img2dataset.writer.WebDatasetSampleWriter.__init__": i2d_writer.WebDatasetSampleWriter.__init__}
+               "img2dataset.writer.WebDatasetSampleWriter.__init__": i2d_writer.WebDatasetSampleWriter.__init__,
+               "img2dataset.reader.Reader.__init__": i2d_reader.Reader.__init__}
     changed = [name for name, fn in targets.items()
                if tuple(inspect.signature(fn).parameters) != REPLACED_SIGNATURES[name]]
     if installed != SUPPORTED_IMG2DATASET or changed:
@@ -214,9 +219,20 @@ def make_resizer(max_pixels: int, image_size: int, resize_mode: str, encode_qual
     return StoredImageResizer(spec, min_image_size, max_image_area, max_aspect_ratio)
 
 
-def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int) -> None:
-    """img2dataset.download with the guarded fetch and our decoder swapped in."""
+def _reader_from(start_shard: int, *args: Any) -> Any:
+    """img2dataset's Reader (called positionally by img2dataset.main.download) numbering its shards from
+    `start_shard`: a download part's shards get the ids, file names and sample keys a whole-round run gives them."""
+    args = list(args)
+    args[10] = start_shard  # start_shard_id (img2dataset 1.47.0's Reader signature, checked at start)
+    return i2d_reader.Reader(*args)
+
+
+def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int, start_shard: int = 0) -> None:
+    """img2dataset.download with the guarded fetch and our decoder swapped in; shards numbered from
+    `start_shard` (a download part, curation.download_parts)."""
     check_supported_img2dataset()
+    if start_shard:
+        i2d_main.Reader = functools.partial(_reader_from, start_shard)
     i2d_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
     i2d_main.Resizer = functools.partial(make_resizer, max_pixels)
     i2d_main.download(**img2dataset_kwargs)

@@ -160,8 +160,10 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
             threads, image_size, distributor (img2dataset's), rows_per_part.
         sample: make the embedded sample in `sample_dir` (default: <build_dir>/../sample), download its images from
             its local server (http proxy on 127.0.0.1) and stop it after.
-        task_runner: "threads" (default) or "dask" for the parse/select fan-out; `dask_address` = an existing
-            scheduler, None = temporary LocalCluster with `dask_workers` single-thread worker processes.
+        task_runner: "threads" (default) or "dask": the parse/select fan-out and the download's parts (whole staging
+            shards, each a guarded img2dataset run; curation.download_parts) run on Dask workers; `dask_address` =
+            an existing scheduler (the build folder on a file system its workers share), None = temporary
+            LocalClusters with `dask_workers` single-thread worker processes.
         then_train: then run the `pretrain` and `evaluate` flows as subflows; `train` = their extra parameters.
     """
     logger = get_run_logger()
@@ -194,7 +196,9 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
 
         download_cfg = dict(cfg_dict["download"])
         with _sample_server(sample_info["root"] if sample_info else None, download_cfg["timeout"]) as proxy_url:
-            results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url, source=source_path)
+            dask = {"address": dask_address, "workers": dask_workers} if task_runner == "dask" else None
+            results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url, source=source_path,
+                                                dask=dask)
         _log_counts("download", results["download"])
         for stage, config_key, run in (("verify", "verify", verify_task), ("dedup", "dedup", dedup_task),
                                        ("index", "index", index_task), ("reshard", "shard", reshard_task)):

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from curation import dedup, index, manifest, parse, reshard, select, verify
 from curation.build import download_any, ingest_any, prepare_build_dir
 from curation.config import STAGE_CONFIGS, BuildConfig
+from curation.download_parts import dask_parts
 from curation.io import atomic_path
 from curation.progress import format_progress
 from curation.wds_source import is_wds_source
@@ -101,10 +102,15 @@ def select_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any
 
 # `source`: a webdataset source is extracted from its shards instead (curation.build.download_any).
 @task(name="download", cache_policy=NO_CACHE)
-def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None,
-                  source: str | None = None) -> dict[str, Any]:
-    return download_any(source, build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}),
-                        ArtifactProgress())
+def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None, source: str | None = None,
+                  dask: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`dask` ({"address": scheduler or None, "workers": n}): the download's parts run on Dask workers
+    (curation.download_parts.dask_parts; None address: a LocalCluster for the download)."""
+    download_cfg = stage_config("download", {**cfg, "http_proxy": http_proxy})
+    if dask is None:
+        return download_any(source, build_dir, download_cfg, ArtifactProgress())
+    with dask_parts(dask.get("address"), int(dask.get("workers", 2))) as parts:
+        return download_any(source, build_dir, download_cfg, ArtifactProgress(), parts)
 
 
 @task(name="verify", cache_policy=None)  # a cheap gate: always re-checked

@@ -8,8 +8,6 @@ import textwrap
 import time
 
 import pytest
-from conftest import LexicalExtractor
-
 from curation.build import user_error_message
 from curation.sample import make_sample
 from curation.sample.lock import SampleInUse
@@ -45,25 +43,25 @@ def test_two_concurrent_makers_render_the_sample_once_and_both_use_it(tmp_path):
     assert len(list((folder / "images").glob("*.jpg"))) > 0 and not (folder / ".staging").exists()
 
 
-def test_a_sample_being_served_is_never_remade_under_the_build(tmp_path):
+def test_a_sample_being_served_is_never_remade_under_the_build(tmp_path, lexical_extractor):
     folder = tmp_path / "sample"
-    info = make_sample(folder, n_rows=30, image_size=32, extractor=LexicalExtractor(), eval_images=2,
+    info = make_sample(folder, n_rows=30, image_size=32, extractor=lexical_extractor, eval_images=2,
                        eval_selection_images=0)
     images = sorted(p.name for p in info.images_dir.glob("*.jpg"))
     marker = (folder / "sample.json").read_bytes()
     with SampleImageServer(folder):
         # The same sample: reused at once, even while served.
-        assert make_sample(folder, n_rows=30, image_size=32, extractor=LexicalExtractor(), eval_images=2,
+        assert make_sample(folder, n_rows=30, image_size=32, extractor=lexical_extractor, eval_images=2,
                            eval_selection_images=0).n_rows == 30
         started = time.monotonic()
         with pytest.raises(SampleInUse) as err:  # other settings would replace the images the build downloads
-            make_sample(folder, n_rows=50, image_size=32, extractor=LexicalExtractor(), eval_images=2,
+            make_sample(folder, n_rows=50, image_size=32, extractor=lexical_extractor, eval_images=2,
                         eval_selection_images=0)
         assert time.monotonic() - started < 5
         message = user_error_message(err.value, None, str(tmp_path / "out"))
         assert message == str(err.value) and "\n" not in message and str(folder) in message
         assert sorted(p.name for p in info.images_dir.glob("*.jpg")) == images
         assert (folder / "sample.json").read_bytes() == marker
-    remade = make_sample(folder, n_rows=50, image_size=32, extractor=LexicalExtractor(), eval_images=2,
+    remade = make_sample(folder, n_rows=50, image_size=32, extractor=lexical_extractor, eval_images=2,
                          eval_selection_images=0)
     assert remade.n_rows == 50
