@@ -159,7 +159,7 @@ def write_staging(cfg: Any, seed: int = 0) -> int:
     from curation.download_rounds import _write_round_urls
     from curation.imagehash import STORED_HASH_FIELDS
     from curation.io import write_json_atomic, write_parquet_atomic
-    from curation.layout import BuildLayout
+    from manifests.layout import BuildLayout
 
     rng = random.Random(seed)
     selected = collect_selected(cfg.build_dir)

@@ -35,9 +35,9 @@ from curation.imagehash import (
     phash_bytes,
 )
 from curation.io import parquet_digest, read_parquet, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
 from curation.staging import DOWNLOAD_CONTENT_COLUMNS, STORED_HASH_COLUMNS, iter_staged_images, with_stored_hashes
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 
 DUPLICATES_SCHEMA = pa.schema(

@@ -63,7 +63,6 @@ from curation.fetch import (
 )
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.staging import (
     DOWNLOADS_META_KEY,
     DOWNLOADS_SCHEMA,
@@ -74,6 +73,7 @@ from curation.staging import (
     merge_rounds,
     staging_rounds,
 )
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 

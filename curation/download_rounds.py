@@ -18,8 +18,8 @@ from curation.download_driver import Progress, driver_payload, run_img2dataset
 from curation.download_parts import PartRunner, plan_parts
 from curation.fetch import OWN_FAILURE_REASONS
 from curation.io import read_parquet, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.staging import DOWNLOADS_META_KEY, LOG_NAME, RETRY_PREFIX, URLS_NAME, staging_rounds, staging_shards
+from manifests.layout import BuildLayout
 
 if TYPE_CHECKING:
     from curation.download import DownloadConfig

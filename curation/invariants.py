@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from curation import tario
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet
-from curation.layout import BuildLayout
 from curation.staging import STATUSES
+from manifests.layout import BuildLayout
 
 INGEST_DONE = Path("ingest") / DONE_MARKER
 

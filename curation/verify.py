@@ -12,8 +12,8 @@ from typing import Any
 
 from curation.fetch import is_transient
 from curation.io import read_parquet
-from curation.layout import BuildLayout
 from curation.staging import STATUSES, round_shards
+from manifests.layout import BuildLayout
 
 
 class BuildQualityError(RuntimeError):

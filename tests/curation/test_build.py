@@ -7,10 +7,10 @@ import pytest
 from curation.build import BuildConfigMismatch, build_stage_plan, prepare_build_dir, run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
-from curation.layout import BuildLayout
 from curation.manifest import content_config, verify_manifest
 from curation.reshard import ShardConfig
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
 from manifests.schema import count_problems
 
 

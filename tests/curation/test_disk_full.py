@@ -17,7 +17,7 @@ from curation import diskspace, download, download_driver
 from curation.build import user_error_message
 from curation.diskspace import DiskFull
 from curation.download import DownloadConfig, download_selected
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 IDS = list(range(1, 13))
 

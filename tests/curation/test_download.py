@@ -5,8 +5,8 @@ import pytest
 from build_fixtures import ImageServer, caption_rows, make_jpeg, write_part
 
 from curation.download import DownloadConfig, download_selected
-from curation.layout import BuildLayout, part_name
 from curation.staging import iter_staged_images
+from manifests.layout import BuildLayout, part_name
 
 
 def _routes(ids, bad_404=(), not_image=()):

@@ -18,8 +18,8 @@ from curation.build import run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
 from curation.download_parts import PARTS_DIR, DaskParts, dask_parts
-from curation.layout import BuildLayout
 from curation.staging import iter_staged_images
+from manifests.layout import BuildLayout
 
 N = 24
 WORDS = ("dog", "cat", "car", "horse", "bird", "boat")

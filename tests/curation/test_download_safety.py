@@ -15,13 +15,13 @@ from hostile_web import TRANSIENT_KINDS, HostileWeb
 from PIL import Image
 
 from curation import fetch as fetch_mod
-from curation.build import config_with_overrides, parse_overrides
+from curation.config import config_with_overrides, parse_overrides
 from curation.download import SAMPLE_PROXY_HOSTS, DownloadConfig, download_selected
 from curation.fetch import FetchError, FetchPolicy, address_refusal, fetch, is_transient, parse_target, reason_of
-from curation.layout import BuildLayout, part_name
 from curation.sample import SAMPLE_HOST
 from curation.staging import iter_staged_images
 from curation.verify import BuildQualityError, VerifyConfig, verify_downloads
+from manifests.layout import BuildLayout, part_name
 
 LOOPBACK_ONLY = ("127.0.0.1/32",)
 

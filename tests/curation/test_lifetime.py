@@ -18,7 +18,7 @@ import pytest
 import curation.download_driver as download_module
 from curation.download import DownloadConfig, download_selected
 from curation.download_driver import DownloadStalled
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,6 @@ from PIL import Image
 
 from curation.download import DownloadConfig
 from curation.ingest import IngestConfig
-from curation.layout import BuildLayout, part_name
 from curation.staging import iter_staged_images
 from curation.tario import write_tar
 from curation.verify import VerifyConfig, verify_downloads
@@ -30,6 +29,7 @@ from curation.wds_source import (
     ingest_wds,
     is_wds_source,
 )
+from manifests.layout import BuildLayout, part_name
 
 
 def jpeg(size=(40, 30), colour=(200, 30, 30), exif_orientation: int | None = None) -> bytes:

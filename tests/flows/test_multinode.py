@@ -55,7 +55,7 @@ def _node(args: dict, home: Path) -> subprocess.Popen:
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     result = json.loads((run / "result.json").read_text())
     state = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=False)
-    return state["model"] if "model" in state else state
+    return state.get("model", state)
 
 
 @pytest.mark.slow

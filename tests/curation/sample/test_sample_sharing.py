@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+
 from curation.build import user_error_message
 from curation.sample import make_sample
 from curation.sample.lock import SampleInUse
