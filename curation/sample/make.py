@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -27,12 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from curation.sample.lock import making, replacing
 from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
 SAMPLE_HOST = "cc4m-sample.invalid"  # reserved (RFC 2606): never resolvable, answered only by the sample's server
 BUNDLED_CAPTIONS = Path(__file__).parent / "data" / "captions.tsv"
+log = logging.getLogger(__name__)
 
 # Deliberate download failures, chosen per row from a hash so the choice never depends on neighbours.
 # Buckets out of 1000: 404 1.2 %, 500 0.8 %, slow 0.5 %, corrupt 0.7 %, notimage 0.8 % (4.0 % in all).
@@ -285,7 +288,22 @@ def make_sample(
     inputs_hash = _inputs_hash(params)
     if _is_done(marker, inputs_hash):
         return _with_rows(info, read_json(marker)["n_rows"])
+    # Shared sample folders (curation.sample.lock): one maker at a time; a second one finds the sample complete
+    # when the first is done and reuses it; a sample a running build downloads from is never replaced under it.
+    with making(out):
+        if _is_done(marker, inputs_hash):
+            log.info("sample %s: made by another process meanwhile; reused", out)
+            return _with_rows(info, read_json(marker)["n_rows"])
+        with replacing(out):
+            return _render(info, params, inputs_hash, n_rows, extractor, eval_images, eval_selection_images,
+                           eval_min_images)
 
+
+def _render(info: SampleInfo, params: dict[str, Any], inputs_hash: str, n_rows: int | None,
+            extractor: ClassExtractor | None, eval_images: int, eval_selection_images: int,
+            eval_min_images: int) -> SampleInfo:
+    """The sample's files (make_sample holds the locks)."""
+    out, marker, image_size, seed = info.root, info.root / "sample.json", info.image_size, info.seed
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     rows = _write_source(info, n_rows)
