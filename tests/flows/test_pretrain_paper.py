@@ -22,8 +22,8 @@ def _paper_deployment():
 
 
 def test_pretrain_paper_chains_stage1_stage2_and_evaluation(sample_build, tmp_path):
+    from ovseg_core.models.checkpoint import load_checkpoint
     from ovseg_core.models.visual_init import save_dino_shaped_checkpoint
-    from ovseg_core.train.checkpoint import load_checkpoint
 
     dep, flow = _paper_deployment()
     assert flow.name == "pretrain" and dep["name"] == "paper"
