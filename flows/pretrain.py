@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from manifests.fileio import sha256_file
+from manifests.layout import BuildLayout
 from manifests.registry import ModelRegistry, default_registry_dir
 
 
@@ -33,7 +34,7 @@ def point_latest(run: Path, link: Path) -> None:
 
 
 def _manifest_sha256(build_dir: str) -> str | None:
-    path = Path(build_dir) / "manifest.json"
+    path = BuildLayout(build_dir).manifest
     return sha256_file(path) if path.exists() else None
 
 
