@@ -48,7 +48,8 @@ def load_init_state(spec: str) -> dict[str, torch.Tensor]:
     try:
         return timm.create_model(spec, pretrained=True, num_classes=0).state_dict()
     except Exception as exc:
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]  # one line
+        first_sentence = " ".join(str(exc).split()).split(". ")[0][:120]  # one line
+        why = f"{type(exc).__name__}: {first_sentence}"
         raise VisualInitUnavailable(unavailable_message(spec, why)) from exc
 
 
