@@ -11,7 +11,8 @@ from flows.local import PREFECT_FILE
 from manifests.version import REPO_ROOT
 
 EXPECTED = {
-    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("build-cc4m", "cc12m-wds"), ("pretrain", "default"), ("evaluate", "default"),
+    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("build-cc4m", "cc12m-wds"), ("pretrain", "default"), ("pretrain", "paper"),
+    ("evaluate", "default"),
     ("retrain", "scheduled"),
 }
 

@@ -10,9 +10,9 @@ from flows.cli import main as cc4m
 from ovseg_core import create_model
 from ovseg_core.data.cc4m import BuildReader
 from ovseg_core.losses import contrastive_loss, mask_consistency_loss
+from ovseg_core.models.checkpoint import load_checkpoint
 from ovseg_core.models.visual_init import apply_visual_init, save_dino_shaped_checkpoint
 from ovseg_core.train import memory
-from ovseg_core.train.checkpoint import load_checkpoint
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.loop import train
 from ovseg_core.train.optim import param_groups

@@ -16,6 +16,7 @@ from torch import nn
 
 from manifests.fileio import atomic_path
 from manifests.version import code_version
+from ovseg_core.models._factory import create_model
 
 CHECKPOINT_FORMAT = "cc4m-ovseg-checkpoint-v1"
 LAST_NAME = "last.pt"
@@ -121,15 +122,15 @@ def load_model_from_checkpoint(
 ) -> nn.Module:
     """Rebuild the OVSegmentor recorded in a checkpoint (its full model config) and load its weights (eval mode).
 
-    `factory(name, **config)` defaults to ovseg_core.create_model (tests pass stand-ins). The recorded
+    `factory(name, **config)` defaults to create_model (tests pass stand-ins). The recorded
     `visual_init` is not rerun: the checkpoint holds the trained weights, and the init file need not exist on the
     machine that loads it (the train config in the checkpoint still names it, for lineage).
     """
-    if factory is None:
-        from ovseg_core import create_model as factory  # late import: data/train do not need the model to import
-
+    factory = factory or create_model
     ckpt = load_checkpoint(path, map_location)
     cfg = dict(ckpt["model_config"])
+    if "entity_weight" in cfg:  # our own checkpoints before the rename (there it was the entity-prompt weight)
+        cfg["entity_prompt_weight"] = cfg.pop("entity_weight")
     if not cfg:
         raise ValueError(f"{path} records no model config")
     name = cfg.pop("name", None) or ckpt["train_config"].get("preset", "tiny")
