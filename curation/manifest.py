@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import STATUSES
 from curation.history import changes_since_previous
 from curation.invariants import INGEST_DONE, check_invariants, shard_members
 from curation.io import read_json, read_parquet, sha256_file, write_json_atomic
-from curation.layout import BuildLayout, shard_name
 from curation.reshard import SHARD_META_KEY
 from curation.select import selected_counts
+from curation.staging import STATUSES
+from manifests.layout import BuildLayout, shard_name
 from manifests.schema import SCHEMA_VERSION, BuildManifest, count_problems, validate_manifest
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
@@ -257,6 +257,9 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
             "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "build_dir": str(layout.root.resolve()),
             "source": str(cfg.source), "config": cfg.to_dict(), "code_version": code_version(),
             "manifest_sha256": sha256_file(layout.manifest),
+            # Who downloaded each part when the parts ran on Dask workers (curation.download_parts): run-time facts,
+            # kept out of the manifest, whose bytes do not depend on where the download ran.
+            "download_workers": list((stage_results.get("download") or {}).get("download_workers") or []),
         })
     return layout.manifest
 

@@ -44,11 +44,31 @@ def crop_draw(transform: Any, jpeg: bytes) -> torch.Tensor:
     (possibly draft-wrapped), then a horizontal flip. Call it under the sample's seeded RNG.
     """
     crop, flip = _crop_and_flip(transform)
-    with Image.open(io.BytesIO(jpeg)) as im:  # header only: nothing is decoded
-        top, left, h, w = crop.get_params(im, crop.scale, crop.ratio)
+    width, height = jpeg_size(jpeg)
+    # torchvision's get_params reads only the size: a zero-stride view stands in for the image
+    top, left, h, w = crop.get_params(torch.empty(1, 1, 1).expand(3, height, width), crop.scale, crop.ratio)
     flipped = bool(torch.rand(1) < flip.p)
     size = crop.size if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
     return torch.tensor([top, left, h, w, int(flipped), size[0], size[1]], dtype=torch.long)
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT/JPG/DAC)
+
+
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(width, height) from the JPEG's start-of-frame segment, scanning only the marker headers (PIL's
+    Image.open parses every table and costs ~10x more); anything unusual goes through PIL, which names the fault."""
+    pos, end = 2, len(jpeg)
+    while jpeg[:2] == b"\xff\xd8" and pos + 9 <= end and jpeg[pos] == 0xFF:
+        marker = jpeg[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(jpeg[pos + 7:pos + 9], "big"), int.from_bytes(jpeg[pos + 5:pos + 7], "big")
+        pos += 2 + int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return im.size
 
 
 def _crop_and_flip(transform: Any) -> tuple[Any, Any]:
@@ -59,7 +79,7 @@ def _crop_and_flip(transform: Any) -> tuple[Any, Any]:
         raise ValueError("device decoding supports the crop/light augmentations; DeiT's ColorJitter, RandAugment "
                          "and RandomErasing run on PIL images on the CPU (use the CPU decode path for them)")
     crop = getattr(ops[0], "crop", ops[0]) if ops else None  # unwrap DraftResizedCrop
-    if crop is None or not hasattr(crop, "get_params") or len(ops) < 2:
+    if crop is None or not type(crop).__module__.startswith("torchvision.") or len(ops) < 2:
         raise ValueError(f"device decoding needs a random resized crop and a flip, got {names}")
     if type(ops[1]).__name__ != "RandomHorizontalFlip":
         raise ValueError(f"device decoding needs a horizontal flip after the crop, got {names}")

@@ -36,22 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ovseg_core.batch import ENTITY_TARGETS_KEY, TEXT_KEYS, TEXT_PAIRS
 from ovseg_core.data.cc4m import BuildReader, is_val_sample, shard_samples
-from ovseg_core.data.text import (
-    TextPlan,
-    encode_mec_batch,
-    plan_mec_text,
-    shared_prompt,
-)
 from ovseg_core.data.device_decode import crop_draw, jpeg_tensor
+from ovseg_core.data.text import TextPlan, encode_mec_batch, plan_mec_text, shared_prompt
 from ovseg_core.data.transforms import ALL_RNGS, apply_to_jpeg, global_rngs
 
-TEXT_KEYS = ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask")
-PARTNER_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
-LIST_KEYS = ("jpeg", "partner_jpeg")
-TEXT_PAIRS = (("input_ids", "attention_mask"), ("question_ids", "question_mask"), ("answer_ids", "answer_mask"),
-              ("shared_ids", "shared_mask"))
-
+LIST_KEYS = ("jpeg", "partner_jpeg")  # variable-length JPEG bytes (device decode): collated as lists
 
 def sample_seed(seed: int, epoch: int, sample_id: int, repeat: int = 0) -> int:
     """Seed of one sample's augmentation draw; `repeat` > 0 distinguishes the extra copies of repeat-factor sampling."""
@@ -189,7 +180,7 @@ class SampleProcessor:
         out: dict[str, Any] = {"sample_id": sample_id}
         self._add_image(out, "", self.image_transform, jpeg, seed)
         if self.entity_classes:
-            out["entity_targets"] = self.entity_targets(info.get("entities"))
+            out[ENTITY_TARGETS_KEY] = self.entity_targets(info.get("entities"))
         shared_class = self._add_partner(out, sample_id, info, seed, rng, partner) if self.stage == 2 else None
         if self.stage == 2:
             plan = dataclasses.replace(plan, shared=shared_prompt(shared_class))

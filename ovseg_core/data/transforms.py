@@ -9,7 +9,6 @@
            and ColorJitter / RandAugment's colour ops (Color, Solarize, Posterize, ...) would destroy it.
 - "none"  : the eval transform (resize short side + center crop), for deterministic tests.
 All end with ToTensor + ImageNet mean/std normalisation (GroupViT/OVSegmentor convention; the evaluator must match).
-
 JPEG draft decoding (`draft=True`, the default of the random-crop augmentations): the random crop's box is drawn
 from the JPEG header's size alone, then the JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
 leaves the box at least as large as the output, and the box is resized from there (PIL `Image.draft`). A 64 px
@@ -31,6 +30,10 @@ from torchvision.transforms import functional as TF
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("deit", "light", "crop", "none")
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+# The release's string is "rand-m9-mstd0.5-inc1"; its PosterizeIncreasing asks Pillow >= 13 for 0 bits at
+# magnitude 10 and crashes, so the non-"inc" variant is used (a listed deviation, docs/training.md).
+DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5"
 
 ImageTransform = Callable[[Image.Image], "object"]
 
@@ -43,6 +46,16 @@ def build_eval_transform(image_size: int) -> T.Compose:
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def describe_augment(augment: str, interpolation: str = "bicubic") -> dict[str, object]:
+    """What `build_train_transform(…, augment, interpolation)` does, as a JSON-able record (run plans)."""
+    if augment == "deit":
+        return {"name": "deit", "interpolation": interpolation, "scale": [0.08, 1.0], "color_jitter": 0.4,
+                "auto_augment": DEIT_AUTO_AUGMENT, "random_erasing": 0.25, "hflip": 0.5}
+    if augment in ("light", "crop"):
+        return {"name": augment, "interpolation": interpolation, "scale": [0.4, 1.0], "hflip": 0.5}
+    return {"name": augment, "interpolation": "bicubic", "eval_transform": True}
 
 
 class DraftResizedCrop:
@@ -59,7 +72,7 @@ class DraftResizedCrop:
         self.size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
         self.interpolation = crop.interpolation
         if isinstance(self.interpolation, (tuple, list)):
-            raise ValueError("DraftResizedCrop needs one interpolation mode, not a random choice")
+            raise TypeError("DraftResizedCrop needs one interpolation mode, not a random choice")
 
     def __call__(self, img: Image.Image) -> Image.Image:
         top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
@@ -118,26 +131,30 @@ def apply_to_jpeg(transform: Callable, data: bytes) -> Any:
         return transform(im.convert("RGB"))
 
 
-def build_train_transform(image_size: int, augment: str, draft: bool = True) -> ImageTransform:
-    """The training transform named `augment` (see module docstring); `draft`: JPEG draft decoding of the crop."""
+def build_train_transform(image_size: int, augment: str, interpolation: str = "bicubic",
+                          draft: bool = True) -> ImageTransform:
+    """The training transform named `augment` (see module docstring), resizing with `interpolation`
+    ("bicubic", ours; "bilinear", the release's); `draft`: JPEG draft decoding of the random crop."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}")
     if augment == "none":
         return build_eval_transform(image_size)
-    transform = _plain_train_transform(image_size, augment)
+    transform = _plain_train_transform(image_size, augment, interpolation)
     return with_draft(transform) if draft else transform
 
 
-def _plain_train_transform(image_size: int, augment: str) -> T.Compose:
+def _plain_train_transform(image_size: int, augment: str, interpolation: str) -> T.Compose:
     if augment == "deit":
         from timm.data import create_transform
 
         return create_transform(
             input_size=image_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
-            auto_augment="rand-m9-mstd0.5", interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+            auto_augment=DEIT_AUTO_AUGMENT, interpolation=interpolation, re_prob=0.25, re_mode="pixel", re_count=1,
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
         )
     if augment in ("light", "crop"):
         return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=INTERPOLATIONS[interpolation]),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ovseg_core.data.loader import TEXT_PAIRS
+from ovseg_core.batch import TEXT_PAIRS
 
 COMPILE_CHOICES = ("auto", "on", "off")
 # Text lengths a compiled step sees (plus the loader's max_len when longer): captions are mostly < 32 tokens,

@@ -13,11 +13,13 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 
 from PIL import Image
+
+from curation.sample.bombs import jpeg_header_bomb, png_bomb
+from flows.local import free_port
 
 CANARY_HOST = "127.0.0.2"
 
@@ -34,31 +36,6 @@ def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
-
-
-def png_bomb(side: int = 10_000) -> bytes:
-    """A valid side x side greyscale PNG of zeros: ~100 kB compressed, 100 MP decoded (over the 89 MP cap)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + pixels
-    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def jpeg_header_bomb(side: int = 30_000) -> bytes:
-    """A small JPEG whose SOF header claims side x side (900 MP): refused from the header, never decoded."""
-    data = bytearray(_save(_picture(seed=7), "JPEG"))
-    i = 2
-    while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC2):
-            data[i + 5:i + 9] = struct.pack(">HH", side, side)
-            break
-        i += 2 + length
-    return bytes(data)
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -269,6 +246,9 @@ class HostileServer(ThreadingHTTPServer):
             "/endless": lambda h: h.stream(b"\xff" * 65536, 0, False, 1 << 30),
             "/endless/chunked": lambda h: h.stream(b"\xff" * 65536, 0, True, 1 << 30),
             "/drip": lambda h: h.stream(b"\xff", 0.05, False, 1 << 20),
+            # One byte every 0.5 s for 10 s: each read is far inside a socket timeout; only the deadline ends it.
+            "/drip/slow": lambda h: h.stream(b"\xff", 0.5, False, 20),
+            "/redirect/to-slow-drip": lambda h: h.redirect("/drip/slow"),
             "/reset": lambda h: h.reset(),
             "/not-http": lambda h: (h.wfile.write(b"HELLO THERE\r\n\r\n"), setattr(h, "close_connection", True)),
             "/bomb/png": lambda h: h.send(200, self.bombs["png"], "image/png"),
@@ -327,15 +307,6 @@ class Canary:
         self.sock.close()
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 nobody listens on (bound, then released)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def url_rows(base_url: str, canary_port: int) -> dict[str, tuple[str, str]]:
     """name -> (url, expected outcome) for URLs that must be refused before any connection (or fail on their own).
     Only 127.0.0.x disguises here: addresses outside 127.0.0.0/8 (169.254.169.254, 10/8, ::1, ...) are tested in
@@ -354,7 +325,8 @@ def url_rows(base_url: str, canary_port: int) -> dict[str, tuple[str, str]]:
         "addr_mapped_ipv6": (f"http://[::ffff:{CANARY_HOST}]:{c}/x.jpg", "blocked_address"),
         "addr_userinfo": (f"http://127.0.0.1:{c}@{CANARY_HOST}:{c}/x.jpg", "blocked_address"),
         "addr_https_canary": (f"https://{CANARY_HOST}:{c}/x.jpg", "blocked_address"),
-        "connection_refused": (f"http://127.0.0.1:{closed_port()}/x.jpg", "connection_refused"),
+        # a free port (bound, then released): nobody listens there
+        "connection_refused": (f"http://127.0.0.1:{free_port()}/x.jpg", "connection_refused"),
         "tls_to_plain_http": (base_url.replace("http://", "https://") + "/img/jpeg_baseline", "tls_error"),
     }
 

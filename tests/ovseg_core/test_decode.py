@@ -163,9 +163,27 @@ def test_shard_reader_groups_members_as_webdataset_does(tmp_path, fmt):
 def test_shard_reader_refuses_a_truncated_shard(tmp_path, fixture_build):
     from ovseg_core.data.cc4m import shard_samples
 
-    shard = sorted((fixture_build / "shards").glob("*.tar"))[0]
+    shard = min((fixture_build / "shards").glob("*.tar"))
     assert list(shard_samples(str(shard))) == _webdataset_samples(shard)
     cut = tmp_path / "cut.tar"
     cut.write_bytes(shard.read_bytes()[:1700])  # mid-way through a member's bytes
     with pytest.raises(ValueError, match="truncated"):
         list(shard_samples(str(cut)))
+
+
+def test_jpeg_size_reads_the_frame_header_like_pil():
+    from ovseg_core.data.device_decode import jpeg_size
+
+    rgb = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    cases = []
+    for kwargs in ({}, {"progressive": True}, {"exif": Image.Exif().tobytes() or b"Exif\0\0"}, {"quality": 20}):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", **kwargs)
+        cases.append(buf.getvalue())
+    gray = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).save(gray, format="JPEG")
+    cases += [gray.getvalue(), photo_jpeg(320, 256)]
+    for data in cases:
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    with pytest.raises(Exception):  # not a JPEG: PIL names the fault
+        jpeg_size(b"not an image at all")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,17 +19,14 @@ from torch import nn
 from ovseg_core.evaluation import (
     ConfusionMatrix,
     DatasetLayoutError,
-    add_eval_arguments,
-    cli_eval,
     evaluate,
     load_dataset,
     save_overlay,
 )
+from ovseg_core.evaluation import cli as eval_cli
+from ovseg_core.evaluation.cli import add_eval_arguments, cli_eval
 from ovseg_core.evaluation.overlay import voc_palette
 from ovseg_core.zero_shot.templates import sample_classes
-
-# The package re-exports the function evaluate(), which shadows the submodule of the same name as an attribute.
-evaluate_module = importlib.import_module("ovseg_core.evaluation.evaluate")
 
 # ------------------------------------------------------------------ metrics
 
@@ -314,7 +310,7 @@ def test_cli_eval_with_a_fake_checkpoint_loader(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"fake")
     loaded = []
-    monkeypatch.setattr(evaluate_module, "_load_model", lambda path: loaded.append(path) or CodeModel())
+    monkeypatch.setattr(eval_cli, "_load_model", lambda path: loaded.append(path) or CodeModel())
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     args = parser.parse_args(
