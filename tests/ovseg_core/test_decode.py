@@ -187,3 +187,32 @@ def test_jpeg_size_reads_the_frame_header_like_pil():
         assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
     with pytest.raises(Exception):  # not a JPEG: PIL names the fault
         jpeg_size(b"not an image at all")
+
+
+def test_training_runs_on_device_decoded_batches(fixture_build, tmp_path):
+    import json
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from c3_standin import standin_factory
+
+    from ovseg_core.train.config import TrainConfig
+    from ovseg_core.train.loop import train
+
+    base = {"build_dir": str(fixture_build), "preset": "standin", "steps": 4, "batch_size": 4, "base_lr": 1e-2,
+            "warmup_lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 1, "scale_lr": False, "augment": "crop",
+            "max_text_len": 24, "val_percent": 0.0, "shuffle_buffer": 8, "log_every": 1, "save_every": 0}
+    losses = {}
+    for gpu_decode in (False, True):
+        out = tmp_path / f"gpu_decode_{gpu_decode}"
+        torch.manual_seed(0)
+        result = train(TrainConfig(**base, out_dir=str(out), gpu_decode=gpu_decode), model_factory=standin_factory)
+        losses[gpu_decode] = [r["loss"] for r in result.losses]
+        assert json.loads((out / "train_config.json").read_text())["gpu_decode"] is gpu_decode
+    assert len(losses[True]) == 4 and all(math.isfinite(x) for x in losses[True])
+    # same samples, crops and noise; only the decoders' rounding differs
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    with pytest.raises(ValueError, match="gpu_decode supports"):
+        TrainConfig(**{**base, "augment": "deit"}, out_dir=str(tmp_path / "x"), gpu_decode=True)
