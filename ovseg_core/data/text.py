@@ -115,10 +115,13 @@ def _collapse_spans(encoding: tuple[list[int], list, list[int]], tokenizer: Any,
 
 
 def _pad_rows(rows: Sequence[list[int]], max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows to (N, max_len) ids and attention mask, built as two tensors in one go."""
-    ids = torch.tensor([row + [pad_id] * (max_len - len(row)) for row in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(row) + [0] * (max_len - len(row)) for row in rows], dtype=torch.long)
-    return ids.reshape(len(rows), max_len), mask.reshape(len(rows), max_len)
+    """Right-pad token rows to (N, max_len) ids and attention mask: one flat tensor of all tokens scattered by a
+    length mask (no per-row padding lists: the loader builds four of these per batch)."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
+    ids[mask.bool()] = torch.tensor([tok for row in rows for tok in row], dtype=torch.long)
+    return ids, mask
 
 
 def tokenize_many(texts: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
