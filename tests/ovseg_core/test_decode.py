@@ -216,3 +216,19 @@ def test_training_runs_on_device_decoded_batches(fixture_build, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
     with pytest.raises(ValueError, match="gpu_decode supports"):
         TrainConfig(**{**base, "augment": "deit"}, out_dir=str(tmp_path / "x"), gpu_decode=True)
+
+
+@pytest.mark.parametrize("extra", [["--stage", "1"], ["--stage", "2", "--gpu-decode"]])
+def test_cc4m_loader_prints_one_json_with_the_costs(fixture_build, capsys, extra):
+    import json
+
+    from flows.cli import main
+
+    assert main(["loader", "--build", str(fixture_build), "--samples", "8", "--batch-size", "4",
+                 "--shuffle-buffer", "4", "--json", *extra]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 8 and out["samples_per_s"] > 0 and out["cpu_s_per_sample"] > 0
+    assert out["gpu_decode"] is ("--gpu-decode" in extra) and out["stage"] == int(extra[1])
+    assert (out["device_decode_s_per_sample"] is not None) is out["gpu_decode"]
+    assert out["augment"] == ("light" if out["gpu_decode"] else "deit")
+    assert out["counters"]["read"] >= 8
