@@ -20,6 +20,10 @@ class BuildQualityError(RuntimeError):
     """The build's data is too poor to continue (e.g. too few images could be downloaded)."""
 
 
+class EmptyBuild(BuildQualityError):
+    """Not one selected sample was downloaded: an empty build is refused, whatever min_success_rate allows."""
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     min_success_rate: float = 0.5
@@ -99,6 +103,11 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
     }
     if problems:
         raise BuildQualityError("verify: download records are inconsistent:\n  " + "\n  ".join(problems))
+    if counts["success"] == 0:
+        raise EmptyBuild(
+            f"verify: no image was downloaded ({selected} selected samples; failures: {result['failed_by_reason']}), so "
+            f"there is nothing to build. Check the URL list and the network/proxy (blocked_address: an internal mirror "
+            f"needs download.allowed_networks)")
     if rate < cfg.min_success_rate:
         raise BuildQualityError(
             f"verify: download success rate {rate:.1%} ({counts['success']}/{selected} selected samples) is below the "

@@ -122,12 +122,54 @@ def evaluate(
         has_background=dataset.has_background,
     )
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
+    matrix, overlays = _score_images(segmenter, dataset, n_images, mean, std, _model_device(model),
+                                     overlay_dir, n_overlays, per_image_confusion)
+    scores = matrix.compute()
+    result = _result(dataset, n_images, scores, {**segmenter.settings(), "mean": list(mean), "std": list(std),
+                                                 "max_images": max_images}, time.perf_counter() - started, overlays)
+    if out_dir is not None:
+        out = Path(out_dir)
+        result["outputs"]["metrics"] = str(out / METRICS_FILE)
+        result["outputs"]["per_class_iou"] = str(out / PER_CLASS_FILE)
+        _write_per_class_csv(out / PER_CLASS_FILE, dataset.classnames, scores)
+        atomic_write_bytes(out / METRICS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+    return result
+
+
+def _result(dataset: SegDataset, n_images: int, scores, settings: dict[str, object], seconds: float,
+            overlays: list[str]) -> dict:
+    """The JSON-able result of `evaluate` (its docstring lists the keys); `outputs` is filled by the caller."""
+    return {
+        "dataset": {
+            "layout": dataset.name,
+            "root": str(dataset.root),
+            "split": dataset.split,
+            "num_classes": dataset.num_classes,
+            "size": len(dataset),
+        },
+        "n_images": n_images,
+        "mIoU": _nan_to_none(scores.miou),
+        "pixel_acc": _nan_to_none(scores.pixel_acc),
+        "per_class": {name: _nan_to_none(v) for name, v in zip(dataset.classnames, scores.per_class_iou)},
+        "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))),
+        "settings": settings,
+        "code_version": code_version(),
+        "seconds": round(seconds, 3),
+        "overlays": overlays,
+        "outputs": {},
+    }
+
+
+def _score_images(segmenter: ZeroShotSegmenter, dataset: SegDataset, n_images: int, mean: Sequence[float],
+                  std: Sequence[float], device: torch.device, overlay_dir: str | Path | None, n_overlays: int,
+                  per_image_confusion: list[np.ndarray] | None) -> tuple[ConfusionMatrix, list[str]]:
+    """Predict the first `n_images` images into one confusion matrix; overlays of the first `n_overlays`."""
     matrix = ConfusionMatrix(dataset.num_classes)
     palette = voc_palette()
     overlays: list[str] = []
     for index in range(n_images):
         sample = dataset[index]
-        pred = segmenter.predict(image_to_tensor(sample.image, mean, std).to(_model_device(model)))
+        pred = segmenter.predict(image_to_tensor(sample.image, mean, std).to(device))
         counts = matrix.update(pred, sample.label)
         if per_image_confusion is not None:
             per_image_confusion.append(counts)
@@ -145,34 +187,7 @@ def evaluate(
             overlays.append(str(path))
         if (index + 1) % 50 == 0:
             logger.info("evaluated %d/%d images of %s", index + 1, n_images, dataset.name)
-    scores = matrix.compute()
-    seconds = time.perf_counter() - started
-    result = {
-        "dataset": {
-            "layout": dataset.name,
-            "root": str(dataset.root),
-            "split": dataset.split,
-            "num_classes": dataset.num_classes,
-            "size": len(dataset),
-        },
-        "n_images": n_images,
-        "mIoU": _nan_to_none(scores.miou),
-        "pixel_acc": _nan_to_none(scores.pixel_acc),
-        "per_class": {name: _nan_to_none(v) for name, v in zip(dataset.classnames, scores.per_class_iou)},
-        "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))),
-        "settings": {**segmenter.settings(), "mean": list(mean), "std": list(std), "max_images": max_images},
-        "code_version": code_version(),
-        "seconds": round(seconds, 3),
-        "overlays": overlays,
-        "outputs": {},
-    }
-    if out_dir is not None:
-        out = Path(out_dir)
-        result["outputs"]["metrics"] = str(out / METRICS_FILE)
-        result["outputs"]["per_class_iou"] = str(out / PER_CLASS_FILE)
-        _write_per_class_csv(out / PER_CLASS_FILE, dataset.classnames, scores)
-        atomic_write_bytes(out / METRICS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
-    return result
+    return matrix, overlays
 
 
 def _write_per_class_csv(path: Path, classnames: Sequence[str], scores) -> None:

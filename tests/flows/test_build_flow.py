@@ -204,7 +204,7 @@ def test_deleted_outputs_are_rebuilt_not_served_from_cache(sample_build, sample_
     assert verify_manifest(layout.manifest).ok
 
 
-def test_parse_select_fan_out_on_dask_matches_threads(prefect_harness, sample_source, tmp_path):
+def test_per_part_fan_out_on_dask_matches_threads(prefect_harness, sample_source, tmp_path):
     from curation.config import BuildConfig
     from curation.ingest import IngestConfig, ingest_source
     from flows.build import make_task_runner, per_part_stages
