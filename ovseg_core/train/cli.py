@@ -159,9 +159,17 @@ def _launch_torchrun(cfg: TrainConfig, devices: int, nodes: int) -> int:
 
 
 def dry_run(cfg: TrainConfig, world_size: int) -> dict[str, object]:
+    """The run plan (stdout, exactly the plan's keys); the memory estimate per device goes to stderr."""
+    from ovseg_core.models._registry import get_model_config
+    from ovseg_core.train.memory import estimate_train_memory_gib
     from ovseg_core.train.recipe import count_train_samples, run_plan
 
-    return run_plan(cfg, world_size, count_train_samples(cfg))
+    plan = run_plan(cfg, world_size, count_train_samples(cfg))
+    need = estimate_train_memory_gib(get_model_config(cfg.preset, **cfg.model_create_kwargs),
+                                     int(plan["per_device_batch"]), cfg.stage, cfg.precision, cfg.max_text_len)
+    print(f"cc4m train: about {need:.0f} GiB per device at {plan['per_device_batch']} per device ({cfg.precision}); "
+          f"a device with less is refused at start", file=sys.stderr)
+    return plan
 
 
 def cli_train(args: argparse.Namespace) -> int:

@@ -21,7 +21,9 @@ from ovseg_core.train.recipe import PLAN_KEYS, paper_config
 
 def dry_run(capsys, build, out, *extra: str) -> dict:
     assert cc4m(["train", "--recipe", "paper", "--build", str(build), "--out", str(out), "--dry-run", *extra]) == 0
-    return json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "GiB per device" in captured.err  # the memory estimate, beside the plan
+    return json.loads(captured.out)
 
 
 @pytest.mark.parametrize("gpus", [8, 16])
