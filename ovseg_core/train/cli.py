@@ -36,6 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int,
                    help="GLOBAL batch (default: the recipe's; paper: 2048 / 1024; custom: 32); rescales the lrs")
+    p.add_argument("--text-model", help="text encoder: a local folder or HF-cache name (default: the preset's; "
+                                        "vit_b: bert-base-uncased, never downloaded)")
     p.add_argument("--visual-init", help="image-encoder init: timm name, local state-dict file, or 'none' "
                                          "(paper default: vit_base_patch16_224.dino)")
     p.add_argument("--init-checkpoint", help="stage 2: the stage-1 checkpoint to start from")
@@ -112,6 +114,7 @@ def _common(args: argparse.Namespace) -> dict[str, object]:
                         "warmup_steps": "warmup_steps", "max_text_len": "max_text_len", "steps": "steps",
                         "epochs": "epochs", "init_checkpoint": "init_checkpoint", "preset": "preset"}),
         **_fidelity(args),
+        **({"model_overrides": (("text_model", args.text_model),)} if args.text_model else {}),
     }
 
 
