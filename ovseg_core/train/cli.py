@@ -86,6 +86,10 @@ def _add_tuning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the forward + losses (auto: on CUDA only; ovseg_core.train.compiled)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode and crop the JPEGs on the training device (light/crop augmentations)")
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, object]:
@@ -110,6 +114,7 @@ def _common(args: argparse.Namespace) -> dict[str, object]:
         "repeat_threshold": args.repeat_threshold, "cache_frozen_text": args.cache_frozen_text,
         "shard_base_url": args.shard_base_url, "partner_source": args.partner_source,
         "shuffle_buffer": args.shuffle_buffer, "shards_in_flight": args.shards_in_flight,
+        "compile": args.compile, "gpu_decode": args.gpu_decode,
         **_given(args, {"base_lr": "lr", "warmup_lr": "warmup_lr", "min_lr": "min_lr", "augment": "augment",
                         "warmup_steps": "warmup_steps", "max_text_len": "max_text_len", "steps": "steps",
                         "epochs": "epochs", "init_checkpoint": "init_checkpoint", "preset": "preset"}),
