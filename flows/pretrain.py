@@ -138,6 +138,30 @@ def register_task(registry_dir: str, checkpoint: str, preset: str, stage: int, s
     return entry.entry_id
 
 
+def _train_config(recipe: str | None, stage: int, build_path: Path, out_path: Path, *, preset: str, steps: int,
+                  batch_size: int, world_size: int, global_batch: int | None, visual_init: str | None,
+                  init_checkpoint: str | None, time_limit_s: float | None, train_overrides: dict[str, Any]) -> Any:
+    """The TrainConfig of one pretrain run: the `paper` recipe, the `sample` recipe, or (None) the stage preset."""
+    from ovseg_core.train.config import TrainConfig
+
+    if recipe == "paper":
+        from ovseg_core.train.recipe import paper_config
+
+        return paper_config(stage, str(build_path), str(out_path), world_size=world_size, global_batch=global_batch,
+                            visual_init=visual_init, preset=preset, init_checkpoint=init_checkpoint,
+                            time_limit_s=time_limit_s, **train_overrides)
+    if recipe == "sample":
+        from ovseg_core.train.config import sample_recipe
+
+        return sample_recipe(build_path, out_path, minutes=(time_limit_s or 240.0) / 60.0,
+                             **{"init_checkpoint": init_checkpoint, **train_overrides})
+    if recipe is None:
+        return TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset,
+                                     steps=steps, batch_size=batch_size, init_checkpoint=init_checkpoint,
+                                     time_limit_s=time_limit_s, **train_overrides)
+    raise ValueError(f"unknown recipe {recipe!r} (known: 'paper', 'sample')")
+
+
 @flow(name="pretrain", persist_result=True)
 def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = None, preset: str = "tiny",
              stage: int = 1, steps: int = 50, batch_size: int = 16, devices: int = 1, nodes: int = 1,
@@ -165,25 +189,10 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
     check_build(build_path)
     key = f"{recipe + '-' if recipe == 'paper' else ''}{preset}-stage{stage}-{_manifest_sha256(str(build_path))[:12]}"
     out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / key
-    from ovseg_core.train.config import TrainConfig
-
-    if recipe == "paper":
-        from ovseg_core.train.recipe import paper_config
-
-        cfg = paper_config(stage, str(build_path), str(out_path), world_size=devices * nodes,
-                           global_batch=global_batch, visual_init=visual_init, preset=preset,
-                           init_checkpoint=init_checkpoint, time_limit_s=time_limit_s, **(train_overrides or {}))
-    elif recipe == "sample":
-        from ovseg_core.train.config import sample_recipe
-
-        cfg = sample_recipe(build_path, out_path, minutes=(time_limit_s or 240.0) / 60.0,
-                            **{"init_checkpoint": init_checkpoint, **(train_overrides or {})})
-    elif recipe is None:
-        cfg = TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset,
-                                    steps=steps, batch_size=batch_size, init_checkpoint=init_checkpoint,
-                                    time_limit_s=time_limit_s, **(train_overrides or {}))
-    else:
-        raise ValueError(f"unknown recipe {recipe!r} (known: 'paper', 'sample')")
+    cfg = _train_config(recipe, stage, build_path, out_path, preset=preset, steps=steps, batch_size=batch_size,
+                        world_size=devices * nodes, global_batch=global_batch, visual_init=visual_init,
+                        init_checkpoint=init_checkpoint, time_limit_s=time_limit_s,
+                        train_overrides=train_overrides or {})
     if devices * nodes > 1:
         result = train_torchrun(cfg.to_dict(), devices, nodes, node_rank, master_addr, master_port)
     else:

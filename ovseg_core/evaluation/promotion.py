@@ -18,7 +18,7 @@ from ovseg_core.evaluation.datasets import SegDataset
 from ovseg_core.evaluation.evaluate import evaluate
 from ovseg_core.evaluation.metrics import ConfusionMatrix, paired_bootstrap_miou_delta, scores_of
 from ovseg_core.models._factory import create_model
-from ovseg_core.models.checkpoint import load_checkpoint
+from ovseg_core.models.checkpoint import load_checkpoint, recorded_model
 
 ALL_BACKGROUND = "all_background"
 UNTRAINED = "untrained"
@@ -48,11 +48,7 @@ def background_confusions(dataset: SegDataset, max_images: int | None) -> np.nda
 
 def untrained_like(checkpoint: str, seed: int = 0) -> nn.Module:
     """The checkpoint's architecture at its initialisation (seeded), in eval mode: the "no training" baseline."""
-    cfg = dict(load_checkpoint(checkpoint)["model_config"])
-    name = cfg.pop("name", "tiny")
-    cfg["visual_init"] = None
-    if "entity_weight" in cfg:
-        cfg["entity_prompt_weight"] = cfg.pop("entity_weight")
+    name, cfg = recorded_model(load_checkpoint(checkpoint), checkpoint)
     torch.manual_seed(seed)
     return create_model(name, **cfg).eval()
 

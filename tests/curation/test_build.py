@@ -131,7 +131,9 @@ def test_run_build_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_build(cfg)
         assert not list(layout.shards_dir.glob(".*")) and not layout.manifest.exists()  # nothing half-written
-        assert (layout.shards_dir / "cc4m-000001.tar").exists() and not (layout.shards_dir / "cc4m-000002.tar").exists()
+        # one of the two was written before the crash (which one depends on the layout order), the other was not
+        assert sorted(p.name for p in layout.shards()).count("cc4m-000001.tar") + \
+            sorted(p.name for p in layout.shards()).count("cc4m-000002.tar") == 1
         monkeypatch.setattr(reshard_module, "_write_shard", real_write)
         resumed: dict = {}
         run_build(cfg, results=resumed)
