@@ -185,7 +185,7 @@ def test_jpeg_size_reads_the_frame_header_like_pil():
     cases += [gray.getvalue(), photo_jpeg(320, 256)]
     for data in cases:
         assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
-    with pytest.raises(Exception):  # not a JPEG: PIL names the fault
+    with pytest.raises(OSError, match="cannot identify"):  # not a JPEG: PIL names the fault
         jpeg_size(b"not an image at all")
 
 
