@@ -118,7 +118,23 @@ def _loader(body: dict[str, Any]) -> str:
     return f"stream / plain decode, samples per CPU-s: {_fmt(ratio)}" if ratio is not None else "see file"
 
 
+def _loader_costs(body: dict[str, Any]) -> str:
+    ratios = _get(body, "costs", "tiny", "paired_ratios") or {}
+    parts = [f"{label} {_fmt(_get(ratios, key, 'median_ratio'))}x" for label, key in
+             (("stage 1", "ours1_vs_plain"), ("stage 2", "ours2_vs_plain"), ("GPU decode", "ours1_gpu_vs_plain"))]
+    return "CPU-s/sample vs plain decode-and-crop: " + ", ".join(parts) if ratios else "see file"
+
+
+def _step(body: dict[str, Any]) -> str:
+    rows = body.get("rows") or []
+    eager = next((r["kernels"] for r in rows if r["compile"] == "off"), None)
+    compiled = next((r["kernels"] for r in rows if r["compile"] == "on"), None)
+    return f"{body.get('preset')} kernels/step eager {eager}, compiled {compiled}" if eager else "see file"
+
+
 HEADLINES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "loader_costs": _loader_costs,
+    "step": _step,
     "learning": _learning,
     "loader": _loader,
     "gpu_profile": _gpu_profile,
