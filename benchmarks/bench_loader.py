@@ -272,7 +272,7 @@ def timed_iter(it: Iterator, n: int) -> dict[str, float]:
 
 
 def cost_variant(name: str, build: Path, n: int, preset: str, size: int, tokenizer: Any) -> dict[str, float]:
-    from ovseg_core.data.loader_cli import measure_loader
+    from ovseg_core.train.loader_cli import measure_loader
 
     urls = [str(p) for p in sorted((build / "shards").glob("*.tar"))]
     if name == "plain":
