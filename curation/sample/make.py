@@ -28,7 +28,15 @@ import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from curation.sample import BUNDLED_CAPTIONS, SAMPLE_HOST
-from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
+from curation.sample.render import (
+    IGNORE_LABEL,
+    MAX_OBJECTS,
+    RENDER_VERSION,
+    TRAIN_SCENE_VERSION,
+    encode_jpeg,
+    encode_mask_png,
+    render_sample,
+)
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
@@ -51,7 +59,7 @@ FORCED_FAILS_START = 2
 # The eval set scores the classes drawn in at least this many servable training images (see make_sample).
 EVAL_MIN_IMAGES = 15
 
-_TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM = 0, 1, 2
+_TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM, _TRAIN_SCENE_STREAM = 0, 1, 2, 3
 
 
 class ClassExtractor(Protocol):
@@ -252,6 +260,7 @@ def make_sample(
     eval_images: int = 160,
     eval_selection_images: int = 80,
     eval_min_images: int = EVAL_MIN_IMAGES,
+    eval_like_scenes: bool = True,
 ) -> SampleInfo:
     """Render the sample into `out_dir` (see module docstring); returns at once when it is already complete.
 
@@ -262,6 +271,10 @@ def make_sample(
     (`frequent_classes`), the way PASCAL VOC scores 20 classes that CC4M shows thousands of times each: a class
     the sample shows a handful of times cannot be learned from it, and 73 classes scored evenly would measure
     the long tail, not the method. When no class is that frequent (tiny test samples), every class is scored.
+
+    `eval_like_scenes` (TRAIN_SCENE_VERSION): a training image shows 1-3 objects (uniform, like an eval image): its
+    caption's classes, then further instances of them. Without it, each class is drawn once, so ~85% of the
+    training images showed one large object while eval images show 2.1 smaller ones on average.
     """
     if n_rows is not None and n_rows <= 0:
         raise ValueError(f"n_rows must be positive or None, got {n_rows}")
@@ -293,6 +306,7 @@ def make_sample(
         "eval_images": eval_images,
         "eval_selection_images": eval_selection_images,
         "eval_min_images": eval_min_images,
+        "train_scenes": TRAIN_SCENE_VERSION if eval_like_scenes else "one-instance-per-class",
     }
     inputs_hash = _inputs_hash(params)
     if _is_done(marker, inputs_hash):
@@ -323,7 +337,9 @@ def make_sample(
         if row.url is None:
             continue  # no URL, nothing to serve
         classes = classes_by_row.get(row.sample_id, [])
-        rendered = render_sample(classes, _row_seed(seed, _TRAIN_STREAM, row.sample_id), image_size)
+        n_objects = _scene_objects(seed, row.sample_id) if eval_like_scenes else None
+        rendered = render_sample(classes, _row_seed(seed, _TRAIN_STREAM, row.sample_id), image_size,
+                                 n_objects=n_objects)
         (staging / "images" / f"{row.sample_id}.jpg").write_bytes(encode_jpeg(rendered.image))
         (staging / "masks" / f"{row.sample_id}.png").write_bytes(encode_mask_png(rendered.mask))
         drawn_by_row[row.sample_id] = list(rendered.classes)
@@ -366,6 +382,11 @@ def make_sample(
         },
     )
     return _with_rows(info, len(rows))
+
+
+def _scene_objects(seed: int, sample_id: int) -> int:
+    """Objects in a training image, 1..MAX_OBJECTS uniform as in the eval set, from a stream of its own."""
+    return int(np.random.default_rng([seed, _TRAIN_SCENE_STREAM, sample_id]).integers(1, MAX_OBJECTS + 1))
 
 
 def _with_rows(info: SampleInfo, n_rows: int) -> SampleInfo:
