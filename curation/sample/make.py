@@ -423,6 +423,24 @@ def _assign_eval_classes(rng: np.random.Generator, n_images: int, n_classes: int
     return out
 
 
+def _add_hardness(acc: dict[str, list[float]], mask: np.ndarray, n_classes_drawn: int) -> None:
+    acc["foreground"].append(float(np.mean(mask != 0)))  # objects incl. their ignore rim
+    acc["labelled_foreground"].append(float(np.mean((mask != 0) & (mask != IGNORE_LABEL))))
+    acc["objects"].append(float(n_classes_drawn))
+
+
+def _world_summary(acc: dict[str, list[float]], n_classes: int) -> dict[str, Any]:
+    """How hard the val split is (issue 19 keeps these from getting easier): classes scored, mean share of object
+    pixels (with and without the ignore rim), mean objects (= classes, one instance each) per image, background."""
+    def mean(key: str) -> float | None:
+        return round(float(np.mean(acc[key])), 4) if acc[key] else None
+
+    return {"classes_scored": n_classes, "foreground_fraction_mean": mean("foreground"),
+            "labelled_foreground_fraction_mean": mean("labelled_foreground"),
+            "objects_per_image_mean": mean("objects"), "instances_per_class": 1,
+            "background": f"noisy low-saturation grey gradient ({RENDER_VERSION})"}
+
+
 def make_eval_set(
     out_dir: str | Path,
     n_images: int = 80,
@@ -488,6 +506,7 @@ def make_eval_set(
         (staging / sub).mkdir(parents=True)
 
     per_class = {c: 0 for c in classes}
+    hardness = {"foreground": [], "labelled_foreground": [], "objects": []}
     splits: dict[str, list[str]] = {}
     for split, prefix, stream, count in (
         ("val", "val", _EVAL_VAL_STREAM, n_images),
@@ -505,6 +524,7 @@ def make_eval_set(
             if split == "val":
                 for c in rendered.classes:
                     per_class[c] += 1
+                _add_hardness(hardness, mask, len(rendered.classes))
             ids.append(image_id)
         (staging / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
         splits[split] = ids
@@ -523,6 +543,7 @@ def make_eval_set(
             "selection_ids": splits["train"],
             "val_images_per_class": per_class,
             "classes_missing_from_val": [c for c, n in per_class.items() if n == 0],
+            "world": _world_summary(hardness, len(classes)),
             "code_version": code_version(),
         },
     )
