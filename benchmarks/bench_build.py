@@ -37,26 +37,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from benchmarks.common import stamp
 from curation.build import run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
 from curation.io import write_bytes_atomic
 from curation.sample import SampleImageServer, make_sample
 from curation.verify import VerifyConfig
-from manifests.version import code_version, dirty_content_hash
+from manifests.stages import STAGE_NAMES
 
 RESULTS = REPO / "benchmarks" / "results" / "build.json"
 FAST_RESULTS = REPO / "benchmarks" / "results" / "build_fast.json"
-AFTER_DOWNLOAD = ("verify", "dedup", "index", "reshard", "manifest", "report")
-
-
-def code_identity() -> dict[str, str | bool | None]:
-    """The commit, and when the tree is dirty a hash of the uncommitted content (manifests.version, the project's one
-    implementation), so a result names exactly its code."""
-    version = code_version()
-    changes = dirty_content_hash() if version.startswith("git:") else None
-    return {"commit": version.removeprefix("git:").split("-dirty")[0], "dirty": changes is not None,
-            "content_sha256": changes, "code_version": version}
+AFTER_DOWNLOAD = STAGE_NAMES[STAGE_NAMES.index("download") + 1:]  # the stages of the plan after the download
 
 
 def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig) -> float:
@@ -146,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": median_build / median_raw <= 1.10,
         "runs": details, "sample_render_s": round(sample_seconds, 3),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "code_version": code_version(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamp(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -213,7 +205,7 @@ def serve_images(folder: Path, port_file: Path) -> int:
 def fast_main(args: argparse.Namespace) -> int:
     from manifests.vocabulary import load_vocabulary
 
-    code = code_identity()  # at the start: the code this process imported, not what the tree holds at the end
+    stamped = stamp()  # at the start: the code this process imported, not what the tree holds at the end
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-fast-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -282,7 +274,7 @@ def fast_main(args: argparse.Namespace) -> int:
         "pairs": pairs, "render_s": round(render_s, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamped,
     }
     out = args.out if args.out != RESULTS else FAST_RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)

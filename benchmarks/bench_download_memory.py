@@ -16,16 +16,13 @@ per process, so the sum over-states: the bound is conservative.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,43 +35,16 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.bench_build import code_identity
+from benchmarks.common import stamp, write_result
 from curation.download import DownloadConfig, download_selected
-from curation.layout import BuildLayout, part_name
+from curation.sample.bombs import jpeg_header_bomb, png_bomb
+from manifests.layout import BuildLayout, part_name
 
-RESULTS = REPO / "benchmarks" / "results" / "download_memory.json"
 KINDS = ("png_bomb_100mp", "png_81mp", "jpeg_header_bomb", "endless", "big_garbage", "drip")
 
 
-def png_zeros(side: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)
-    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
-def jpeg_header_bomb() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
-    data = bytearray(buf.getvalue())
-    i = 2
-    while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC2):
-            data[i + 5:i + 9] = struct.pack(">HH", 30_000, 30_000)
-            break
-        i += 2 + length
-    return bytes(data)
-
-
 def make_server() -> tuple[ThreadingHTTPServer, threading.Event]:
-    bodies = {"png_bomb_100mp": png_zeros(10_000), "png_81mp": png_zeros(9_000),
+    bodies = {"png_bomb_100mp": png_bomb(10_000), "png_81mp": png_bomb(9_000),
               "jpeg_header_bomb": jpeg_header_bomb(), "big_garbage": os.urandom(30 * 1024 * 1024)}
     stopping = threading.Event()
 
@@ -112,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=10.0, help="whole-fetch deadline (drip rows wait it)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/download-memory-<time>.json")
     args = parser.parse_args(argv)
-    code = code_identity()
+    stamped = stamp()  # at the start: the code this process imported
 
     server, stopping = make_server()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
@@ -141,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     rss.append(proc.memory_info().rss)
                     if proc.pid not in per_process:
                         cmd = " ".join(proc.cmdline())
-                        role = ("driver" if "curation.download" in cmd else "worker/logger (spawn)"
+                        role = ("driver" if "curation.download_driver" in cmd else "worker/logger (spawn)"
                                 if "multiprocessing" in cmd else cmd[:60])
                         per_process[proc.pid] = [0, role]
                     per_process[proc.pid][0] = max(per_process[proc.pid][0], rss[-1])
@@ -182,10 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                                            reverse=True),
         "seconds": round(seconds, 1), "selected": counts["selected"], "failed": counts["failed"],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamped,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("download-memory", result, args.out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from curation.layout import BuildLayout
 from manifests.fileio import FAILPOINT_ENV, WRITE_LOG_ENV, write_json_atomic
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 
 RESULTS = REPO / "benchmarks" / "results" / "faults.json"

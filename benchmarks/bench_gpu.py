@@ -149,12 +149,12 @@ def count_flops(args: argparse.Namespace) -> int:
     numbers an MFU or a loader-sizing estimate needs when no GPU is at hand (no timing here)."""
     import torch
 
-    from benchmarks.bench_loader import tree_version
+    from benchmarks.common import stamp
     from ovseg_core import create_model
     from ovseg_core.config import MINILM_TEXT_MODEL
 
     torch.manual_seed(0)
-    out: dict[str, Any] = {"benchmark": "gpu_flops_cpu_count", **tree_version(), "batch": 2, "text_len": 32,
+    out: dict[str, Any] = {"benchmark": "gpu_flops_cpu_count", **stamp(), "batch": 2, "text_len": 32,
                            "text_model": "bundled MiniLM-L6 (vit_b's bert-base-uncased is not available offline)",
                            "train_gflops_per_image": {}}
     for preset in args.presets:
@@ -176,18 +176,19 @@ def count_flops(args: argparse.Namespace) -> int:
 def launch(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks.bench_loader import make_throughput_build, tree_version
+    from benchmarks.bench_loader import make_throughput_build
+    from benchmarks.common import stamp
 
     if args.device == "cuda" and not torch.cuda.is_available():
         msg = "skipped: CUDA is not available (run with --device cpu for the CPU smoke test)"
         print(msg)
-        Path(args.out).write_text(json.dumps({"benchmark": "gpu", "skipped": msg, **tree_version()}, indent=1))
+        Path(args.out).write_text(json.dumps({"benchmark": "gpu", "skipped": msg, **stamp()}, indent=1))
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     t0 = time.time()
     build = make_throughput_build(work / "build", args.build_samples, per_shard=max(16, args.build_samples // 16))
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 1)
-    results: dict[str, Any] = {"benchmark": "gpu", **tree_version(), "build_seconds": round(time.time() - t0, 1),
+    results: dict[str, Any] = {"benchmark": "gpu", **stamp(), "build_seconds": round(time.time() - t0, 1),
                                "nproc": nproc, "presets": {}}
     for preset in args.presets:
         worker_out = work / f"{preset}.json"

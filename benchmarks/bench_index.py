@@ -2,7 +2,7 @@
 
 4M samples, 1-4 classes each, class frequencies Zipf-like over the 73 vocabulary classes. The index build runs in a
 fresh subprocess so its wall time and peak RSS (getrusage max RSS) are its own, not the generator's.
-Targets: <= 60 s and < 4 GB peak RSS on the 2-core CI machine. Writes benchmarks/results/index.json.
+Targets: <= 60 s and < 4 GB peak RSS on the 2-core CI machine. Writes benchmarks/results/index-<time>.json.
 
     .venv/bin/python benchmarks/bench_index.py [--samples 4000000] [--k 10]
 """
@@ -25,11 +25,9 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.io import write_json_atomic
-from manifests.version import code_version
+from benchmarks.common import write_result
 from manifests.vocabulary import load_vocabulary
 
-RESULTS = REPO / "benchmarks" / "results" / "index.json"
 TARGET_SECONDS = 60.0
 TARGET_RSS_BYTES = 4 * 1024**3
 
@@ -71,7 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4_000_000)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/index-<time>.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         build = Path(tmp)
@@ -107,9 +105,8 @@ def main() -> int:
             "python": platform.python_version(),
             "cpus": __import__("os").cpu_count(),
         },
-        "code_version": code_version(),
     }
-    write_json_atomic(args.out, result)
+    write_result("index", result, args.out)
     print(json.dumps(result, indent=2))
     return 0 if result["meets_targets"] else 1
 

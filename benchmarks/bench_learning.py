@@ -91,7 +91,7 @@ def all_background(dataset: Any, max_images: int | None) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """["mec_weight=0", "entity_weight=1.0"] -> {"mec_weight": 0.0, ...} (values parsed as JSON when they parse)."""
+    """["mec_weight=0", "entity_prompt_weight=1.0"] -> {"mec_weight": 0.0, ...} (values parsed as JSON when they parse)."""
     out: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")

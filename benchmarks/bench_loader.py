@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -46,21 +45,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from manifests.version import code_version
+from benchmarks.common import stamp
 
 IMAGE_W, IMAGE_H, CROP = 500, 375, 224  # CC12M-like JPEGs (img2dataset keeps the original size up to a cap)
 GPU_NEEDS = {  # training images/s one GPU needs from the loader (estimates, see README: bench_gpu measures them)
     "A100 (vit_b, ~40% MFU)": 700.0, "H100 (vit_b, ~40% MFU)": 2200.0}
-
-
-def tree_version() -> dict[str, Any]:
-    """The git commit, and when the tracked tree differs from it, a hash of the diff (so results name their code)."""
-    version = code_version()
-    out: dict[str, Any] = {"code_version": version}
-    if version.endswith("-dirty"):
-        diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, check=False).stdout
-        out["dirty_diff_sha256"] = hashlib.sha256(diff).hexdigest()
-    return out
 
 
 def load_write_build() -> Callable[..., Path]:
@@ -309,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     started = time.time()
-    result: dict[str, Any] = {"benchmark": "loader", **tree_version(), "args": vars(args),
+    result: dict[str, Any] = {"benchmark": "loader", **stamp(), "args": vars(args),
                               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                           "load_average_at_start": list(os.getloadavg())}}
     result["mixing"] = mixing(args, work)

@@ -1,6 +1,6 @@
 """Caption parsing speed per core: the naive spaCy baseline vs curation.entities.EntityExtractor, in one run.
 
-    .venv/bin/python benchmarks/bench_parse.py [--input captions.tsv] [--limit N] [--out benchmarks/results/parse.json]
+    .venv/bin/python benchmarks/bench_parse.py [--input captions.tsv] [--limit N] [--out FILE]
 
 Naive baseline: `nlp = spacy.load(model)`, `nlp.pipe(captions)` with the full default pipeline, classes from token
 lemmas tagged NOUN mapped through the vocabulary. Both run single-threaded in this process (threads pinned to 1
@@ -29,7 +29,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -40,7 +39,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "cc3m_val_10k.tsv"
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "parse.json"
 
 
 def read_captions(path: Path, limit: int | None) -> list[str]:
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=40, help="disagreements kept in the JSON")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of ours (the median CPU time is reported); the baseline runs once")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help="default: a new results/parse-<time>.json")
     args = p.parse_args(argv)
 
     import spacy  # noqa: F401  (thinc imports torch when it is installed: pin its intra-op pool too)
@@ -154,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         "disagreement_kinds_top": dict(kinds.most_common(30)),
         "disagreement_samples": samples,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from benchmarks.common import write_result
+
+    out = write_result("parse", result, args.out)
     print(f"naive {result['naive']['captions_per_cpu_s']} captions/CPU-s, ours {result['ours']['captions_per_cpu_s']} "
           f"captions/CPU-s, speedup {result['speedup']}x (wall {result['speedup_wall']}x), "
-          f"agreement {result['agreement']} ({n - agree} differ) -> {args.out}")
+          f"agreement {result['agreement']} ({n - agree} differ) -> {out}")
     return 0
 
 

@@ -7,7 +7,7 @@ mode: rendered 320x240 JPEGs, no failing URLs), timed as a whole process. Then, 
 Each is a whole process (imports included), as a user or the weekly flow runs it. Every rerun must leave every
 file as it was (bytes and mtimes; the build lock's holder record aside): that is checked, not assumed. Result:
 rerun seconds / build seconds per repetition, median and spread, against the target 0.03, with the rerun's own
-per-stage seconds -> benchmarks/results/rerun.json.
+per-stage seconds -> benchmarks/results/rerun-<time>.json.
 
     .venv/bin/python benchmarks/bench_rerun.py [--images 10000] [--repeats 3]
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_build import code_identity, render_images
+from benchmarks.bench_build import render_images
+from benchmarks.common import stamp, write_result
 from curation.lock import LOCK_NAME
 from manifests.vocabulary import load_vocabulary
 
-RESULTS = REPO / "benchmarks" / "results" / "rerun.json"
 TARGET = 0.03
 
 
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--work", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help="default: a new results/rerun-<time>.json")
     args = p.parse_args(argv)
-    code = code_identity()
+    stamped = stamp()  # at the start: the code this process imported
     work = args.work or Path(tempfile.mkdtemp(prefix="cc4m-bench-rerun-"))
     work.mkdir(parents=True, exist_ok=True)
     render_images(work / "images", args.images)
@@ -137,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": reps,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg()},
-        "code": code, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamped,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("rerun", result, args.out)
     print(json.dumps({k: result[k] for k in ("build_s", "ratio_rerun_same_folder", "ratio_rerun_copy",
                                              "meets_target", "no_file_changed")}))
     if args.work is None:

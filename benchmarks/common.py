@@ -27,9 +27,14 @@ def stamp() -> dict[str, str]:
     return {"code_version": code_version(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def default_output(bench: str) -> Path:
-    """A new file per run: `benchmarks/results/<bench>-<YYYYmmddTHHMMSSZ>.json`."""
-    return RESULTS / f"{bench}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+def default_output(bench: str, folder: Path = RESULTS) -> Path:
+    """A new file per run: `<folder>/<bench>-<YYYYmmddTHHMMSSZ>.json`, a later second if that name is taken."""
+    now = int(time.time())
+    while True:
+        path = folder / f"{bench}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}.json"
+        if not path.exists() and not (folder / "archive" / path.name).exists():
+            return path
+        now += 1
 
 
 def write_result(bench: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:

@@ -6,7 +6,7 @@ without intermediate synchronisation, so one can tell a GPU-bound step (time gro
 launch/CPU-bound one (time flat in the batch). Then torch.profiler lists the ops with the most GPU time and the CPU
 time spent launching them, for one batch size.
 
-    python3 benchmarks/profile_gpu_step.py --out benchmarks/results/gpu_profile.json
+    python3 benchmarks/profile_gpu_step.py # -> benchmarks/results/gpu-profile-<time>.json
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def profile_ops(model: Any, optimizer: Any, batch: dict[str, Any], top: int) -> 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.bench_loader import tree_version
+    from benchmarks.common import stamp, write_result
     from ovseg_core import create_model
     from ovseg_core.config import MINILM_TEXT_MODEL
 
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-batch", type=int, default=128)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script, no meaningful numbers")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_profile.json"))
+    p.add_argument("--out", default=None, help="default: a new results/gpu-profile-<time>.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    result: dict[str, Any] = {"benchmark": "gpu_step_profile", **tree_version(),
+    result: dict[str, Any] = {**stamp(),
                               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "presets": {}}
     for preset in args.presets:
         model = create_model(preset, text_model=MINILM_TEXT_MODEL).to(device).train()
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         result["presets"][preset] = entry
         del model, optimizer
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result("gpu-profile", result, args.out)
     print(json.dumps(result, indent=1))
     return 0
 

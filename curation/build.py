@@ -1,7 +1,7 @@
-"""Run a whole build without Prefect: ingest -> parse -> select -> download -> verify -> dedup -> index -> reshard ->
-manifest -> report, in order, in this process (tests, the CLI, benchmarks). A webdataset source (curation.wds_source)
-has its own ingest and, instead of downloading, extracts the selected images from its shards. The Prefect flow calls the same stage
-functions (see `build_stage_plan`).
+"""Run a whole build without Prefect: the stage plan (curation.stages: ingest -> parse -> select -> download ->
+verify -> dedup -> index -> reshard -> manifest -> report), in order, in this process (tests, the CLI, benchmarks).
+The Prefect flow (flows.build) loops over the same plan. What kind of source it is (a table whose images are
+downloaded, or webdataset shards they are extracted from) is the source's business (curation.source).
 
 Every stage is idempotent (a unit whose output exists and matches its inputs is skipped), so a rerun of a finished
 build does no work and a rerun after an interruption resumes from the finished units with identical final output.
@@ -10,33 +10,26 @@ from __future__ import annotations
 
 import errno
 import gzip
-import importlib.util
 import json
 import logging
 import shutil
 import sys
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from curation.config import STAGE_CONFIGS, BuildConfig
-from curation.dedup import deduplicate
-from curation.download import DownloadConfig, download_selected
-from curation.index import build_index
-from curation.ingest import IngestConfig, ingest_source, source_kind
+from curation.config import STAGE_CONFIGS, BuildConfig, config_with_overrides, parse_overrides
+from curation.ingest import SourceError, source_kind
 from curation.io import read_json
-from curation.layout import BuildLayout
 from curation.lock import LOCK_NAME, BuildLock, BuildLocked
-from curation.manifest import write_manifest
-from curation.parse import parse_part
 from curation.progress import ProgressCallback, TerminalProgress
-from curation.reshard import reshard
-from curation.select import select_part
-from curation.verify import verify_downloads
-from curation.wds_source import expand_shards, extract_selected, ingest_wds, is_wds_source
+from curation.source import open_source
+from curation.stages import STAGE_PLAN, StageRun, build_stage_plan, run_stage
+from manifests.layout import BuildLayout
+
+__all__ = ["BuildConfigMismatch", "SourceError", "build_stage_plan", "prepare_build_dir", "run_build"]
 
 log = logging.getLogger(__name__)
 
@@ -51,76 +44,6 @@ class BuildConfigMismatch(ValueError):
             f"or allow_config_change=True (cc4m build --allow-config-change) to redo the changed stages and "
             f"everything after them"
         )
-
-
-class SourceError(ValueError):
-    """The build's source is missing, unreadable or not a source at all; found before anything is written."""
-
-
-def check_source(source: str) -> None:
-    """Raise SourceError unless `source` can be read: webdataset shards that all exist, or a readable TSV/parquet
-    file (a parquet also needs `url` and `caption` columns). Runs before the build folder gets its config.json, so
-    a mistyped source leaves nothing behind that would refuse the corrected rerun."""
-    if is_wds_source(source):
-        try:
-            expand_shards(source)
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{exc}. Check the shard folder, glob or brace pattern") from exc
-        return
-    path = Path(source)
-    if not path.is_file():
-        local = " (a TSV/parquet source must be a local file)" if "://" in source else ""
-        raise SourceError(f"source {path} does not exist or is not a file{local}. Check the path")
-    try:
-        with open(path, "rb"):
-            pass
-        if source_kind(path) == "parquet":
-            _check_parquet_columns(path)
-    except PermissionError as exc:
-        raise SourceError(f"cannot read source {path} (permission denied). Make it readable, or copy it to a "
-                          f"place you can read") from exc
-
-
-def _check_parquet_columns(path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-    except pa.ArrowInvalid as exc:
-        raise SourceError(f"source {path} is named .parquet but is not a readable parquet file ({exc}). Point the "
-                          f"source at a complete parquet file, or give a TSV a .tsv/.tsv.gz name") from exc
-    missing = sorted({"url", "caption"} - set(names))
-    if missing:
-        raise SourceError(f"parquet source {path} lacks column(s) {missing} (it has {names}). Give it 'url' and "
-                          f"'caption' columns (CC12M layout)")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the build: its name, the BuildConfig field holding its config (None: no config), whether it runs
-    once per ingest part, and the outputs it owns (removed when its config changes and the caller allows it)."""
-
-    name: str
-    config_field: str | None
-    per_part: bool
-    outputs: Callable[[BuildLayout], list[Path]]
-
-
-def build_stage_plan() -> tuple[Stage, ...]:
-    """The stages of a build, in order (the Prefect flow maps each to a task; per_part stages map over parts)."""
-    return (
-        Stage("ingest", "ingest", False, lambda l: [l.ingest_dir, l.rejects_dir]),
-        Stage("parse", "parse", True, lambda l: [l.captions_dir]),
-        Stage("select", "select", True, lambda l: [l.selected_dir]),
-        Stage("download", "download", False, lambda l: [l.downloads]),  # staging/ is managed by the stage itself
-        Stage("verify", "verify", False, lambda l: []),
-        Stage("dedup", "dedup", False, lambda l: [l.duplicates, l.kept]),
-        Stage("index", "index", False, lambda l: [l.entity_index, l.partners, l.cooccurrence]),
-        Stage("reshard", "shard", False, lambda l: [l.shards_dir, l.meta_dir, l.locator]),
-        Stage("manifest", None, False, lambda l: [l.manifest]),
-        Stage("report", None, False, lambda l: [l.report_dir]),
-    )
 
 
 def _changed_stages(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -149,7 +72,7 @@ def prepare_build_dir(cfg: BuildConfig, allow_config_change: bool = False) -> Bu
                 raise BuildConfigMismatch(layout.root, changed)
             first = {"source": "ingest", "shard": "reshard"}
             names = [first.get(c, c) for c in changed]
-            plan = build_stage_plan()
+            plan = STAGE_PLAN
             start = min(i for i, s in enumerate(plan) if s.name in names)
             for stage in plan[start:]:
                 for path in stage.outputs(layout):
@@ -168,7 +91,7 @@ def _holds_only_config(layout: BuildLayout) -> bool:
 
     The config check exists so that two configs' outputs are never mixed in one folder. With no output at all there
     is nothing to mix: such a folder is what a build leaves that failed before its first stage wrote anything (a
-    build killed before its first stage, or a mistyped source in a cc4m older than check_source). Refusing there
+    build killed before its first stage, or a mistyped source in a cc4m older than the up-front source check). Refusing there
     would make the user delete the folder or pass --allow-config-change for no protection, so the new config
     replaces the old one. The lock file is required: run_build and the flow write config.json only while holding
     it, so config.json + lock is that story; a config.json alone got there some other way (copied in, or a direct
@@ -177,94 +100,31 @@ def _holds_only_config(layout: BuildLayout) -> bool:
     return {p.name for p in layout.root.iterdir()} == {layout.config.name, LOCK_NAME}
 
 
-def ingest_any(source: str, build_dir: str | Path, cfg: IngestConfig,
-               progress: ProgressCallback | None = None, processes: int = 1) -> dict[str, Any]:
-    """The ingest stage for either kind of source: webdataset shards (curation.wds_source, `processes` shards read
-    at once) or a TSV/parquet."""
-    if is_wds_source(source):
-        return ingest_wds(source, build_dir, cfg, progress, processes)
-    return ingest_source(source, build_dir, cfg)
-
-
-def download_any(source: str | None, build_dir: str | Path, cfg: DownloadConfig,
-                 progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """The download stage: extraction from the shards for a webdataset source (nothing is downloaded), else
-    (a TSV/parquet source, or None) img2dataset. Both write downloads.parquet + staging/ in one layout, so later
-    stages do not know which ran."""
-    if source is not None and is_wds_source(source):
-        return extract_selected(build_dir, cfg, progress)
-    return download_selected(build_dir, cfg, progress)
-
-
 def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
               results: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Path:
     """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
     counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
     progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
     (curation.lock); a killed build's lock and temporaries are taken over."""
-    check_source(cfg.source)  # before the lock and config.json: a mistyped source leaves no build folder behind
+    open_source(cfg.source).check()  # before the lock and config.json: a mistyped source leaves no folder behind
     with BuildLock(cfg.build_dir):
         return _run_stages(cfg, allow_config_change, results, progress)
 
 
 def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None,
                 progress: ProgressCallback | None) -> Path:
-    layout = prepare_build_dir(cfg, allow_config_change)
-    build_dir = layout.root
+    prepare_build_dir(cfg, allow_config_change)
     out: dict[str, Any] = results if results is not None else {}
     seconds: dict[str, float] = {}
     out["seconds"] = seconds
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
+    for stage in STAGE_PLAN:
+        earlier = {name: value for name, value in out.items() if name != "seconds"}
         start = time.perf_counter()
-        value = fn()
-        seconds[name] = round(time.perf_counter() - start, 3)
-        log.info("build: %s done in %.2fs", name, seconds[name])
-        return value
-
-    out["ingest"] = timed("ingest", lambda: ingest_any(cfg.source, build_dir, cfg.ingest, progress,
-                                                       cfg.download.processes_count))
-    parts = list(out["ingest"]["parts"])
-    out["parse"] = timed("parse", lambda: [parse_part(build_dir, p, cfg.parse, progress) for p in parts])
-    out["select"] = timed("select", lambda: [select_part(build_dir, p, cfg.select) for p in parts])
-    out["download"] = timed("download", lambda: download_any(cfg.source, build_dir, cfg.download, progress))
-    out["verify"] = timed("verify", lambda: verify_downloads(build_dir, cfg.verify))
-    out["dedup"] = timed("dedup", lambda: deduplicate(build_dir, cfg.dedup, progress=progress))
-    out["index"] = timed("index", lambda: build_index(build_dir, cfg.index))
-    out["reshard"] = timed("reshard", lambda: reshard(build_dir, cfg.shard, progress))
-    stage_results = {k: v for k, v in out.items() if k != "seconds"}
-    manifest = timed("manifest", lambda: write_manifest(build_dir, cfg, stage_results))
-    if importlib.util.find_spec("curation.report") is not None:
-        from curation.report import write_report
-
-        out["report"] = {"path": str(timed("report", lambda: write_report(build_dir)))}
-    log.info("build: finished %s (%s)", manifest, json.dumps(seconds))
-    return manifest
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`stage.setting=value` strings (value parsed as JSON when it parses, else kept as a string) -> nested dict."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not sep or not dot or stage not in STAGE_CONFIGS:
-            raise ValueError(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE in {sorted(STAGE_CONFIGS)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides.setdefault(stage, {})[name] = value
-    return overrides
-
-
-def config_with_overrides(source: str, build_dir: str, base: dict[str, Any] | None,
-                          overrides: dict[str, dict[str, Any]]) -> BuildConfig:
-    """BuildConfig from an optional base dict (e.g. a saved config.json) with per-stage settings replaced."""
-    merged: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items() if k in STAGE_CONFIGS}
-    for stage, settings in overrides.items():
-        merged.setdefault(stage, {}).update(settings)
-    return BuildConfig.from_dict({"source": source, "build_dir": build_dir, **merged})
+        out[stage.name] = run_stage(stage, StageRun(cfg, progress, earlier))
+        seconds[stage.name] = round(time.perf_counter() - start, 3)
+        log.info("build: %s done in %.2fs", stage.name, seconds[stage.name])
+    log.info("build: finished %s (%s)", out["manifest"]["path"], json.dumps(seconds))
+    return Path(out["manifest"]["path"])
 
 
 def add_build_arguments(p: Any) -> None:
@@ -364,7 +224,7 @@ def _cli_build(args: Any) -> int:
     run = {"allow_config_change": args.allow_config_change, "results": results, "progress": terminal}
     if args.sample:
         from curation.sample.make import make_sample
-        from curation.sample.server import SampleImageServer
+        from curation.sample.server import serving_sample
 
         info = make_sample(args.sample)
         if args.sample_format == "wds":
@@ -373,11 +233,9 @@ def _cli_build(args: Any) -> int:
             wds = make_wds_source(info, Path(args.sample) / "wds")
             manifest = run_build(config_with_overrides(wds.pattern, args.out, base, overrides), **run)
         else:
-            with SampleImageServer(info.root) as server:
-                server.start()
-                overrides.setdefault("download", {})["http_proxy"] = server.proxy_url
-                cfg = config_with_overrides(str(info.source_tsv), args.out, base, overrides)
-                manifest = run_build(cfg, **run)
+            cfg = config_with_overrides(str(info.source_tsv), args.out, base, overrides)
+            with serving_sample(info.root, cfg.download.timeout) as proxy_url:
+                manifest = run_build(replace(cfg, download=replace(cfg.download, http_proxy=proxy_url)), **run)
     else:
         try:
             cfg = config_with_overrides(args.source, args.out, base, overrides)

@@ -12,11 +12,12 @@ from curation.download import DownloadConfig
 from curation.index import IndexConfig
 from curation.ingest import IngestConfig
 from curation.io import write_json_atomic
-from curation.layout import BuildLayout
 from curation.parse import ParseConfig
 from curation.reshard import ShardConfig
 from curation.select import SelectConfig
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
+from manifests.locations import is_url
 
 STAGE_CONFIGS: dict[str, type] = {
     "ingest": IngestConfig, "parse": ParseConfig, "select": SelectConfig, "download": DownloadConfig,
@@ -30,6 +31,16 @@ RUNTIME_ONLY: dict[str, frozenset[str]] = {
                           "retry_transient", "max_attempts", "progress_interval_s", "stall_timeout_s"}),
     "dedup": frozenset({"workers"}),  # how many processes hash, not what they hash
     "shard": frozenset({"rehash_existing"}),
+}
+
+# Flat convenience overrides (what people type in a flow's parameters) -> their place in BuildConfig.to_dict().
+OVERRIDE_SHORTCUTS: dict[str, tuple[str, str]] = {
+    "samples_per_shard": ("shard", "samples_per_shard"),
+    "processes": ("download", "processes_count"),
+    "threads": ("download", "thread_count"),
+    "image_size": ("download", "image_size"),
+    "distributor": ("download", "distributor"),
+    "rows_per_part": ("ingest", "rows_per_part"),
 }
 
 
@@ -56,7 +67,7 @@ def _config_from_dict(cls: type, d: dict[str, Any], stage: str) -> Any:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """source: CC12M-layout TSV (url<TAB>caption) or parquet; build_dir: the build folder (see curation.layout)."""
+    """source: CC12M-layout TSV (url<TAB>caption) or parquet; build_dir: the build folder (see manifests.layout)."""
 
     source: str
     build_dir: str
@@ -113,7 +124,7 @@ class BuildConfig:
         """to_dict() without the runtime-only settings: two configs with the same identity produce the same build."""
         d = self.to_dict()
         # A URL (e.g. webdataset shards over http) is kept verbatim: resolving it as a path would mangle it.
-        d["source"] = self.source if "://" in self.source else str(Path(self.source).resolve())
+        d["source"] = self.source if is_url(self.source) else str(Path(self.source).resolve())
         d.pop("build_dir")
         for stage, names in RUNTIME_ONLY.items():
             for name in names:
@@ -126,3 +137,38 @@ class BuildConfig:
     @classmethod
     def load(cls, path: str | Path) -> BuildConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`stage.setting=value` strings (`cc4m build --set`; the value parsed as JSON when it parses, else kept as a
+    string) -> nested overrides for `config_with_overrides`."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or stage not in STAGE_CONFIGS:
+            raise ValueError(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE in {sorted(STAGE_CONFIGS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(stage, {})[name] = value
+    return overrides
+
+
+def config_with_overrides(source: str, build_dir: str, base: dict[str, Any] | None = None,
+                          overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """The one way a build's settings are overridden (the CLI's --config/--set and the flow's `config`): a
+    BuildConfig from an optional base dict (e.g. a saved config.json; its source and build_dir are not used) with
+    `overrides` applied in order: per-stage dicts ({"download": {"timeout": 2}}) or OVERRIDE_SHORTCUTS keys."""
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items() if k in STAGE_CONFIGS}
+    for key, value in (overrides or {}).items():
+        if key in OVERRIDE_SHORTCUTS:
+            stage, name = OVERRIDE_SHORTCUTS[key]
+            merged.setdefault(stage, {})[name] = value
+        elif key in STAGE_CONFIGS and isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            raise ValueError(f"unknown build config key {key!r}; known: {sorted(STAGE_CONFIGS)} (each a dict of "
+                             f"settings) + {sorted(OVERRIDE_SHORTCUTS)}")
+    return BuildConfig.from_dict({"source": source, "build_dir": build_dir, **merged})

@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import DOWNLOAD_CONTENT_COLUMNS, STORED_HASH_COLUMNS, with_stored_hashes
 from curation.imagehash import (
     PHASH_VERSION,
     STAGED_HASH_SIZE,
@@ -36,8 +35,9 @@ from curation.imagehash import (
     phash_bytes,
 )
 from curation.io import parquet_digest, read_parquet, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
+from curation.staging import DOWNLOAD_CONTENT_COLUMNS, STORED_HASH_COLUMNS, iter_staged_images, with_stored_hashes
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 
 DUPLICATES_SCHEMA = pa.schema(
@@ -352,7 +352,7 @@ def deduplicate(
     with the same config from the same downloads.parquet.
 
     `images` yields (sample_id, stored JPEG bytes); by default the staged images of the download stage
-    (`curation.download.iter_staged_images`). Returns counts: checked, exact_removed, near_removed, kept, ...
+    (`curation.staging.iter_staged_images`). Returns counts: checked, exact_removed, near_removed, kept, ...
     """
     layout = BuildLayout(Path(build_dir))
     if layout.kept.exists() and layout.duplicates.exists() and layout.downloads.exists():
@@ -465,8 +465,6 @@ def _hashes(layout: BuildLayout, sample_ids: np.ndarray, originals: pa.Array, st
     if images is None and not len(todo):
         images = ()  # every image was hashed by the download workers or is cached: none is read
     elif images is None:
-        from curation.download import iter_staged_images  # lazy: D1's stage module, not needed when injected
-
         images = iter_staged_images(layout.root, sample_ids=set(todo.tolist()))
     # Progress over every image checked, not only those hashed here: with the download workers' hashes there is
     # often nothing to hash, and the stage should still show that it ran to 100 %.

@@ -1,8 +1,10 @@
 """Download stage: selected/* -> staging/ (img2dataset, in a subprocess) -> downloads.parquet.
 
-Why a subprocess: img2dataset uses a `spawn` multiprocessing pool (workers re-import `__main__`, which breaks under
-Prefect's flow loader and hangs scripts without a main guard) and its own heavy imports; running it as
-`python -m curation.download <json>` (this module, main-guarded) isolates all of that.
+The download's parts, by job: this module is the stage (its config, the order of the rounds, downloads.parquet);
+`curation.download_rounds` starts and resumes the rounds; `curation.download_driver` runs img2dataset in a
+subprocess (`python -m curation.download_driver <json>`: img2dataset's `spawn` pool and heavy imports stay out of
+the build's process); `curation.staging` reads the staging folder back (verify, dedup, reshard and the manifest
+use it); `curation.import_standins` keeps img2dataset's unused heavy imports out of the download processes.
 
 What runs there is img2dataset with two parts swapped (`curation.download_worker`): the fetch is the guarded fetcher
 (`curation.fetch`: http/https only, address guard on every connection and redirect hop, size cap, whole-transfer
@@ -27,49 +29,52 @@ Nothing is lost silently: downloads.parquet has exactly one row per selected sam
 """
 from __future__ import annotations
 
-import contextlib
-import heapq
 import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import MappingProxyType, ModuleType
+from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import tario
+from curation.download_driver import Progress
+from curation.download_rounds import (
+    discard_other_settings,
+    new_round,
+    not_yet_fetched,
+    resume_unfinished,
+    retry_candidates,
+)
 from curation.fetch import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_REDIRECTS,
-    OWN_FAILURE_REASONS,
     FetchPolicy,
     is_transient,
     parse_networks,
     reason_of,
 )
-from curation.imagehash import STORED_HASH_FIELDS
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
 from curation.layout import BuildLayout
-from curation.lifetime import exit_with_parent, group_alive, kill_process_group
+from curation.staging import (
+    DOWNLOADS_META_KEY,
+    DOWNLOADS_SCHEMA,
+    MISSING_MESSAGE,
+    STATUSES,
+    STORED_HASH_COLUMNS,
+    URLS_NAME,
+    merge_rounds,
+    staging_rounds,
+)
 
 log = logging.getLogger(__name__)
 
-URLS_NAME = "urls.parquet"
-LOG_NAME = "img2dataset.log"
-RETRY_PREFIX = "retry-"
-DOWNLOADS_META_KEY = b"cc4m.download"
-STATUSES = ("success", "failed_to_download", "failed_to_resize", "missing")
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # The embedded sample's reserved host (curation.sample.SAMPLE_HOST): the only host `http_proxy` serves by default.
@@ -85,26 +90,6 @@ UNSUPPORTED_ARGS = frozenset({
     "resize_only_if_bigger", "upscale_interpolation", "downscale_interpolation", "skip_reencode",
     "disable_all_reencoding", "bbox_col",
 })
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-TIMESTAMP = pa.timestamp("ms", tz="UTC")
-DOWNLOADS_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-    ("transient", pa.bool_()), ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("sha256", pa.string()), ("attempts", pa.int32()), ("first_attempt_at", TIMESTAMP),
-    ("last_attempt_at", TIMESTAMP), ("staging_shard", pa.string()), ("staging_key", pa.string()),
-    # sha256 and pHash of the STORED JPEG (curation.imagehash), made where it was encoded; null for failures and for
-    # images staged without them (dedup then hashes those itself).
-    *STORED_HASH_FIELDS,
-])
-STORED_HASH_COLUMNS = [f.name for f in STORED_HASH_FIELDS]
-# The downloads.parquet columns that decide what later stages write (which samples, which original bytes): their
-# content, not the file's bytes or mtime, is what dedup and reshard fingerprint. Where an image is staged is left
-# out on purpose: a grown build fetches its new rows in a later round than a fresh build would, and must still end
-# with the same outputs (and the same stored JPEG follows from the same original bytes and image settings).
-DOWNLOAD_CONTENT_COLUMNS = ["sample_id", "status", "width", "height", "sha256"]
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -230,23 +215,6 @@ class DownloadConfig:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------- helpers
-def staging_shards(staging_dir: Path) -> list[str]:
-    """Names ("00000") of staging shards img2dataset finished: their `_stats.json` is written last."""
-    return sorted(p.name[: -len("_stats.json")] for p in Path(staging_dir).glob("*_stats.json"))
-
-
-def staging_rounds(staging_dir: Path) -> list[str]:
-    """"" (the first round, staging/ itself) and the retry rounds ("retry-0001", ...), in order."""
-    retries = sorted(p.name for p in Path(staging_dir).glob(f"{RETRY_PREFIX}*") if p.is_dir())
-    return ["", *retries]
-
-
-def round_shards(staging_dir: Path) -> list[str]:
-    """Finished staging shards of every round, as staging_shard values ("00000", "retry-0001/00000", ...)."""
-    return [f"{r}/{s}" if r else s for r in staging_rounds(staging_dir) for s in staging_shards(staging_dir / r)]
-
-
 def collect_selected(build_dir: str | Path) -> pa.Table:
     """sample_id, url, caption of every selected sample, in sample_id order (sample ids must be unique)."""
     layout = BuildLayout(Path(build_dir))
@@ -261,201 +229,6 @@ def collect_selected(build_dir: str | Path) -> pa.Table:
     return table.cast(pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]))
 
 
-def _stats_progress(output_folder: Path, total: int, done_before: int, started: float) -> dict[str, Any]:
-    done = successes = 0
-    for path in Path(output_folder).glob("*_stats.json"):
-        try:
-            stats = json.loads(path.read_text())
-        except (OSError, ValueError):  # being written: counted at the next poll
-            continue
-        done += int(stats.get("count", 0))
-        successes += int(stats.get("successes", 0))
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = (done - done_before) / elapsed
-    eta = (total - done) / rate if rate > 0 else None
-    return {"stage": "download", "done": done, "total": total, "unit": "images", "rate": round(rate, 3),
-            "eta_s": None if eta is None else round(eta, 1), "successes": successes}
-
-
-def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path, total: int,
-                    progress: Progress | None = None) -> None:
-    """Run img2dataset in a fresh interpreter (this module's main guard); raise with the log's tail on failure.
-    While it runs, its finished shards' `*_stats.json` give the progress (logged, and passed to `progress`)."""
-    env = dict(os.environ)
-    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("WANDB_MODE", "disabled")
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
-        env.pop(name, None)  # the guarded fetcher takes its proxy from the config only
-    output = Path(payload["img2dataset"]["output_folder"])
-    cmd = [sys.executable, "-m", "curation.download", json.dumps({**payload, "parent_pid": os.getpid()})]
-    started = time.monotonic()
-    done_before = _stats_progress(output, total, 0, started)["done"]
-    with open(log_path, "ab") as log_file:
-        log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd[:3])}\n".encode())
-        log_file.flush()
-        # Its own session: img2dataset's spawned workers join its group, so one killpg stops them all (lifetime).
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                                start_new_session=True)
-        stall = _StallWatch(output, cfg.stall_timeout_s)
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=cfg.progress_interval_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if cfg.subprocess_timeout_s is not None and time.monotonic() - started > cfg.subprocess_timeout_s:
-                    raise DownloadStalled(f"download: img2dataset ran past subprocess_timeout_s="
-                                          f"{cfg.subprocess_timeout_s:g}s; it and its workers were stopped (log "
-                                          f"{log_path})")
-                stall.check(log_path)
-                _report(_stats_progress(output, total, done_before, started), progress)
-        finally:
-            if proc.poll() is None or group_alive(proc.pid):
-                kill_process_group(proc)
-    _report(_stats_progress(output, total, done_before, started), progress)
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"img2dataset subprocess failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
-
-
-class DownloadStalled(RuntimeError):
-    """img2dataset ran past its time limit, or made no progress for stall_timeout_s (disk full, hung worker)."""
-
-
-class _StallWatch:
-    """No byte written under the staging round (tars, parquets, img2dataset's _tmp) and no new stats file for
-    `timeout_s`: the download is stuck, e.g. on a full disk, where img2dataset waits forever."""
-
-    def __init__(self, folder: Path, timeout_s: float) -> None:
-        self.folder, self.timeout_s = folder, timeout_s
-        self.last_state: tuple[int, int] | None = None
-        self.last_change = time.monotonic()
-
-    def _state(self) -> tuple[int, int]:
-        size = files = 0
-        for path in self.folder.rglob("*"):
-            with contextlib.suppress(OSError):
-                if path.is_file():
-                    size += path.stat().st_size
-                    files += 1
-        return size, files
-
-    def check(self, log_path: Path) -> None:
-        state = self._state()
-        now = time.monotonic()
-        if state != self.last_state:
-            self.last_state, self.last_change = state, now
-        elif now - self.last_change > self.timeout_s:
-            raise DownloadStalled(
-                f"download: no progress for {self.timeout_s:g}s (nothing written under {self.folder}): a full disk "
-                f"or a hung worker? img2dataset and its workers were stopped; free space and rerun (finished shards "
-                f"are kept). Log: {log_path}")
-
-
-def _report(state: dict[str, Any], progress: Progress | None) -> None:
-    eta = "?" if state["eta_s"] is None else f"{state['eta_s']:.0f}s"
-    log.info("download: %d/%d images done, %d successes, %.1f images/s, ETA %s", state["done"], state["total"],
-             state["successes"], state["rate"], eta)
-    if progress is not None:
-        progress({k: state[k] for k in ("stage", "done", "total", "unit", "rate", "eta_s")})
-
-
-def _read_staging_parquet(path: Path) -> pa.Table:
-    wanted = ["sample_id", "key", "status", "error_message", "width", "height", "sha256"]
-    table = read_parquet(path)
-    missing = [c for c in wanted if c not in table.column_names]
-    if missing:
-        raise ValueError(f"download: staging parquet {path} lacks columns {missing}")
-    return with_stored_hashes(table).select(wanted + STORED_HASH_COLUMNS)
-
-
-def with_stored_hashes(table: pa.Table) -> pa.Table:
-    """`table` with the stored-image hash columns, null where the staging round was written without them."""
-    for column in STORED_HASH_FIELDS:
-        if column.name not in table.column_names:
-            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
-    return table
-
-
-def _payload(cfg: DownloadConfig, urls_path: Path, output: Path) -> dict[str, Any]:
-    policy = cfg.fetch_policy()
-    return {"img2dataset": cfg.img2dataset_kwargs(urls_path, output), "max_pixels": cfg.max_pixels,
-            "policy": {"allowed_networks": list(policy.allowed_networks), "max_bytes": policy.max_bytes,
-                       "timeout": policy.timeout, "max_seconds": policy.max_seconds,
-                       "max_redirects": policy.max_redirects, "proxy": policy.proxy,
-                       "proxy_hosts": list(policy.proxy_hosts)}}
-
-
-def _write_round_urls(path: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
-    meta = {DOWNLOADS_META_KEY: json.dumps({"staging": cfg.staging_fingerprint()}, sort_keys=True).encode()}
-    write_parquet_atomic(path, urls.replace_schema_metadata(meta))
-
-
-def _round_staging(path: Path) -> Any:
-    old = (pq.read_schema(path).metadata or {}).get(DOWNLOADS_META_KEY)
-    return json.loads(old).get("staging") if old else None
-
-
-def _round_folders(staging: Path) -> list[Path]:
-    """Every round that was started (its urls.parquet written), in order."""
-    return [staging / r for r in staging_rounds(staging) if (staging / r / URLS_NAME).exists()]
-
-
-def _round_done(folder: Path, cfg: DownloadConfig) -> bool:
-    rows = pq.read_metadata(folder / URLS_NAME).num_rows
-    return len(staging_shards(folder)) >= -(-rows // cfg.number_sample_per_shard)
-
-
-def _run_round(folder: Path, urls: pa.Table, cfg: DownloadConfig, log_path: Path,
-               progress: Progress | None) -> None:
-    """img2dataset over urls (written to folder/urls.parquet already) unless every shard of the round is done."""
-    if urls.num_rows and not _round_done(folder, cfg):
-        log.info("download: %d urls in %s, %d staging shards already done", urls.num_rows, folder,
-                 len(staging_shards(folder)))
-        run_img2dataset(_payload(cfg, folder / URLS_NAME, folder), cfg, log_path, urls.num_rows, progress)
-
-
-def _resume_unfinished(staging: Path, cfg: DownloadConfig, progress: Progress | None) -> bool:
-    """Finish every round a killed build left unfinished (img2dataset's incremental mode); True if any ran."""
-    ran = False
-    for folder in _round_folders(staging):
-        if not _round_done(folder, cfg):
-            _run_round(folder, read_parquet(folder / URLS_NAME), cfg, staging / LOG_NAME, progress)
-            ran = True
-    return ran
-
-
-def _not_yet_fetched(staging: Path, urls: pa.Table) -> pa.Table:
-    """Selected (sample_id, url) pairs no round has asked for: the rows a grown or edited source added. A sample
-    whose url changed counts as new; samples no longer selected are simply not asked for again."""
-    folders = _round_folders(staging)
-    if not folders:
-        return urls
-    asked = pa.concat_tables(read_parquet(f / URLS_NAME, columns=["sample_id", "url"]) for f in folders)
-    return urls.join(asked, keys=["sample_id", "url"], join_type="left anti").sort_by("sample_id")
-
-
-def _new_round(staging: Path, rows: pa.Table, cfg: DownloadConfig, progress: Progress | None, why: str) -> None:
-    folder = staging if not (staging / URLS_NAME).exists() else \
-        staging / f"{RETRY_PREFIX}{len(staging_rounds(staging)):04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_round_urls(folder / URLS_NAME, rows, cfg)
-    log.info("download: %d %s in %s", rows.num_rows, why, folder.name)
-    _run_round(folder, rows, cfg, staging / LOG_NAME, progress)
-
-
-def _discard_other_settings(layout: BuildLayout, cfg: DownloadConfig) -> None:
-    """Rounds fetched with other image settings would mix two kinds of staged image: start over."""
-    first = layout.staging_dir / URLS_NAME
-    if first.exists() and _round_staging(first) != cfg.staging_fingerprint():
-        log.warning("download: image settings changed, discarding %s", layout.staging_dir)
-        shutil.rmtree(layout.staging_dir)
-        layout.downloads.unlink(missing_ok=True)
-
-
-# -------------------------------------------------------------------------------------------------------- the stage
 def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Progress | None = None) -> dict[str, Any]:
     """selected/* -> staging/ -> downloads.parquet (one row per selected sample). Idempotent, resumable
     (img2dataset's incremental mode continues a round from its finished staging shards) and incremental: selected
@@ -473,21 +246,21 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
         recorded = json.loads(meta) if meta else {}
         # "missing" rows mean img2dataset gave up on a shard: a rerun retries just those shards (incremental mode).
         if recorded.get("fingerprint") == fingerprint and recorded["counts"].get("missing", 0) == 0:
-            retry = _retry_candidates(layout, cfg)
+            retry = retry_candidates(layout, cfg)
             if retry.num_rows == 0:
                 return {**recorded["counts"], "skipped": True}
             return _retry_round(layout, urls, retry, cfg, fingerprint, progress)
 
-    _discard_other_settings(layout, cfg)
+    discard_other_settings(layout, cfg)
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    _resume_unfinished(staging, cfg, progress)
-    new = _not_yet_fetched(staging, urls)
+    resume_unfinished(staging, cfg, progress)
+    new = not_yet_fetched(staging, urls)
     if new.num_rows or not (staging / URLS_NAME).exists():
-        _new_round(staging, new, cfg, progress, "selected rows not fetched yet")
+        new_round(staging, new, cfg, progress, "selected rows not fetched yet")
     result = _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
     # Shards a killed build finished while its proxy was already gone: fetch their rows again now, once.
-    own = _retry_candidates(layout, replace(cfg, retry_transient=False))
+    own = retry_candidates(layout, replace(cfg, retry_transient=False))
     if own.num_rows:
         return _retry_round(layout, urls, own, cfg, fingerprint, progress)
     return result
@@ -502,99 +275,21 @@ def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprin
     return {**counts, "skipped": False}
 
 
-def _retry_candidates(layout: BuildLayout, cfg: DownloadConfig) -> pa.Table:
-    """Failures to fetch again: the build's own (proxy_unreachable) always; with retry_transient, the transient ones
-    while a sample has had fewer than max_attempts rounds."""
-    table = read_parquet(layout.downloads, columns=["sample_id", "status", "reason", "transient", "attempts"])
-    failed = pc.not_equal(table["status"], "success")
-    own = pc.is_in(table["reason"], value_set=pa.array(sorted(OWN_FAILURE_REASONS)))
-    mask = pc.and_(failed, pc.fill_null(own, False))
-    if cfg.retry_transient:
-        transient = pc.and_(pc.fill_null(table["transient"], False), pc.less(table["attempts"], cfg.max_attempts))
-        mask = pc.or_(mask, pc.and_(failed, transient))
-    return table.filter(mask).select(["sample_id"])
-
-
 def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: DownloadConfig, fingerprint: str,
                  progress: Progress | None) -> dict[str, Any]:
     """Fetch the transient failures again in a new round staging/retry-NNNN/ (an unfinished round is resumed
     first, and then counts as this run's round)."""
     started = time.perf_counter()
-    if not _resume_unfinished(layout.staging_dir, cfg, progress):
+    if not resume_unfinished(layout.staging_dir, cfg, progress):
         subset = urls.filter(pc.is_in(urls["sample_id"], value_set=retry["sample_id"]))
-        _new_round(layout.staging_dir, subset, cfg, progress, "transient failures to retry")
+        new_round(layout.staging_dir, subset, cfg, progress, "transient failures to retry")
     return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
-
-
-STAGED_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), *STORED_HASH_FIELDS,
-    ("staging_shard", pa.string()), ("attempt_at", TIMESTAMP),
-])
-MISSING_MESSAGE = "missing: not reported by any finished img2dataset staging shard"
-
-
-def _read_round(folder: Path, prefix: str, per_shard: list[dict[str, Any]]) -> pa.Table:
-    """Every finished shard of one round, with its staging_shard name and its start time."""
-    tables = []
-    for shard in staging_shards(folder):
-        path = folder / f"{shard}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"download: {shard}_stats.json exists but {path} does not")
-        stats = json.loads((folder / f"{shard}_stats.json").read_text())
-        table = _read_staging_parquet(path)
-        name = f"{prefix}/{shard}" if prefix else shard
-        table = table.append_column("staging_shard", pa.array([name] * table.num_rows, pa.string()))
-        started_ms = int(float(stats.get("start_time") or 0) * 1000)
-        table = table.append_column("attempt_at", pa.array([started_ms] * table.num_rows, pa.int64()).cast(TIMESTAMP))
-        table = table.cast(STAGED_SCHEMA)
-        statuses = Counter(table["status"].to_pylist())
-        per_shard.append({"shard": name, "rows": table.num_rows, **{s: statuses.get(s, 0) for s in STATUSES[:3]}})
-        log.info("download: staging shard %s: %d rows, %s", name, table.num_rows, dict(statuses))
-        tables.append(table)
-    staged = pa.concat_tables(tables) if tables else STAGED_SCHEMA.empty_table()
-    if len(pc.unique(staged["sample_id"])) != staged.num_rows:
-        counts = pc.value_counts(staged["sample_id"])
-        dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[0].as_py()
-        raise ValueError(f"download: sample_id {dup} appears more than once in staging round {prefix or 'first'}")
-    return staged
-
-
-def _merge_rounds(layout: BuildLayout, urls: pa.Table, per_shard: list[dict[str, Any]]) -> pa.Table:
-    """One row per selected sample: its latest round's result, attempts = rounds that reported it."""
-    base = urls.select(["sample_id", "url"])
-    n = base.num_rows
-    merged: dict[str, pa.Array] = {name: pa.nulls(n, STAGED_SCHEMA.field(name).type)
-                                   for name in STAGED_SCHEMA.names if name != "sample_id"}
-    merged["first_attempt_at"] = pa.nulls(n, TIMESTAMP)
-    attempts = pa.array([0] * n, pa.int32())
-    for prefix in staging_rounds(layout.staging_dir):
-        folder = layout.staging_dir / prefix
-        staged = _read_round(folder, prefix, per_shard)
-        asked = (read_parquet(folder / URLS_NAME, columns=["sample_id", "url"]) if (folder / URLS_NAME).exists()
-                 else base.slice(0, 0))
-        unknown = staged.filter(pc.invert(pc.is_in(staged["sample_id"], value_set=asked["sample_id"])))
-        if unknown.num_rows:  # staging rows this round never asked for: the staging folder is not ours
-            raise ValueError(f"download: staging round {prefix or 'first'} holds {unknown.num_rows} sample ids it "
-                             f"never asked for, e.g. {unknown['sample_id'].to_pylist()[:5]}")
-        # A result counts for a sample only if it was fetched from the sample's current url (an edited source row
-        # keeps its sample_id but not its image); results of samples no longer selected are left out.
-        staged = staged.join(asked, keys="sample_id", join_type="inner")
-        joined = base.join(staged, keys=["sample_id", "url"], join_type="left outer").sort_by("sample_id")
-        hit = pc.is_valid(joined["status"])
-        for name, previous in merged.items():
-            if name != "first_attempt_at":
-                merged[name] = pc.if_else(hit, joined[name], previous)
-        merged["first_attempt_at"] = pc.coalesce(merged["first_attempt_at"], joined["attempt_at"])
-        attempts = pc.add(attempts, pc.cast(hit, pa.int32()))
-    merged["attempts"] = attempts
-    return pa.table({"sample_id": base["sample_id"], "url": base["url"], **merged})
 
 
 def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: float) -> dict[str, Any]:
     """Join every finished staging shard of every round onto the selected urls (vectorised: CC12M-sized inputs)."""
     per_shard: list[dict[str, Any]] = []
-    joined = _merge_rounds(layout, urls, per_shard)
+    joined = merge_rounds(layout, urls, per_shard)
     raw_status = joined["status"]
     missing = pc.is_null(raw_status)
     known = pc.is_in(raw_status, value_set=pa.array(STATUSES[:3]))
@@ -643,93 +338,3 @@ def _collect(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, seconds: 
         raise AssertionError(f"download: counts do not add up: {counts}")
     counts["_table"] = table
     return counts
-
-
-# ----------------------------------------------------------------------------------------------- reading the images
-def _shard_images(staging: Path, shard: str, keys: dict[str, int]) -> Iterator[tuple[int, bytes]]:
-    images = {keys[name[:-len(".jpg")]]: data
-              for name, data in tario.read_members(staging / f"{shard}.tar", {f"{k}.jpg" for k in keys})}
-    lost = sorted(set(keys.values()) - set(images))
-    if lost:
-        raise FileNotFoundError(f"staging shard {shard}.tar lacks images of successful samples {lost[:10]}")
-    for sid in sorted(images):
-        yield sid, images[sid]
-
-
-def iter_staged_images(build_dir: str | Path, sample_ids: Iterable[int] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(sample_id, jpg bytes) of successful downloads, read from the staging tars, in ascending sample_id order.
-    `sample_ids` restricts the output (staging tars holding none of them are not opened). Raises if a successful
-    sample's image is absent.
-
-    Each staging shard holds ascending sample ids (every round's urls.parquet is sorted); shards of the first round
-    cover consecutive ranges, retry rounds' shards interleave with them. A shard is opened only when its smallest
-    wanted id is next, so about one shard per round is held in memory."""
-    layout = BuildLayout(Path(build_dir))
-    table = read_parquet(layout.downloads, columns=["sample_id", "status", "staging_shard", "staging_key"])
-    wanted = None if sample_ids is None else {int(s) for s in sample_ids}
-    by_shard: dict[str, dict[str, int]] = {}
-    for sid, status, shard, key in zip(*(table[c].to_pylist() for c in table.column_names)):
-        if status != "success" or (wanted is not None and sid not in wanted):
-            continue
-        by_shard.setdefault(shard, {})[key] = sid
-    if wanted is not None:
-        unknown = wanted - {sid for keys in by_shard.values() for sid in keys.values()}
-        if unknown:
-            raise KeyError(f"iter_staged_images: not successful downloads: {sorted(unknown)[:10]}")
-    pending = sorted((min(keys.values()), shard) for shard, keys in by_shard.items())
-    active: list[tuple[int, int, bytes, Iterator[tuple[int, bytes]]]] = []
-    order = 0
-    while pending or active:
-        while pending and (not active or pending[0][0] <= active[0][0]):
-            _, shard = pending.pop(0)
-            images = _shard_images(layout.staging_dir, shard, by_shard[shard])
-            sid, data = next(images)
-            order += 1
-            heapq.heappush(active, (sid, order, data, images))
-        sid, rank, data, images = heapq.heappop(active)
-        yield sid, data
-        nxt = next(images, None)
-        if nxt is not None:
-            heapq.heappush(active, (nxt[0], rank, nxt[1], images))
-
-
-def _driver_main(argv: list[str]) -> int:
-    """Entry point of the img2dataset subprocess: argv[0] is the JSON payload (img2dataset kwargs, fetch policy,
-    pixel cap)."""
-    payload = json.loads(argv[0])
-    # First, before the heavy imports: an orphaned img2dataset must never write into the folder of a build that died.
-    exit_with_parent(payload.get("parent_pid"))
-    _leave_unused_packages_unloaded()
-    from curation import download_worker  # imported here: the parent process never pays for img2dataset
-    policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
-    download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
-    return 0
-
-
-# img2dataset imports these at module level for things the download stage never does: webdataset (and through it
-# torch) for its webdataset writer, which `curation.download_worker.StagingSampleWriter` replaces; wandb for W&B
-# logging (enable_wandb is always False); albumentations for its resizer and bounding-box blurring (replaced, and
-# refused by DownloadConfig). Loading them cost ~2.8 s of CPU in the driver, in each worker and in img2dataset's
-# logger process: more than the image work of a 2,000-image round on two cores.
-UNUSED_BY_THE_DOWNLOAD = ("webdataset", "wandb", "albumentations")
-
-
-class _Unloaded(ModuleType):
-    """Stands in for a package img2dataset imports but the download processes never use: any use fails loudly."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(f"{self.__name__}.{name}: {self.__name__} is not loaded in cc4m's download processes "
-                             f"(curation.download.UNUSED_BY_THE_DOWNLOAD); this img2dataset feature is not supported")
-
-
-def _leave_unused_packages_unloaded() -> None:
-    """Only in the img2dataset driver and the processes it spawns (never in a process that may need them)."""
-    for name in UNUSED_BY_THE_DOWNLOAD:
-        sys.modules.setdefault(name, _Unloaded(name))
-
-
-if __name__ == "__mp_main__":  # a process img2dataset's driver spawned (its workers, its logger) re-imports us so
-    _leave_unused_packages_unloaded()
-
-if __name__ == "__main__":  # the spawn-safe guard img2dataset's worker pool needs
-    sys.exit(_driver_main(sys.argv[1:]))

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import inspect
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +41,41 @@ from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
 
 # `img2dataset.main` the attribute is the CLI function (the package re-exports it); the module is what we patch.
 i2d_main = importlib.import_module("img2dataset.main")
+
+# The img2dataset this module was written against: it replaces `download_image_with_retry` and subclasses
+# `Downloader`, so another version (upstream master already added a parameter) would fail every shard. Pinned in
+# pyproject.toml and requirements.lock.txt; checked when the download starts.
+SUPPORTED_IMG2DATASET = "1.47.0"
+REPLACED_SIGNATURES = {
+    "img2dataset.downloader.download_image_with_retry": (
+        "row", "timeout", "retries", "user_agent_token", "disallowed_header_directives"),
+    "img2dataset.downloader.Downloader.__init__": (
+        "self", "sample_writer_class", "resizer", "thread_count", "save_caption", "extract_exif", "output_folder",
+        "column_list", "timeout", "number_sample_per_shard", "oom_shard_count", "compute_hash", "verify_hash_type",
+        "encode_format", "retries", "user_agent_token", "disallowed_header_directives", "blurring_bbox_col"),
+    "img2dataset.writer.WebDatasetSampleWriter.__init__": (
+        "self", "shard_id", "output_folder", "save_caption", "oom_shard_count", "schema", "encode_format"),
+}
+
+
+class UnsupportedImg2dataset(RuntimeError):
+    """The installed img2dataset is not the one the guarded download replaces parts of."""
+
+
+def check_supported_img2dataset() -> None:
+    """Raise UnsupportedImg2dataset (one line naming the supported version) unless the installed img2dataset is the
+    supported version and the functions the download replaces or subclasses have the signatures it was written for."""
+    installed = importlib.metadata.version("img2dataset")
+    targets = {"img2dataset.downloader.download_image_with_retry": i2d_downloader.download_image_with_retry,
+               "img2dataset.downloader.Downloader.__init__": i2d_downloader.Downloader.__init__,
+               "img2dataset.writer.WebDatasetSampleWriter.__init__": i2d_writer.WebDatasetSampleWriter.__init__}
+    changed = [name for name, fn in targets.items()
+               if tuple(inspect.signature(fn).parameters) != REPLACED_SIGNATURES[name]]
+    if installed != SUPPORTED_IMG2DATASET or changed:
+        what = f"img2dataset {installed} is installed" + (f" and {', '.join(changed)} changed signature"
+                                                          if changed else "")
+        raise UnsupportedImg2dataset(f"cc4m's download supports img2dataset=={SUPPORTED_IMG2DATASET} only ({what}); "
+                                     f"install it: pip install img2dataset=={SUPPORTED_IMG2DATASET}")
 
 
 def guarded_download_with_retry(row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None,
@@ -148,6 +185,7 @@ def make_resizer(max_pixels: int, image_size: int, resize_mode: str, encode_qual
 
 def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int) -> None:
     """img2dataset.download with the guarded fetch and our decoder swapped in."""
+    check_supported_img2dataset()
     i2d_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
     i2d_main.Resizer = functools.partial(make_resizer, max_pixels)
     i2d_main.download(**img2dataset_kwargs)

@@ -252,12 +252,22 @@ def spacy_model_version(model: str) -> str:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    try:
-        import spacy
+    # Parse's fingerprint holds this version, so that a model upgrade reparses: a failure to read it must stop the
+    # build, never become a constant such as "unknown" that would serve stale entities after an upgrade.
+    import spacy
 
-        return str(spacy.info(model).get("version", "unknown"))
-    except Exception:  # noqa: BLE001 - version reporting must never break extraction
-        return "unknown"
+    try:
+        version = spacy.info(model).get("version")
+    except Exception as err:
+        raise SpacyVersionUnknown(f"cannot read the version of spaCy model {model!r} ({type(err).__name__}: "
+                                  f"{err}); parse's fingerprint needs it. Install the model package") from err
+    if not version:
+        raise SpacyVersionUnknown(f"spaCy model {model!r} records no version; parse's fingerprint needs it")
+    return str(version)
+
+
+class SpacyVersionUnknown(RuntimeError):
+    """The installed spaCy or spaCy model has no readable version (parse's fingerprint needs one)."""
 
 
 @functools.cache
@@ -266,8 +276,9 @@ def spacy_version() -> str:
 
     try:
         return metadata.version("spacy")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    except metadata.PackageNotFoundError as err:
+        raise SpacyVersionUnknown("spaCy is not installed as a package (no version to record in parse's "
+                                  "fingerprint); install spacy") from err
 
 
 class EntityExtractor:

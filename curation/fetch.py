@@ -267,12 +267,37 @@ def normalize_url(url: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------ deadlines
 class _Watch:
-    __slots__ = ("done", "expired", "sock")
+    """One fetch's deadline. Every socket the fetch opens (each redirect hop's, the TLS one) is `attach`ed, so the
+    watchdog shuts down whichever socket is current when the deadline passes; a socket attached after it passed
+    (a slow DNS answer, a connect that outlived it) is refused at once instead of being read without a deadline."""
 
-    def __init__(self) -> None:
+    __slots__ = ("deadline", "done", "expired", "max_seconds", "sock")
+
+    def __init__(self, deadline: float = float("inf"), max_seconds: float = float("inf")) -> None:
         self.sock: socket.socket | None = None
         self.expired = False
         self.done = False
+        self.deadline, self.max_seconds = deadline, max_seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises the fetch's timeout when none are (checked before every blocking step)."""
+        left = self.deadline - time.monotonic()
+        if self.expired or left <= 0:
+            self.expired = True
+            raise FetchError("timeout", f"transfer exceeded {self.max_seconds:g}s")
+        return left
+
+    def attach(self, sock: socket.socket, timeout: float) -> socket.socket:
+        """Watch `sock` from now on; its per-operation timeout never reaches past the deadline. The order matters:
+        the watchdog sets `expired` and then reads `sock`, this sets `sock` and then reads `expired`, so one of the
+        two always sees the other and a late socket is never left unwatched."""
+        self.sock = sock
+        try:
+            sock.settimeout(min(timeout, self.remaining()))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 class _Watchdog:
@@ -284,8 +309,8 @@ class _Watchdog:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def watch(self, deadline: float) -> _Watch:
-        entry = _Watch()
+    def watch(self, deadline: float, max_seconds: float = float("inf")) -> _Watch:
+        entry = _Watch(deadline, max_seconds)
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cc4m-fetch-watchdog", daemon=True)
@@ -333,7 +358,8 @@ def _ssl_context() -> ssl.SSLContext:
 
 # ----------------------------------------------------------------------------------------------------- the fetch
 def _connect_checked(target: Target, policy: FetchPolicy, watch: _Watch, resolver: Resolver) -> socket.socket:
-    ips = resolve(target.host, target.port, resolver)
+    watch.remaining()
+    ips = resolve(target.host, target.port, resolver)  # a resolver cannot be interrupted: checked right after it
     refusals = [(ip, address_refusal(ip, policy._networks)) for ip in ips]
     allowed = [ip for ip, why in refusals if why is None]
     if not allowed:
@@ -341,9 +367,8 @@ def _connect_checked(target: Target, policy: FetchPolicy, watch: _Watch, resolve
         raise FetchError("blocked_address", f"{target.host} -> {ip} is {why}")
     last: OSError | None = None
     for ip in allowed:  # the checked address itself, never the name again
-        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
-        watch.sock = sock
-        sock.settimeout(policy.timeout)
+        sock = watch.attach(socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                          socket.SOCK_STREAM), policy.timeout)
         try:
             sock.connect((str(ip), target.port))
         except OSError as err:
@@ -365,17 +390,20 @@ def _open(target: Target, policy: FetchPolicy, watch: _Watch, resolver: Resolver
     if proxied:  # the operator's proxy for reserved .invalid hosts: trusted by configuration, not by the URL list
         proxy = urlsplit(policy.proxy)
         try:
-            sock = socket.create_connection((proxy.hostname, proxy.port), timeout=policy.timeout)
+            sock = socket.create_connection((proxy.hostname, proxy.port), timeout=min(policy.timeout,
+                                                                                     watch.remaining()))
         except ConnectionRefusedError as err:
             # The build's own proxy is gone (it lives in the build's process: the build was killed). Not the web's
-            # answer about this URL: a rerun fetches these rows again (curation.download).
+            # answer about this URL: a rerun fetches these rows again (curation.download_rounds).
             raise FetchError("proxy_unreachable", f"the build's proxy {policy.proxy} refused: {err}") from None
-        watch.sock = sock
+        watch.attach(sock, policy.timeout)
     else:
         sock = _connect_checked(target, policy, watch, resolver)
         if target.scheme == "https":
-            sock = _ssl_context().wrap_socket(sock, server_hostname=target.host)
-            watch.sock = sock
+            # The handshake after attaching: the wrapped socket is the one the watchdog can shut down.
+            sock = watch.attach(_ssl_context().wrap_socket(sock, server_hostname=target.host,
+                                                           do_handshake_on_connect=False), policy.timeout)
+            sock.do_handshake()
     conn = http.client.HTTPConnection(target.host, target.port, timeout=policy.timeout)
     conn.sock = sock
     conn.putrequest("GET", target.url if proxied else target.path, skip_host=True, skip_accept_encoding=True)
@@ -470,7 +498,7 @@ def _classify(err: BaseException, watch: _Watch, policy: FetchPolicy) -> FetchEr
 
 def fetch(url: str, policy: FetchPolicy, resolver: Resolver = system_resolver) -> IO[bytes]:
     """GET `url` under `policy`; return the body as a readable binary file (at position 0); raise FetchError."""
-    watch = _WATCHDOG.watch(time.monotonic() + policy.max_seconds)
+    watch = _WATCHDOG.watch(time.monotonic() + policy.max_seconds, policy.max_seconds)
     seen: set[str] = set()
     try:
         for _ in range(policy.max_redirects + 1):

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet, sha256_file, write_json_atomic, write_parquet_atomic
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 PREVIOUS_IDS = "previous_written.parquet"
 PREVIOUS_RECORD = "previous.json"

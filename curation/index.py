@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import fingerprint_of, parquet_digest, read_parquet, unit_content, write_parquet_atomic
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 
 PARTNER_MODES = ("uniform", "embedding")

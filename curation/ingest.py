@@ -50,7 +50,7 @@ from curation.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 DONE_MARKER = "ingest-done.json"
 # Bump when the same source rows would give different part contents: every part is then rewritten.
@@ -85,6 +85,10 @@ INGEST_SCHEMA = pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("ca
 REJECT_SCHEMA = pa.schema(
     [("sample_id", pa.int64()), ("line", pa.int64()), ("raw", pa.string()), ("reason", pa.string())]
 )
+
+
+class SourceError(ValueError):
+    """The build's source is missing, unreadable or not a source at all; found before anything is written."""
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import tario
-from curation.download import STATUSES
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet
-from curation.layout import BuildLayout
+from curation.staging import STATUSES
+from manifests.layout import BuildLayout
 
 INGEST_DONE = Path("ingest") / DONE_MARKER
 

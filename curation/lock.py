@@ -22,12 +22,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from curation.io import remove_stale_temporaries
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".cc4m-build.lock"
-# img2dataset's own scratch folder: it holds per-shard temporaries that only a live img2dataset uses.
-IMG2DATASET_TMP = Path("staging") / "_tmp"
 
 
 class BuildLocked(RuntimeError):
@@ -86,7 +85,7 @@ class BuildLock:
 
     def _clean_after_dead_builds(self) -> None:
         self.removed_temporaries = remove_stale_temporaries(self.build_dir)
-        scratch = self.build_dir / IMG2DATASET_TMP
+        scratch = BuildLayout(self.build_dir).staging_tmp_dir  # temporaries only a live img2dataset uses
         if scratch.exists():
             shutil.rmtree(scratch)
             self.removed_temporaries.append(scratch)

@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.download import STATUSES
 from curation.history import changes_since_previous
 from curation.invariants import INGEST_DONE, check_invariants, shard_members
 from curation.io import read_json, read_parquet, sha256_file, write_json_atomic
-from curation.layout import BuildLayout, shard_name
 from curation.reshard import SHARD_META_KEY
 from curation.select import selected_counts
+from curation.staging import STATUSES
+from manifests.layout import BuildLayout, shard_name
 from manifests.schema import SCHEMA_VERSION, BuildManifest, count_problems, validate_manifest
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary

@@ -30,8 +30,8 @@ from curation.io import (
     with_unit_record,
     write_parquet_atomic,
 )
-from curation.layout import BuildLayout
 from curation.progress import Progress, ProgressCallback
+from manifests.layout import BuildLayout
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from curation import svgplot
 from curation.io import read_json, sha256_file, write_bytes_atomic
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
 PLOTS = {

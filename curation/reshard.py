@@ -25,16 +25,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import tario
-from curation.download import iter_staged_images
 from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, read_parquet, sha256_file, table_digest, write_parquet_atomic
-from curation.layout import BuildLayout, part_name, shard_for_rank, shard_name
 from curation.progress import Progress, ProgressCallback
+from curation.staging import iter_staged_images
+from manifests.layout import PART_GLOB, SHARD_GLOB, BuildLayout, part_name, sample_key, shard_for_rank, shard_name
 
 log = logging.getLogger(__name__)
 
 SHARD_META_KEY = b"cc4m.shard"
-KEY_DIGITS = 12
 ENTITY_WORD = pa.struct([("word", pa.string()), ("class", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 META_SCHEMA = pa.schema([
     ("sample_id", pa.int64()), ("shard", pa.string()), ("position", pa.int32()), ("caption", pa.string()),
@@ -61,10 +60,6 @@ class ShardConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sample_key(sample_id: int) -> str:
-    return f"{int(sample_id):0{KEY_DIGITS}d}"
 
 
 def _shard_fingerprint(samples: pa.Table, partners: _Partners, lo: int, hi: int, cfg: ShardConfig) -> str:
@@ -224,8 +219,8 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
     todo = [i for i, (lo, hi) in enumerate(bounds) if not _is_done(layout, i, hi - lo, fingerprints[i], cfg)]
 
     # Outputs of an older, larger plan must not linger: they would be read as part of this build.
-    stale = [path for directory, pattern, namer in ((layout.shards_dir, "cc4m-*.tar", shard_name),
-                                                    (layout.meta_dir, "part-*.parquet", part_name))
+    stale = [path for directory, pattern, namer in ((layout.shards_dir, SHARD_GLOB, shard_name),
+                                                    (layout.meta_dir, PART_GLOB, part_name))
              for path in (sorted(directory.glob(pattern)) if directory.exists() else ())
              if path.name not in {namer(i) for i in range(n_shards)}]
 

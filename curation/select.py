@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import fingerprint_of, read_parquet, unit_content, unit_record, with_unit_record, write_parquet_atomic
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
 SELECT_COUNTS_KEY = b"cc4m.select"

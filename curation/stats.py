@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 
 from curation.io import write_bytes_atomic
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 READY_QUERIES: dict[str, str] = {
     "entity_frequency": "SELECT class, count(*) AS samples FROM entities GROUP BY class ORDER BY samples DESC, class",

@@ -8,17 +8,22 @@ Here:
     files) hands the file to tarfile, so an unusual tar is read correctly, only slower;
   - `read_members` yields (name, bytes) of the members wanted;
   - `ShardWriter` writes the deterministic USTAR our shards use (mtime 0, uid/gid 0, empty user names, mode 0644),
-    byte for byte what `tarfile.open(..., format=USTAR_FORMAT)` wrote for them, and knows each member's data offset.
+    byte for byte what `tarfile.open(..., format=USTAR_FORMAT)` wrote for them, and knows each member's data offset;
+    `write_tar` is one under a temporary name, renamed when complete. Every tar the project writes (final shards,
+    staging shards, webdataset test sources) is written here.
 """
 from __future__ import annotations
 
 import mmap
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from curation.io import atomic_path
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads an archive to whole records
@@ -195,3 +200,13 @@ class ShardWriter:
     def close(self) -> None:
         end = self.pos + 2 * BLOCK
         self.fh.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+
+
+@contextmanager
+def write_tar(path: str | Path) -> Iterator[ShardWriter]:
+    """A tar written under a temporary name and renamed when complete (curation.io's atomic rule): add members with
+    `.add(name, data)`; the end-of-archive blocks are written when the block ends without an error."""
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        writer = ShardWriter(fh)
+        yield writer
+        writer.close()

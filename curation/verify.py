@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.download import STATUSES, round_shards
 from curation.fetch import is_transient
 from curation.io import read_parquet
-from curation.layout import BuildLayout
+from curation.staging import STATUSES, round_shards
+from manifests.layout import BuildLayout
 
 
 class BuildQualityError(RuntimeError):

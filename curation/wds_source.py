@@ -5,14 +5,15 @@ A source is a folder of `.tar` shards, a glob (`/data/cc12m/*.tar`) or a brace p
 members sharing a key: `<key>.jpg` (or .jpeg/.png/.webp), `<key>.txt` (the caption) and optionally `<key>.json`
 (img2dataset's: `url`, `caption`, ...). Nothing is downloaded from the URLs: the image bytes come from the shard.
 
-Two steps replace ingest and download of a TSV build, with the same outputs, so every later stage is unchanged:
+`WebDatasetSource` is this kind's curation.source.Source. Its two steps replace ingest and download of a TSV
+build, with the same outputs, so every later stage is unchanged:
 
 - `ingest_wds`: one ingest part per source shard (part index = shard index) with sample_id, url, caption,
   source_shard, source_key; a rejects part per shard with the reason of every sample that cannot be used
   (`empty_caption`, `bad_utf8`, `caption_too_long`, `no_image`, `duplicate_key`).
 - `extract_selected`: for the selected samples, the image bytes through `curation.imaging.to_stored_jpeg` (EXIF,
   pixel cap, resize as configured) into `staging/NNNNN.tar` + `NNNNN.parquet` + `NNNNN_stats.json` and
-  downloads.parquet, the layout `curation.download.iter_staged_images` and the verify stage read. An image that
+  downloads.parquet, the layout `curation.staging.iter_staged_images` and the verify stage read. An image that
   cannot be stored is a `failed_to_resize` row whose error names the reason (`undecodable: ...`).
 
 Sample ids (stable across reruns): the img2dataset key as a number when it is all digits (at most 15 of them:
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -36,7 +36,6 @@ import re
 import shutil
 import tarfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -52,20 +51,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from curation.download import (
-    DOWNLOADS_META_KEY,
-    DOWNLOADS_SCHEMA,
-    STATUSES,
-    TIMESTAMP,
-    DownloadConfig,
-    with_stored_hashes,
-)
+from curation import tario
+from curation.download import DownloadConfig
 from curation.fetch import is_transient, reason_of
 from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
-from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig
+from curation.ingest import DONE_MARKER, REJECT_SCHEMA, IngestConfig, SourceError
 from curation.io import (
-    atomic_path,
     fingerprint_of,
     read_json,
     read_parquet,
@@ -74,8 +66,10 @@ from curation.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from curation.layout import BuildLayout, part_name
 from curation.progress import Progress, ProgressCallback
+from curation.staging import DOWNLOADS_META_KEY, DOWNLOADS_SCHEMA, STATUSES, TIMESTAMP, with_stored_hashes
+from manifests.layout import BuildLayout, part_name
+from manifests.locations import is_url, open_location
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +92,6 @@ STAGED_SCHEMA = pa.schema([
 
 
 # ------------------------------------------------------------------------------------------------ naming the shards
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
-
-
 def is_wds_source(source: str | Path) -> bool:
     """A folder, a `.tar` file or glob, or a brace pattern: a webdataset source (a TSV/parquet otherwise)."""
     text = str(source).strip()
@@ -111,20 +101,20 @@ def is_wds_source(source: str | Path) -> bool:
         return True
     if text.split("?", 1)[0].endswith(".tar"):
         return True
-    return not _is_url(text) and Path(text).is_dir()
+    return not is_url(text) and Path(text).is_dir()
 
 
 def expand_shards(source: str | Path) -> list[str]:
     """The shards of a source, in the order that fixes shard indexes: brace order as written, else sorted names."""
     text = str(source)
-    if not _is_url(text) and Path(text).is_dir():
+    if not is_url(text) and Path(text).is_dir():
         shards = sorted(str(p) for p in Path(text).glob("*.tar"))
         if not shards:
             raise FileNotFoundError(f"webdataset source {text}: the folder holds no .tar shards")
         return shards
     shards = []
     for item in braceexpand(text):
-        if _is_url(item):
+        if is_url(item):
             shards.append(item)
         elif glob.has_magic(item):
             found = sorted(glob.glob(item))
@@ -133,12 +123,41 @@ def expand_shards(source: str | Path) -> list[str]:
             shards += found
         else:
             shards.append(item)
-    missing = [s for s in shards if not _is_url(s) and not Path(s).is_file()]
+    missing = [s for s in shards if not is_url(s) and not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"webdataset source {text}: {len(missing)} shard(s) not found, e.g. {missing[:3]}")
     if len(set(shards)) != len(shards):
         raise ValueError(f"webdataset source {text} names a shard twice")
     return shards
+
+
+class WebDatasetSource:
+    """A crawl already made, as webdataset shards (the module docstring): the curation.source.Source of a crawl.
+    Its ingest reads the shards' captions; its materialization extracts the selected images from the shards."""
+
+    def __init__(self, source: str) -> None:
+        self.location = source
+
+    def check(self) -> None:
+        try:
+            expand_shards(self.location)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{exc}. Check the shard folder, glob or brace pattern") from exc
+
+    def absolute_location(self) -> str:
+        # absolute(), not resolve(): a glob or brace pattern stays as written
+        return self.location if is_url(self.location) else str(Path(self.location).absolute())
+
+    def remote_copy(self, build_dir: str | Path) -> Path | None:
+        return None  # never fetched whole: ingest and extraction stream the shards
+
+    def ingest(self, build_dir: str | Path, cfg: IngestConfig, progress: ProgressCallback | None = None,
+               processes: int = 1) -> dict[str, Any]:
+        return ingest_wds(self.location, build_dir, cfg, progress, processes)
+
+    def materialize(self, build_dir: str | Path, cfg: DownloadConfig,
+                    progress: ProgressCallback | None = None) -> dict[str, Any]:
+        return extract_selected(build_dir, cfg, progress)
 
 
 class _HashingReader:
@@ -159,9 +178,9 @@ class _HashingReader:
 
 
 @contextmanager
-def open_shard(shard: str) -> Iterator[_HashingReader]:
-    """Stream a local or http(s) shard."""
-    raw = urllib.request.urlopen(shard, timeout=HTTP_TIMEOUT_S) if _is_url(shard) else open(shard, "rb")  # noqa: SIM115 - closed below
+def hashed_shard(shard: str) -> Iterator[_HashingReader]:
+    """Stream a local or remote shard (manifests.locations), hashing what is read."""
+    raw = open_location(shard, timeout=HTTP_TIMEOUT_S)
     try:
         yield _HashingReader(raw)
     finally:
@@ -231,7 +250,7 @@ def _shard_rows(shard: str, index: int, cfg: IngestConfig) -> tuple[list[dict], 
     ok: list[dict] = []
     bad: list[dict] = []
     seen: set[str] = set()
-    with open_shard(shard) as stream:
+    with hashed_shard(shard) as stream:
         for position, (key, files) in enumerate(iter_shard_samples(stream)):
             sid = sample_id_for(key, index, position)
             caption, url, reason = _caption(files)
@@ -380,7 +399,7 @@ def _extract_one(job: _ShardJob) -> int:
     rows: list[dict[str, Any]] = []
     extracted: set[str] = set()
     started = time.perf_counter()
-    with open_shard(job.shard) as stream, write_tar(staging / f"{name}.tar") as tar:
+    with hashed_shard(job.shard) as stream, tario.write_tar(staging / f"{name}.tar") as tar:
         for key, files in iter_shard_samples(stream):
             sid = job.wanted.get(key)
             if sid is None or key in extracted:  # a repeated key: ingest kept its first sample only
@@ -393,7 +412,7 @@ def _extract_one(job: _ShardJob) -> int:
             except ImageRejected as err:
                 rows.append({**row, "status": "failed_to_resize", "error_message": str(err)[:500], "sha256": None})
                 continue
-            add_member(tar, f"{key}.jpg", stored.jpeg)
+            tar.add(f"{key}.jpg", stored.jpeg)
             stored_sha256, stored_phash = stored_hashes(stored.jpeg)  # here, in the parallel workers (see dedup)
             rows.append({**row, "status": "success", "error_message": None, "width": stored.width,
                          "height": stored.height, "stored_sha256": stored_sha256, "stored_phash": stored_phash})
@@ -413,19 +432,6 @@ def _extract_one(job: _ShardJob) -> int:
         "source_shard": job.shard, "cc4m_fingerprint": job.fingerprint,
     })
     return len(rows)
-
-
-@contextmanager
-def write_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar written under a temporary name and renamed when complete (curation.io's atomic rule)."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
-        yield tar
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _selected_sources(layout: BuildLayout) -> pa.Table:
@@ -502,7 +508,7 @@ def extract_selected(build_dir: str | Path, cfg: DownloadConfig,
 def _plan_jobs(wanted: dict[str, dict[str, int]], infos: dict[str, tuple[int, str]], staging: str, spec: ImageSpec,
                fingerprint: str) -> list[_ShardJob]:
     """One job per source shard with selected samples, named in ascending id order. Later stages read staging
-    shards by name expecting ascending sample ids (curation.download.iter_staged_images), so shards whose id
+    shards by name expecting ascending sample ids (curation.staging.iter_staged_images), so shards whose id
     ranges interleave are refused (img2dataset keys are shard * 10^k + row: they never do)."""
     ordered = sorted(wanted.items(), key=lambda kv: min(kv[1].values()))
     for (a, keys_a), (b, keys_b) in itertools.pairwise(ordered):

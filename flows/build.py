@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import replace
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,53 +24,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from curation.build import check_source
-from curation.config import BuildConfig
+from curation.config import config_with_overrides
 from curation.lock import BuildLock
-from flows.tasks import (
-    dedup_task,
-    download_task,
-    fetch_source,
-    index_task,
-    ingest_task,
-    manifest_task,
-    parse_task,
-    prepare_task,
-    report_task,
-    reshard_task,
-    select_task,
-    verify_task,
-)
+from curation.sample.server import serving_sample
+from curation.source import open_source
+from curation.stages import STAGE_PLAN, ingest_parts
+from flows.tasks import fetch_source, prepare_task, report_markdown_task, stage_task
 
 TaskRunnerKind = Literal["threads", "dask"]
-
-# Flat convenience overrides (what people type) -> their place in BuildConfig.to_dict().
-OVERRIDE_SHORTCUTS: dict[str, tuple[str, str]] = {
-    "samples_per_shard": ("shard", "samples_per_shard"),
-    "processes": ("download", "processes_count"),
-    "threads": ("download", "thread_count"),
-    "image_size": ("download", "image_size"),
-    "distributor": ("download", "distributor"),
-    "rows_per_part": ("ingest", "rows_per_part"),
-}
-
-
-def merge_config(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Deep-merge `overrides` (nested like BuildConfig.to_dict(), or OVERRIDE_SHORTCUTS keys) into `base`."""
-    merged = json.loads(json.dumps(base, default=list))
-    for key, value in (overrides or {}).items():
-        if key in OVERRIDE_SHORTCUTS:
-            section, field_name = OVERRIDE_SHORTCUTS[key]
-            merged.setdefault(section, {})[field_name] = value
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_config(merged[key], value)
-        elif key in merged:
-            merged[key] = value
-        else:
-            raise ValueError(f"unknown build config key {key!r}; known: {sorted(merged)} + "
-                             f"{sorted(OVERRIDE_SHORTCUTS)}")
-    return merged
-
 
 def sum_counts(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up per-part count dicts: numbers are summed, nested dicts of numbers merged, other values dropped."""
@@ -107,14 +68,17 @@ def _log_counts(stage: str, counts: dict[str, Any]) -> None:
     get_run_logger().info("%s: %s", stage, json.dumps(scalars, sort_keys=True, default=str))
 
 
-@flow(name="parse-select")
-def parse_select(build_dir: str, parts: list[str], parse_cfg: dict[str, Any],
-                 select_cfg: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Fan-out: one parse task then one select task per ingest part; every future is resolved, so any failure
-    fails this subflow and hence the build."""
-    parsed = [parse_task.submit(build_dir, part, parse_cfg) for part in parts]
-    selected = [select_task.submit(build_dir, part, select_cfg, wait_for=[p]) for part, p in zip(parts, parsed)]
-    return {"parse": [f.result() for f in parsed], "select": [f.result() for f in selected]}
+@flow(name="per-part-stages")
+def per_part_stages(parts: list[str], stages: list[str], build_config: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Fan-out: one task per (part, stage), each part's stages in plan order; every future is resolved, so any
+    failure fails this subflow and hence the build."""
+    futures: dict[str, list[Any]] = {}
+    before: list[Any] = [None] * len(parts)
+    for stage in stages:
+        run = stage_task.with_options(name=stage)
+        futures[stage] = before = [run.submit(stage, build_config, part, wait_for=[b] if b is not None else None)
+                                   for part, b in zip(parts, before)]
+    return {stage: [f.result() for f in fs] for stage, fs in futures.items()}
 
 
 @task(name="make-sample", cache_policy=None)
@@ -123,22 +87,6 @@ def make_sample_task(sample_dir: str, n_rows: int | None) -> dict[str, str]:
 
     info = make_sample(Path(sample_dir), **({} if n_rows is None else {"n_rows": n_rows}))
     return {"source_tsv": str(info.source_tsv), "eval_dir": str(info.eval_dir), "root": str(Path(sample_dir))}
-
-
-@contextmanager
-def _sample_server(root: str | None, download_timeout_s: float) -> Iterator[str | None]:
-    """The embedded sample's image server (its http proxy URL) while the block runs; None when not a sample.
-    Its deliberately slow URLs answer just after the download timeout, so they fail as intended."""
-    if root is None:
-        yield None
-        return
-    from curation.sample import SampleImageServer
-
-    server = SampleImageServer(Path(root), slow_seconds=download_timeout_s + 1)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 def default_sample_dir(build_dir: str | Path) -> Path:
@@ -176,44 +124,44 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
     # One build at a time per folder, held for the whole flow run (curation.lock): a second run fails at once.
     with BuildLock(build_path):
         source_path = fetch_source(source, build_path)
-        check_source(source_path)  # a mistyped source fails here, before config.json is written
-        cfg = BuildConfig.from_dict(merge_config(BuildConfig(source=source_path, build_dir=build_path).to_dict(), config))
-        cfg_dict = cfg.to_dict()
-        prepare_task(cfg_dict)
-        logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
-
-        results: dict[str, Any] = {"ingest": ingest_task(source_path, build_path, cfg_dict["ingest"],
-                                                         processes=cfg_dict["download"]["processes_count"])}
-        _log_counts("ingest", results["ingest"])
-
-        fan_out = parse_select.with_options(task_runner=make_task_runner(task_runner, dask_address, dask_workers))
-        per_part = fan_out(build_path, results["ingest"]["parts"], cfg_dict["parse"], cfg_dict["select"])
-        for stage in ("parse", "select"):
-            results[stage] = per_part[stage]  # per-part lists: the manifest adds them up and reads parse's versions
-            _log_counts(stage, sum_counts(per_part[stage]))
-
-        download_cfg = dict(cfg_dict["download"])
-        with _sample_server(sample_info["root"] if sample_info else None, download_cfg["timeout"]) as proxy_url:
-            results["download"] = download_task(build_path, download_cfg, http_proxy=proxy_url, source=source_path)
-        _log_counts("download", results["download"])
-        for stage, config_key, run in (("verify", "verify", verify_task), ("dedup", "dedup", dedup_task),
-                                       ("index", "index", index_task), ("reshard", "shard", reshard_task)):
-            results[stage] = run(build_path, cfg_dict[config_key])
-            _log_counts(stage, results[stage])
-
-        manifest_path = manifest_task(build_path, cfg_dict, results)
-        report = report_task(build_path)
-        logger.info("manifest %s, report %s", manifest_path, report["path"])
-        create_markdown_artifact(markdown=report["markdown"], key="build-cc4m-report",
+        open_source(source_path).check()  # a mistyped source fails here, before config.json is written
+        cfg = config_with_overrides(source_path, build_path, overrides=config)
+        with serving_sample(sample_info["root"] if sample_info else None, cfg.download.timeout) as proxy_url:
+            if proxy_url:
+                cfg = replace(cfg, download=replace(cfg.download, http_proxy=proxy_url))
+            prepare_task(cfg.to_dict())
+            logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
+            results = run_plan(cfg.to_dict(), make_task_runner(task_runner, dask_address, dask_workers))
+        markdown = report_markdown_task(build_path)
+        manifest_path, report_path = results["manifest"]["path"], results["report"]["path"]
+        logger.info("manifest %s, report %s", manifest_path, report_path)
+        create_markdown_artifact(markdown=markdown, key="build-cc4m-report",
                                  description=f"CC4M build report for {build_path}")
         create_table_artifact(table=counts_table(results), key="build-cc4m-counts",
                               description=f"Per-stage counts of {build_path}")
 
-    summary: dict[str, Any] = {"build_dir": build_path, "manifest": manifest_path, "report": report["path"],
+    summary: dict[str, Any] = {"build_dir": build_path, "manifest": manifest_path, "report": report_path,
                                "counts": results, "sample": sample_info}
     if then_train:
         summary["train"] = _train_and_evaluate(build_path, sample_info, train or {})
     return summary
+
+
+def run_plan(build_config: dict[str, Any], fan_out_runner: TaskRunner) -> dict[str, Any]:
+    """Every stage of the plan (curation.stages) as a task named after it; consecutive per-part stages run as one
+    fan-out subflow on `fan_out_runner`. Returns each stage's result (per-part stages: a list per part)."""
+    results: dict[str, Any] = {}
+    for per_part, group in groupby(STAGE_PLAN, key=lambda stage: stage.per_part):
+        names = [stage.name for stage in group]
+        if per_part:
+            fan_out = per_part_stages.with_options(task_runner=fan_out_runner)
+            results.update(fan_out(ingest_parts(results), names, build_config))
+        else:
+            for name in names:
+                results[name] = stage_task.with_options(name=name)(name, build_config, results=dict(results))
+        for name in names:
+            _log_counts(name, sum_counts(results[name]) if per_part else results[name])
+    return results
 
 
 def counts_table(results: dict[str, Any]) -> list[dict[str, Any]]:

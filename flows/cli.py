@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command] = {
                    "run SQL over a build's views (samples, entities, partners, cooccurrence, downloads)"),
     "sample": Command("curation.sample.cli", "add_sample_arguments", "cli_sample",
                       "render the embedded sample (captions, images, masks, evaluation set) into a folder"),
-    "train": Command("ovseg_core.train.loop", "add_train_arguments", "cli_train",
+    "train": Command("ovseg_core.train.cli", "add_train_arguments", "cli_train",
                      "train OVSegmentor on a CC4M build (CPU in-process; torchrun for several GPUs)"),
     "eval": Command("ovseg_core.evaluation.evaluate", "add_eval_arguments", "cli_eval",
                     "zero-shot segmentation mIoU of a checkpoint on a VOC/Context/COCO-Object/ADE20K/sample folder"),

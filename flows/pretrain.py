@@ -1,8 +1,8 @@
 """Flow `pretrain`: train OVSegmentor on a CC4M build and register the checkpoint in the model registry.
 
 devices == 1 and nodes == 1: in-process (CPU, or one GPU). More: `torchrun --nnodes N --nproc_per_node D
--m flows.train_entry --config <out_dir>/train_config.json` as a subprocess (ovseg_core.train has no module entry
-point of its own); the flow waits and fails on a non-zero exit.
+-m ovseg_core.train.cli --config <out_dir>/train_config.json` as a subprocess; the flow waits and fails on a
+non-zero exit.
 For nodes > 1 run the same deployment once per node with `node_rank` and a shared `master_addr`/`master_port`.
 Progress: a Prefect progress artifact (key "pretrain-progress") follows the run: in-process through train()'s
 `progress` callback, under torchrun by polling the progress.json that rank 0 rewrites every log_every steps.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from manifests.fileio import sha256_file
+from manifests.layout import BuildLayout
 from manifests.registry import ModelRegistry, default_registry_dir
 
 
@@ -34,7 +34,7 @@ def point_latest(run: Path, link: Path) -> None:
 
 
 def _manifest_sha256(build_dir: str) -> str | None:
-    path = Path(build_dir) / "manifest.json"
+    path = BuildLayout(build_dir).manifest
     return sha256_file(path) if path.exists() else None
 
 
@@ -98,9 +98,9 @@ def train_in_process(train_config: dict[str, Any]) -> dict[str, Any]:
 
 def torchrun_command(config_path: Path, devices: int, nodes: int, node_rank: int, master_addr: str,
                      master_port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={devices}",
-            f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
-            "-m", "flows.train_entry", "--config", str(config_path)]
+    from ovseg_core.train.cli import torchrun_command as command  # lazily: torch is heavy
+
+    return command(config_path, devices, nodes, node_rank, master_addr, master_port)
 
 
 @task(name="train-torchrun", cache_policy=None)

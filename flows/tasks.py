@@ -1,5 +1,5 @@
-"""Thin Prefect tasks: each calls ONE curation stage function with paths + a config dict and returns its small dict
-of counts (Prefect pickles results: never DataFrames).
+"""Thin Prefect tasks: `stage_task` runs ONE stage of the plan (curation.stages) from the build's config dict and
+returns its small dict of counts (Prefect pickles results: never DataFrames).
 
 No Prefect result cache on the stages — why:
     Every stage is content-addressed on files (curation.io unit records, the stages' fingerprints): a unit is skipped
@@ -11,26 +11,20 @@ No Prefect result cache on the stages — why:
 """
 from __future__ import annotations
 
-import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from curation import dedup, index, manifest, parse, reshard, select, verify
-from curation.build import download_any, ingest_any, prepare_build_dir
-from curation.config import STAGE_CONFIGS, BuildConfig
+from curation import report
+from curation.build import prepare_build_dir
+from curation.config import BuildConfig
 from curation.io import atomic_path
 from curation.progress import format_progress
-from curation.wds_source import is_wds_source
-
-
-def stage_config(stage: str, cfg: dict[str, Any]) -> Any:
-    """A stage's frozen config from its BuildConfig.to_dict() section (JSON lists back to tuples)."""
-    return STAGE_CONFIGS[stage](**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+from curation.source import open_source
+from curation.stages import StageRun, stage_named
 
 
 class ArtifactProgress:
@@ -71,71 +65,28 @@ def prepare_task(build_config: dict[str, Any]) -> str:
 
 @task(name="fetch-source", retries=2, retry_delay_seconds=5)
 def fetch_source(source: str, build_dir: str) -> str:
-    """A local path is used as is; an http(s) URL is fetched once into <build>/source/ (kept for the manifest).
-    Webdataset shards are never fetched here: ingest and extraction stream them (curation.wds_source)."""
-    if is_wds_source(source):
-        return source if source.startswith(("http://", "https://")) else str(Path(source).absolute())
-    if not source.startswith(("http://", "https://")):
-        return str(Path(source).resolve())
-    target = Path(build_dir) / "source" / (Path(urllib.parse.urlparse(source).path).name or "source.tsv")
+    """The source as the build reads it: a local one made absolute, a remote table fetched once into
+    <build>/source/ (kept for the manifest); webdataset shards are never fetched whole (they are streamed)."""
+    found = open_source(source)
+    target = found.remote_copy(build_dir)
+    if target is None:
+        return found.absolute_location()
     if not target.exists():
         with atomic_path(target) as tmp:
             urllib.request.urlretrieve(source, tmp)
     return str(target)
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(source: str, build_dir: str, cfg: dict[str, Any], processes: int = 1) -> dict[str, Any]:
-    return ingest_any(source, build_dir, stage_config("ingest", cfg), ArtifactProgress(), processes)
-
-
-@task(name="parse", cache_policy=NO_CACHE)
-def parse_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return parse.parse_part(build_dir, part, stage_config("parse", cfg), ArtifactProgress())
-
-
-@task(name="select", cache_policy=NO_CACHE)
-def select_task(build_dir: str, part: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return select.select_part(build_dir, part, stage_config("select", cfg))
-
-
-# `source`: a webdataset source is extracted from its shards instead (curation.build.download_any).
-@task(name="download", cache_policy=NO_CACHE)
-def download_task(build_dir: str, cfg: dict[str, Any], http_proxy: str | None = None,
-                  source: str | None = None) -> dict[str, Any]:
-    return download_any(source, build_dir, stage_config("download", {**cfg, "http_proxy": http_proxy}),
-                        ArtifactProgress())
-
-
-@task(name="verify", cache_policy=None)  # a cheap gate: always re-checked
-def verify_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return verify.verify_downloads(build_dir, stage_config("verify", cfg))
-
-
-@task(name="dedup", cache_policy=NO_CACHE)
-def dedup_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return dedup.deduplicate(build_dir, stage_config("dedup", cfg), progress=ArtifactProgress())
-
-
-@task(name="index", cache_policy=NO_CACHE)
-def index_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return index.build_index(build_dir, stage_config("index", cfg))
-
-
-@task(name="reshard", cache_policy=NO_CACHE)
-def reshard_task(build_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return reshard.reshard(build_dir, stage_config("shard", cfg), ArtifactProgress())
-
-
-@task(name="manifest", cache_policy=None)  # cheap, and it must reflect this run's stage results
-def manifest_task(build_dir: str, build_config: dict[str, Any], stage_results: dict[str, Any]) -> str:
-    return str(manifest.write_manifest(build_dir, BuildConfig.from_dict(build_config), stage_results))
+@task(cache_policy=NO_CACHE)  # run under each stage's name: stage_task.with_options(name=stage.name)
+def stage_task(stage: str, build_config: dict[str, Any], part: str | None = None,
+               results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One stage of the plan (curation.stages), for one ingest part when the stage runs per part."""
+    run = StageRun(BuildConfig.from_dict(build_config), ArtifactProgress(), results or {})
+    named = stage_named(stage)
+    return named.run(run, part) if named.per_part else named.run(run)
 
 
 # The report is a pure function of the finished build: curation.report redoes it only when manifest.json changed.
-@task(name="report", cache_policy=NO_CACHE)
-def report_task(build_dir: str) -> dict[str, str]:
-    from curation import report  # DuckDB views and plots: imported only when a report is made
-
-    path = report.write_report(build_dir)
-    return {"path": str(path), "markdown": report.report_markdown(build_dir)}
+@task(name="report-markdown", cache_policy=NO_CACHE)
+def report_markdown_task(build_dir: str) -> str:
+    return report.report_markdown(build_dir)

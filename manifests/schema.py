@@ -14,9 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from manifests.stages import COUNTED_STAGES, STAGE_NAMES
+
 SCHEMA_VERSION = "cc4m-build-manifest/2"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "build-manifest.v2.json"
-STAGES = ("ingest", "parse", "select", "download", "dedup", "index", "reshard")
+STAGES = STAGE_NAMES  # every stage of a build, in order (manifests.stages); COUNTED_STAGES have counts
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def count_problems(counts: dict[str, dict[str, Any]], shards: list[dict[str, Any
             p.append(f"{label}: {left} != {right}")
 
     try:
-        ing, par, sel, dl, ded, idx, rs = (counts[s] for s in STAGES)
+        ing, par, sel, dl, ded, idx, rs = (counts[s] for s in COUNTED_STAGES)
         eq("ingest: read = ingested + rejected", ing["read"], ing["ingested"] + ing["rejected"])
         eq("ingest: rejected = sum(rejected_by_reason)", ing["rejected"], sum(ing["rejected_by_reason"].values()))
         eq("parse: ingested = ingest.ingested", par["ingested"], ing["ingested"])

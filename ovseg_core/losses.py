@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from ovseg_core.numerics import at_least_float32
+from ovseg_core.numerics import at_least_float32, fp32_island
 
 
 def _dist_ready() -> bool:
@@ -82,6 +82,15 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"contrastive_loss expects two (B, D) tensors of equal shape, got {a.shape} and {b.shape}")
+    # fp32 island: under bf16 autocast the logits (scale up to 100 x cosines) and their softmax lose the small
+    # differences between negatives; the embeddings are widened and the matmul runs without autocast.
+    a, b = at_least_float32(a), at_least_float32(b)
+    with fp32_island(a):
+        return _contrastive(a, b, at_least_float32(logit_scale), valid)
+
+
+def _contrastive(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                 valid: torch.Tensor | None) -> torch.Tensor:
     batch = a.shape[0]
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     labels = torch.arange(batch, device=a.device) + batch * _rank()
@@ -204,9 +213,11 @@ def mask_consistency_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor
             anchor = 0.0 * pred_logits.sum().clamp(-1.0, 1.0).nan_to_num(0.0)
             return global_row_mean(anchor.reshape(1)[:0]) + anchor
         pred_logits, target_logits = pred_logits[valid], target_logits[valid]
-    target_logits = target_logits.detach()
+    # fp32 island: the Dice sums run over G x H x W pixels per row, too many for bf16's 8-bit mantissa
+    pred_logits, target_logits = at_least_float32(pred_logits), at_least_float32(target_logits.detach())
     idx_p, idx_t = hungarian_match(pred_logits, target_logits)
     rows = torch.arange(pred_logits.shape[0], device=pred_logits.device)[:, None]
-    pred = min_max_normalize(pred_logits[rows, idx_p])
-    target = binarize_target(target_logits[rows, idx_t], threshold)
-    return global_row_mean(dice_loss(pred, target))
+    with fp32_island(pred_logits):
+        pred = min_max_normalize(pred_logits[rows, idx_p])
+        target = binarize_target(target_logits[rows, idx_t], threshold)
+        return global_row_mean(dice_loss(pred, target))

@@ -1,6 +1,8 @@
 """Precision helpers shared by the layers, the losses and the distributed code."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -11,3 +13,9 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     would also narrow a float64 model, and float64 is what exact comparisons (the DDP parity test) run in.
     """
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def fp32_island(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `x`'s device: inside, the math runs in the dtype of its inputs (widen them with
+    `at_least_float32` first). Used for the contrastive logits and softmax and the Dice sums under bf16 training."""
+    return torch.autocast(x.device.type, enabled=False)

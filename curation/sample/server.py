@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
@@ -213,6 +215,18 @@ class SampleImageServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def serving_sample(root: str | Path | None, download_timeout_s: float) -> Iterator[str | None]:
+    """The sample's image server while the block runs (the CLI's and the flow's one set-up): yields its http proxy URL
+    for the download stage, or None when `root` is None (not a sample build). Its deliberately slow URLs answer just
+    after the download timeout, so they fail as intended."""
+    if root is None:
+        yield None
+        return
+    with SampleImageServer(Path(root), slow_seconds=download_timeout_s + 1) as server:
+        yield server.proxy_url
 
 
 class ServerProcess:

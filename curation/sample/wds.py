@@ -18,7 +18,7 @@ from pathlib import Path
 
 from curation.io import read_json, write_json_atomic
 from curation.sample.make import SampleInfo, read_caption_rows
-from curation.wds_source import add_member, write_tar
+from curation.tario import write_tar
 
 WDS_VERSION = 1
 MARKER = "wds.json"
@@ -69,6 +69,6 @@ def make_wds_source(info: SampleInfo, out_dir: str | Path, n_shards: int = 4) ->
                     if row.kind == "corrupt":
                         image = image[: len(image) // 2]  # what the sample server sends for /fail/corrupt/
                 for member, data in _members(row, image):
-                    add_member(tar, member, data)
+                    tar.add(member, data)
     write_json_atomic(marker, params)
     return result

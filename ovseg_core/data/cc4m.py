@@ -1,11 +1,11 @@
 """Read one CC4M build through the on-disk contract (the ONLY module of ovseg_core that knows the build format).
 
-Layout used (see curation/layout.py, which ovseg_core may not import, hence the paths are spelled here):
-    shards/cc4m-NNNNNN.tar   <key>.jpg/.txt/.json per sample, key = sample_id zero-padded to 12 digits
-    meta/part-NNNNN.parquet  one row per written sample (counts come from here, never hard-coded)
-    index/locator.parquet    sample_id -> shard, offset, size of the .jpg member data (O(1) partner fetch)
-    index/partners.parquet   sample_id, rank, partner_id, shared_class (fallback when a shard json lacks "partners")
-    manifest.json            optional; its sha256 is recorded in checkpoints
+What it reads, by the paths of `manifests.layout.BuildLayout` (the contract package spells them; nothing here does):
+    shards      <key>.jpg/.txt/.json per sample, key = `manifests.layout.sample_key(sample_id)`
+    meta parts  one row per written sample (counts come from here, never hard-coded)
+    locator     sample_id -> shard, offset, size of the .jpg member data (O(1) partner fetch)
+    partners    sample_id, rank, partner_id, shared_class (fallback when a shard json lacks "partners")
+    manifest    optional; its sha256 is recorded in checkpoints
 
 Shards may live elsewhere (`shard_base_url`): an http(s) server, or any fsspec URL (s3://, gs://, memory://, ...),
 as webdataset reads them. The small tables (meta, index, manifest) stay in the local build folder. Streaming reads a
@@ -32,14 +32,9 @@ import webdataset as wds
 from PIL import Image
 
 from manifests.fileio import sha256_file
+from manifests.layout import BuildLayout
+from manifests.locations import is_url, open_location
 from manifests.schema import count_problems, validate_manifest
-
-SHARD_GLOB = "cc4m-*.tar"
-KEY_DIGITS = 12
-
-
-def key_of(sample_id: int) -> str:
-    return f"{int(sample_id):0{KEY_DIGITS}d}"
 
 
 def is_val_sample(sample_id: int, val_percent: float) -> bool:
@@ -60,7 +55,7 @@ def check_build(root: str | Path, shards_here: bool = True) -> dict[str, Any]:
     No hashing (`cc4m verify` re-hashes everything). `shards_here=False` when the shards are read from a URL.
     Returns the manifest; raises InvalidBuild saying what is wrong."""
     root = Path(root)
-    path = root / "manifest.json"
+    path = BuildLayout(root).manifest
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -68,51 +63,33 @@ def check_build(root: str | Path, shards_here: bool = True) -> dict[str, Any]:
                            "`cc4m build`, or finish the interrupted build by running it again") from None
     problems = validate_manifest(manifest) or count_problems(manifest["counts"], manifest["shards"])
     if not problems:
-        problems = _shard_and_meta_problems(root, manifest, shards_here)
+        problems = _shard_and_meta_problems(BuildLayout(root), manifest, shards_here)
     if problems:
         raise InvalidBuild(f"{root}: the build does not match its manifest: " + "; ".join(problems[:5])
                            + f". `cc4m verify {root}` checks everything; rebuild with `cc4m build`")
     return manifest
 
 
-def _shard_and_meta_problems(root: Path, manifest: dict[str, Any], shards_here: bool) -> list[str]:
+def _shard_and_meta_problems(layout: BuildLayout, manifest: dict[str, Any], shards_here: bool) -> list[str]:
     problems = []
     for entry in manifest["shards"] if shards_here else ():
-        shard = root / "shards" / entry["name"]
+        shard = layout.shards_dir / entry["name"]
         size = shard.stat().st_size if shard.exists() else None
         if size != entry["bytes"]:
             problems.append(f"shard {entry['name']}: {'missing' if size is None else f'{size} bytes'}, the manifest "
                             f"says {entry['bytes']}")
     listed = {entry["name"] for entry in manifest["shards"]}
-    problems += [f"shard {p.name} is not in the manifest" for p in sorted((root / "shards").glob("cc4m-*.tar"))
+    problems += [f"shard {p.name} is not in the manifest" for p in layout.shards()
                  if shards_here and p.name not in listed]
-    meta_rows = sum(pq.read_metadata(p).num_rows for p in sorted((root / "meta").glob("part-*.parquet")))
+    meta_rows = sum(pq.read_metadata(p).num_rows for p in layout.parts(layout.meta_dir))
     if meta_rows != manifest["counts"]["reshard"]["written"]:
         problems.append(f"meta holds {meta_rows} rows, the manifest says {manifest['counts']['reshard']['written']}")
     return problems
 
 
-HTTP_SCHEMES = ("http://", "https://")
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def open_shard(url: str, timeout: float = 60.0) -> Any:
-    """A readable binary stream of a whole shard: local path, http(s) (one streamed GET) or an fsspec URL."""
-    if str(url).startswith(HTTP_SCHEMES):
-        return urllib.request.urlopen(url, timeout=timeout)
-    if is_url(url):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return open(str(url).removeprefix("file://"), "rb")
-
-
 def read_range(url: str, offset: int, size: int, timeout: float = 60.0) -> bytes:
     """`size` bytes at `offset` of a remote shard (an HTTP Range request, or fsspec's ranged cat_file)."""
-    if str(url).startswith(HTTP_SCHEMES):
+    if is_url(url, http_only=True):
         req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-{offset + size - 1}"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             data = r.read()
@@ -127,7 +104,7 @@ def read_range(url: str, offset: int, size: int, timeout: float = 60.0) -> bytes
 
 def shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """webdataset samples (dicts of members by extension, plus __key__ and __url__) of one shard at `url`."""
-    stream = open_shard(url)
+    stream = open_location(url)
     try:
         yield from wds.tariterators.group_by_keys(
             wds.tariterators.tar_file_expander([{"url": str(url), "stream": stream}]))
@@ -154,16 +131,17 @@ class BuildReader:
     """
 
     def __init__(self, build_dir: str | os.PathLike, shard_base_url: str | None = None) -> None:
-        self.root = Path(build_dir)
+        self.layout = BuildLayout(Path(build_dir))
+        self.root = self.layout.root
         if not self.root.is_dir():
             raise FileNotFoundError(f"build folder {self.root} does not exist")
         self.shard_base_url = shard_base_url.rstrip("/") + "/" if shard_base_url else None
-        self.shards_dir = self.root / "shards"
-        self.meta_dir = self.root / "meta"
-        self.locator_path = self.root / "index" / "locator.parquet"
-        self.partners_path = self.root / "index" / "partners.parquet"
-        self.manifest_path = self.root / "manifest.json"
-        self.shard_paths: list[Path] = sorted(self.shards_dir.glob(SHARD_GLOB))
+        self.shards_dir = self.layout.shards_dir
+        self.meta_dir = self.layout.meta_dir
+        self.locator_path = self.layout.locator
+        self.partners_path = self.layout.partners
+        self.manifest_path = self.layout.manifest
+        self.shard_paths: list[Path] = self.layout.shards()
         if self.shard_base_url is not None:
             manifest = self.manifest() or {}
             names = sorted(sh["name"] for sh in manifest.get("shards") or [])
@@ -175,7 +153,7 @@ class BuildReader:
             self.shard_urls: list[str] = [self.shard_base_url + n for n in names]
         else:
             if not self.shard_paths:
-                raise FileNotFoundError(f"no shards matching {SHARD_GLOB} in {self.shards_dir}")
+                raise FileNotFoundError(f"no shards in {self.shards_dir}")
             self.shard_urls = [str(p) for p in self.shard_paths]
         self._handles: dict[str, Any] = {}
         self._handles_pid = os.getpid()
@@ -190,7 +168,7 @@ class BuildReader:
     # ---- tables (column arrays, not row dicts: a 4M-sample build must fit in every DataLoader worker) ----
     @cached_property
     def _meta_parts(self) -> list[Path]:
-        parts = sorted(self.meta_dir.glob("part-*.parquet"))
+        parts = self.layout.parts(self.meta_dir)
         if not parts:
             raise FileNotFoundError(f"no meta parts in {self.meta_dir}")
         return parts

@@ -20,6 +20,10 @@ from torchvision import transforms as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("deit", "light", "crop", "none")
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+# The release's string is "rand-m9-mstd0.5-inc1"; its PosterizeIncreasing asks Pillow >= 13 for 0 bits at
+# magnitude 10 and crashes, so the non-"inc" variant is used (a listed deviation, docs/training.md).
+DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5"
 
 ImageTransform = Callable[[Image.Image], "object"]
 
@@ -34,19 +38,32 @@ def build_eval_transform(image_size: int) -> T.Compose:
     ])
 
 
-def build_train_transform(image_size: int, augment: str) -> ImageTransform:
-    """The training transform named `augment` (see module docstring)."""
+def describe_augment(augment: str, interpolation: str = "bicubic") -> dict[str, object]:
+    """What `build_train_transform(…, augment, interpolation)` does, as a JSON-able record (run plans)."""
+    if augment == "deit":
+        return {"name": "deit", "interpolation": interpolation, "scale": [0.08, 1.0], "color_jitter": 0.4,
+                "auto_augment": DEIT_AUTO_AUGMENT, "random_erasing": 0.25, "hflip": 0.5}
+    if augment in ("light", "crop"):
+        return {"name": augment, "interpolation": interpolation, "scale": [0.4, 1.0], "hflip": 0.5}
+    return {"name": augment, "interpolation": "bicubic", "eval_transform": True}
+
+
+def build_train_transform(image_size: int, augment: str, interpolation: str = "bicubic") -> ImageTransform:
+    """The training transform named `augment` (see module docstring), resizing with `interpolation`
+    ("bicubic", ours; "bilinear", the release's)."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}")
     if augment == "deit":
         from timm.data import create_transform
 
         return create_transform(
             input_size=image_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4,
-            auto_augment="rand-m9-mstd0.5", interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+            auto_augment=DEIT_AUTO_AUGMENT, interpolation=interpolation, re_prob=0.25, re_mode="pixel", re_count=1,
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
         )
     if augment in ("light", "crop"):
         return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=INTERPOLATIONS[interpolation]),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from ovseg_core.config import OVSegConfig
+from ovseg_core.config import OVSegConfig, refuse_released_names
 
 _PRESETS: dict[str, Callable[[], OVSegConfig]] = {}
 
@@ -32,6 +32,7 @@ def get_model_config(name: str, **overrides: object) -> OVSegConfig:
     """The preset's config with `overrides` applied (dataclasses.replace, so they are validated again)."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; registered: {list_models()}")
+    refuse_released_names(overrides)
     cfg = _PRESETS[name]()
     known = {f.name for f in dataclasses.fields(OVSegConfig)}
     unknown = sorted(set(overrides) - known)

@@ -169,7 +169,15 @@ def load_timm_vit_checkpoint(model: GroupViT, path: str | os.PathLike) -> dict[s
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"visual_init checkpoint not found: {path} (only local files are supported)")
-    src = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    report = load_timm_vit_state(model, torch.load(path, map_location="cpu", weights_only=True))
+    _logger.info("visual init from %s: %d tensors loaded, %d kept their init, %d checkpoint tensors unused",
+                 path, len(report["loaded"]), len(report["missing"]), len(report["unused"]))
+    return report
+
+
+def load_timm_vit_state(model: GroupViT, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """`load_timm_vit_checkpoint` on a state dict already in memory (a timm model's, or a file's)."""
+    src = _unwrap_state_dict(state)
     d1, d2 = model.depths
     mapped: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -206,8 +214,5 @@ def load_timm_vit_checkpoint(model: GroupViT, path: str | os.PathLike) -> dict[s
     if unknown:
         raise ValueError(f"checkpoint keys map to no model parameter: {unknown[:5]}")
     model.load_state_dict(mapped, strict=False)
-    report = {"loaded": sorted(mapped), "missing": sorted(k for k in own if k not in mapped),
-              "unused": sorted(k for k in src if k not in used)}
-    _logger.info("visual init from %s: %d tensors loaded, %d kept their init, %d checkpoint tensors unused",
-                 path, len(report["loaded"]), len(report["missing"]), len(report["unused"]))
-    return report
+    return {"loaded": sorted(mapped), "missing": sorted(k for k in own if k not in mapped),
+            "unused": sorted(k for k in src if k not in used)}

@@ -19,7 +19,7 @@ Deviations from the released code (Jazzcharles/OVSegmentor), all deliberate fixe
   groups get detached depends on it.
 - Gumbel noise, its softmax and arg-max run in float32 even under bf16 autocast (ovseg_core/layers/grouping.py).
 
-One addition, off in every preset (cfg.entity_weight = 0 is the paper's objective): the entity-prompt loss
+One addition, off in every preset (cfg.entity_prompt_weight = 0 is the paper's objective): the entity-prompt loss
 (`entity_loss`) classifies the image embedding, and per class its best-matching group, among the prompts
 "a photo of a {class}." of the whole vocabulary, with the caption's entities as targets. The labels are still the
 captions' (curation's parse, the same ones MEC's answers use). The CPU recipe for the embedded sample turns it on:
@@ -29,6 +29,7 @@ with ~1,300 captioned images, caption contrast alone fits the pairs without lear
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -134,9 +135,9 @@ class OVSegmentor(nn.Module):
         self.mec_head = MECHead(cfg.embed_dim, self.text.width, cfg.embed_dim_out, cfg.proj_hidden_dim,
                                 cfg.mec_heads)
         self.visual_teacher: GroupViT | None = None
-        # Prompts of the entity-prompt loss (cfg.entity_weight > 0): tokenised once, kept out of checkpoints.
+        # Prompts of the entity-prompt loss (cfg.entity_prompt_weight > 0): tokenised once, kept out of checkpoints.
         self.entity_classes: tuple[str, ...] = ()
-        if cfg.entity_weight > 0:
+        if cfg.entity_prompt_weight > 0:
             self.entity_classes = tuple(load_vocabulary(cfg.entity_vocabulary).classes)
             prompts = self.tokenize([ENTITY_PROMPT.format(c) for c in self.entity_classes])
             self.register_buffer("entity_prompt_ids", prompts["input_ids"], persistent=False)
@@ -178,8 +179,11 @@ class OVSegmentor(nn.Module):
         # features have other statistics, and mixing them in left the running stats fit for neither, which bunched
         # eval-mode embeddings together. Group embeddings always use the running statistics, as at inference. In
         # training they need a gradient only for the entity-prompt loss; the mask loss just ranks them.
-        group_grad = torch.is_grad_enabled() and (not self.training or self.cfg.entity_weight > 0)
-        with torch.set_grad_enabled(group_grad), batchnorm_frozen(self.image_proj):
+        # bn_stats="release": the released code projects the groups in training mode, so their batch statistics
+        # normalise them and update the running statistics (the fidelity switch; see OVSegConfig.bn_stats).
+        group_grad = torch.is_grad_enabled() and (not self.training or self.cfg.entity_prompt_weight > 0)
+        frozen = batchnorm_frozen(self.image_proj) if self.cfg.bn_stats == "pooled" else contextlib.nullcontext()
+        with torch.set_grad_enabled(group_grad), frozen:
             group_emb = F.normalize(self.image_proj(feats.groups), dim=-1)
         assign = feats.grouping.assign if self.training else feats.grouping.soft_assign
         return ImageOutput(image_emb, group_emb, resize_assignment(assign, feats.grid)), feats
@@ -191,6 +195,9 @@ class OVSegmentor(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids + mask -> (B, D) L2-normalised embedding of the [CLS] state."""
         states = self.text(input_ids, attention_mask)
+        if self.cfg.bn_stats == "release" and self.training:
+            # the release projects every token state (its BatchNorm sees all B x L of them), then takes [CLS]
+            return F.normalize(self.text_proj(states)[:, 0], dim=-1)
         return F.normalize(self.text_proj(states[:, 0]), dim=-1)
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -217,9 +224,10 @@ class OVSegmentor(nn.Module):
         return self.forward_train(batch, stage)
 
     # ----------------------------------------------------------------------------------------- stage-2 helpers
-    def freeze_text_encoder(self) -> None:
-        """Stage 2: freeze the text transformer (kept in eval mode); the text projector keeps training."""
-        self.text.freeze()
+    def freeze_text_encoder(self, mode: str = "eval") -> None:
+        """Stage 2: freeze the text transformer; the text projector keeps training. mode "eval" (ours) keeps it in
+        eval mode (no dropout); "train" keeps it in training mode with dropout on, as the release does."""
+        self.text.freeze(mode)
 
     def init_momentum_teacher(self) -> None:
         """Create the EMA teacher of the image encoder as a copy of the current (stage-1) image encoder."""
@@ -257,7 +265,7 @@ class OVSegmentor(nn.Module):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         needed = STAGE1_KEYS + (STAGE2_KEYS if stage == 2 else ()) + (
-            ("entity_targets",) if self.cfg.entity_weight > 0 else ())
+            ("entity_targets",) if self.cfg.entity_prompt_weight > 0 else ())
         missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"forward_train(stage={stage}) batch is missing {missing}")
@@ -273,9 +281,9 @@ class OVSegmentor(nn.Module):
 
         total = itc + self.cfg.mec_weight * mec
         out = {}
-        if self.cfg.entity_weight > 0:
+        if self.cfg.entity_prompt_weight > 0:
             out["entity"] = self.entity_loss(image_out, batch["entity_targets"], scale)
-            total = total + self.cfg.entity_weight * out["entity"]
+            total = total + self.cfg.entity_prompt_weight * out["entity"]
         if stage == 2:
             mask = self.cross_image_mask_loss(batch, feats, image_out)
             total = total + self.cfg.mask_weight * mask

@@ -135,6 +135,7 @@ class TextEncoder(nn.Module):
         self.model, self.tokenizer = load_text_backbone(name_or_path, pretrained)
         self.width: int = self.model.config.hidden_size
         self.frozen = False
+        self.frozen_mode = "eval"
         if num_layers is not None:
             self.truncate(num_layers)
         if trainable_layers is not None:
@@ -170,16 +171,21 @@ class TextEncoder(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
-    def freeze(self) -> None:
-        """Freeze the whole text transformer and keep it in eval mode (no dropout) from now on."""
+    def freeze(self, mode: str = "eval") -> None:
+        """Freeze the whole text transformer. mode "eval": keep it in eval mode (no dropout) from now on; "train":
+        it follows the model's mode (dropout on in training, as the release's frozen BERT)."""
+        if mode not in ("eval", "train"):
+            raise ValueError(f"frozen text mode must be 'eval' or 'train', got {mode!r}")
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.frozen = True
-        self.model.eval()
+        self.frozen_mode = mode
+        if mode == "eval":
+            self.model.eval()
 
     def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
-        if self.frozen:
+        if self.frozen and getattr(self, "frozen_mode", "eval") == "eval":
             self.model.eval()
         return self
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from manifests.fileio import write_text_atomic
+from ovseg_core.config import BN_STATS, refuse_released_names
 from ovseg_core.data.transforms import AUGMENTATIONS
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
@@ -24,6 +25,15 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
     2: {"base_lr": 1e-5, "warmup_lr": 1e-5, "min_lr": 1e-6, "warmup_epochs": 0.0, "augment": "light"},
 }
 LR_REFERENCE_BATCH = 4096
+# The fidelity switches (issue 17 item 6): each value names whose behaviour it is; docs/training.md lists them.
+FIDELITY_CHOICES: dict[str, tuple[Any, ...]] = {
+    "precision": ("fp32", "tf32", "bf16"),
+    "bn_stats": BN_STATS,
+    "decay_logit_scale": (False, True),
+    "frozen_text_mode": ("eval", "train"),
+    "checkpoint_selection": ("heldout-itc", "voc-val-miou"),
+    "interpolation": ("bicubic", "bilinear"),
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,20 @@ class TrainConfig:
         buffered sample shares a class) or always via the locator ("locator", one random read per sample).
     shard_base_url: read the shards from http(s) or an fsspec URL (folder holding the manifest's shard names)
         instead of build_dir/shards; meta and index stay in build_dir.
+    recipe: the named recipe this config came from ("paper", "sample"), recorded; None = hand-made.
+    visual_init: image-encoder init: a timm model name (e.g. "vit_base_patch16_224.dino") or a local state-dict
+        file, mapped by ovseg_core.models.visual_init; None = from scratch. Not applied when resuming or starting
+        from init_checkpoint (their weights replace it).
+    Fidelity switches (recorded here, so in train_config.json and in every checkpoint's train_config):
+    precision: "fp32" | "tf32" (fp32 storage, TF32 matmuls on CUDA) | "bf16" (autocast; Gumbel noise, contrastive
+        logits/softmax and Dice sums stay fp32). CPU runs are always fp32.
+    bn_stats: "pooled" (ours) | "release" (OVSegConfig.bn_stats; "release" also keeps text padding to max_text_len).
+    decay_logit_scale: weight-decay the logit scale as the release does (ours exempts it).
+    frozen_text_mode: the frozen text transformer of stage 2 in "eval" (ours) or "train" mode (the release, dropout).
+    checkpoint_selection: "heldout-itc" (ours: the build's held-out split) | "voc-val-miou" (the release's: chooses
+        on VOC val, which is the test set); selection_layout / selection_root / selection_max_images name that
+        dataset (ovseg_core.evaluation.datasets layout, folder; 0 = every image).
+    interpolation: resize filter of the training augmentation ("bicubic" ours, "bilinear" the release's).
     """
 
     build_dir: str
@@ -88,6 +112,17 @@ class TrainConfig:
     repeat_threshold: float | None = None
     lr_scales: tuple[tuple[str, float], ...] = ()
     cache_frozen_text: bool = False
+    recipe: str | None = None
+    visual_init: str | None = None
+    precision: str = "bf16"
+    bn_stats: str = "pooled"
+    decay_logit_scale: bool = False
+    frozen_text_mode: str = "eval"
+    checkpoint_selection: str = "heldout-itc"
+    interpolation: str = "bicubic"
+    selection_layout: str | None = None
+    selection_root: str | None = None
+    selection_max_images: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -131,8 +166,20 @@ class TrainConfig:
             raise ValueError("time_limit_s must be positive")
         if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
             raise ValueError(f"repeat_threshold must be None or in (0, 1], got {self.repeat_threshold}")
+        refuse_released_names(dict(self.model_overrides))
+        self._check_fidelity()
         if any(float(scale) < 0 for _, scale in self.lr_scales):
             raise ValueError(f"lr_scales multipliers must be >= 0, got {self.lr_scales}")
+
+    def _check_fidelity(self) -> None:
+        for name, allowed in FIDELITY_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.checkpoint_selection == "voc-val-miou" and not (self.selection_layout and self.selection_root):
+            raise ValueError("checkpoint_selection 'voc-val-miou' needs selection_layout and selection_root (the "
+                             "dataset whose val split chooses the checkpoint: the release's VOC val, its test set)")
+        if "bn_stats" in self.model_kwargs or "visual_init" in self.model_kwargs:
+            raise ValueError("set bn_stats / visual_init as TrainConfig fields, not as model_overrides")
 
     @classmethod
     def for_stage(cls, stage: int, **kwargs: Any) -> TrainConfig:
@@ -145,6 +192,11 @@ class TrainConfig:
     def model_kwargs(self) -> dict[str, Any]:
         return dict(self.model_overrides)
 
+    @property
+    def model_create_kwargs(self) -> dict[str, Any]:
+        """What the model factory gets: the overrides plus the model-side fidelity switch (bn_stats)."""
+        return {**self.model_kwargs, "bn_stats": self.bn_stats}
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -154,6 +206,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        refuse_released_names(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -191,7 +244,7 @@ SAMPLE_RECIPE: dict[str, Any] = {
     "repeat_threshold": 0.1,
     "lr_scales": tuple((prefix, 0.3) for prefix in GROUPING_FRONT_END),
     "cache_frozen_text": True,
-    "model_overrides": (("text_trainable_layers", 0), ("entity_weight", 1.0)),
+    "model_overrides": (("text_trainable_layers", 0), ("entity_prompt_weight", 1.0)),
     "threads": 2,
     "device": "cpu",
     "log_every": 25,
@@ -222,7 +275,7 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
       - repeat-factor sampling over the caption classes (repeat_threshold=0.1, LVIS-style): "people" is in 43% of
         the sample's captions and most classes in < 5, so without it the rare classes are almost never seen;
       - text padded to the batch's longest text (answers are ~10 tokens), captions truncated to 32 tokens;
-      - the entity-prompt loss (model override entity_weight=1, not in the paper; OVSegmentor.entity_loss): with
+      - the entity-prompt loss (model override entity_prompt_weight=1, not in the paper; OVSegmentor.entity_loss): with
         ~1,300 captioned images, caption contrast + MEC alone fitted the pairs (train ITC 3.4 -> 1.2) while val ITC
         stayed at chance and zero-shot mIoU equalled all-background; classifying images and groups against the
         class prompts, with the caption's entities as labels, is what made the classes learnable;

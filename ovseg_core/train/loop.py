@@ -2,20 +2,20 @@
 
 out_dir layout:
     train_config.json        the TrainConfig as run
+    run.json                 the resolved run plan (ovseg_core.train.recipe.run_plan: what --dry-run prints)
+    visual_init.json         the image-encoder init's load report (when a visual_init was applied)
     log.jsonl                one JSON line per optimizer step (step, lr, loss terms, grad_norm, step_s, data_s = wait
                              for the loader; every
                              log_every steps also samples_per_s and eta_s), and one {"val": {...}} line per validation
     progress.json            the latest `Progress` (rewritten every log_every steps; what a supervisor can poll)
     checkpoints/last.pt      latest state (resume point), written every save_every steps and at the end
-    checkpoints/best.pt      best validation ITC loss so far (the held-out split of the build, never the eval set)
+    checkpoints/best.pt      best so far by cfg.checkpoint_selection: held-out ITC (the build's held-out split) or
+                             VOC val mIoU (the release's protocol, which chooses on the test set)
     result.json              the TrainResult summary
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -53,8 +53,12 @@ from ovseg_core.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ovseg_core.models.visual_init import VISUAL_INIT_REPORT, apply_visual_init, load_init_state
 from ovseg_core.train.config import TrainConfig
+from ovseg_core.train.memory import check_fits
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, scaled_lrs
+from ovseg_core.train.precision import autocast, configure_precision
+from ovseg_core.train.recipe import per_device_batch, run_plan, save_run_plan, total_steps
 from ovseg_core.train.text_cache import FrozenTextCache, is_frozen
 
 VAL_TEMPERATURE = 0.07  # fixed, so that val ITC is comparable across checkpoints whatever the learned scale
@@ -150,13 +154,8 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # bf16 on CUDA only: CPU bf16 autocast is slow on most CPUs and changes numerics of the tests' reference runs.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def validate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+def validate(model: nn.Module, loader: Any, device: torch.device, precision: str = "bf16") -> dict[str, float]:
     """ITC loss (fixed temperature) and top-1 retrieval accuracy over the whole held-out split."""
     was_training = model.training
     model.eval()
@@ -164,7 +163,7 @@ def validate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, f
     try:
         for batch in loader:
             batch = _to_device(trim_text_padding(batch), device)
-            with _autocast(device):
+            with autocast(precision, device):
                 img = model.encode_image(batch["image"])
                 img = getattr(img, "image_emb", img)
                 txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
@@ -194,6 +193,333 @@ def _write_progress(path: Path, progress: Progress) -> None:
     write_text_atomic(path, json.dumps(asdict(progress)))
 
 
+
+class TrainingRun:
+    """One stage, as steps: `build()` (process, model, data, optimizer, resume), then `run()` loops over `step()`,
+    with `evaluate()` and `save()` every eval_every / save_every steps and once at the end.
+
+    `forward_and_losses(batch) -> {"loss", "itc", ...}` is the one slot for the forward + losses of a batch (the
+    DDP-wrapped model under the precision's autocast); a compiled variant replaces this attribute.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_factory: ModelFactory | None = None,
+                 progress: ProgressCallback | None = None) -> None:
+        self.cfg, self.model_factory, self.progress_callback = cfg, model_factory or _default_factory, progress
+        self.wall_start = time.time()
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.best_val: float | None = None
+        self.text_cache: FrozenTextCache | None = None
+        self.log_file: Any = None
+        self.step_times: list[float] = []
+        self.visual_init_report: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------- build
+    def build(self) -> TrainingRun:
+        self._setup_process()
+        self._open_build()
+        self._build_model()
+        self._build_optimizer()
+        self._build_data()
+        self._wrap()
+        return self
+
+    def _setup_process(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.info = D.init_distributed(self.device)
+        self.per_rank_batch = per_device_batch(cfg.batch_size, self.info.world_size)
+        configure_precision(cfg.precision, self.device)
+        if self.info.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_json(self.out_dir / "train_config.json")
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time).
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    def _open_build(self) -> None:
+        cfg = self.cfg
+        self.reader = BuildReader(cfg.build_dir, shard_base_url=cfg.shard_base_url)
+        # the contract first: a build without a valid manifest is refused, with the reason
+        check_build(cfg.build_dir, shards_here=cfg.shard_base_url is None)
+        self.manifest_sha = self.reader.manifest_sha256()
+        self.train_count = len(self.reader.split_ids("train", cfg.val_percent))
+        if self.train_count < self.per_rank_batch:
+            raise ValueError(f"only {self.train_count} training samples for a per-rank batch of {self.per_rank_batch}")
+        self.total_steps = total_steps(cfg, self.train_count)
+        steps_per_epoch = self.train_count / cfg.batch_size
+        self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
+                             else round(cfg.warmup_epochs * steps_per_epoch))
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.last_path = latest_checkpoint(self.out_dir) if cfg.resume else None
+        from_weights = bool(cfg.init_checkpoint) or self.last_path is not None
+        init_spec = None if from_weights or cfg.visual_init in (None, "none") else cfg.visual_init
+        init_state = load_init_state(init_spec) if init_spec else None  # unreachable init: stop before anything
+        model = self.model_factory(cfg.preset, **cfg.model_create_kwargs)
+        if init_state is not None:
+            self.visual_init_report = apply_visual_init(model.visual, init_spec, state=init_state)
+            if self.info.is_main:
+                write_text_atomic(self.out_dir / VISUAL_INIT_REPORT, json.dumps(self.visual_init_report, indent=1))
+        if cfg.init_checkpoint:
+            load_model_state(model, load_checkpoint(cfg.init_checkpoint))
+        if cfg.stage == 2:
+            model.freeze_text_encoder(cfg.frozen_text_mode)
+            if not has_teacher(model):
+                # EMA teacher starts as a copy of the (stage-1) image encoder; an init checkpoint that already has
+                # one (a stage-2 checkpoint) keeps its saved teacher.
+                model.init_momentum_teacher()
+        if self.device.type == "cuda":
+            check_fits(model.cfg, self.per_rank_batch, cfg.stage, cfg.precision, self.device, cfg.max_text_len)
+        self.model = model.to(self.device)
+        if self.info.is_main:
+            save_run_plan(run_plan(cfg, self.info.world_size, self.train_count, model.cfg), self.out_dir)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = CosineWarmupSchedule(self.optimizer, self.total_steps, self.warmup_steps, scaled_lrs(cfg))
+        self.start_step, self.resume_rng = 0, None
+        if self.last_path is None:
+            return
+        ckpt = load_checkpoint(self.last_path)
+        if ckpt["train_config"].get("stage") != cfg.stage or ckpt["train_config"].get("preset") != cfg.preset:
+            raise ValueError(f"{self.last_path} is from another run (stage/preset differ); use a fresh out_dir")
+        if ckpt.get("build_manifest_sha256") != self.manifest_sha:
+            # A rebuilt build (new data) must never silently continue a run trained on the old one.
+            raise ValueError(f"{self.last_path} was trained on build manifest {ckpt.get('build_manifest_sha256')}, "
+                             f"but {cfg.build_dir} now has manifest {self.manifest_sha}: use a fresh out_dir "
+                             f"(or --no-resume)")
+        load_model_state(self.model, ckpt)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.start_step = int(ckpt["step"])
+        self.best_val = ckpt["extra"].get("best_val", ckpt["extra"].get("best_val_itc"))
+        self.resume_rng = ckpt["rng"]
+
+    def _build_data(self) -> None:
+        cfg, reader, model = self.cfg, self.reader, self.model
+        tokenizer, image_size = model.tokenizer, int(model.image_size)
+        augment = build_train_transform(image_size, cfg.augment, cfg.interpolation)
+        self.processor = SampleProcessor(
+            reader, tokenizer, cfg.max_text_len, augment, stage=cfg.stage,
+            partner_transform=build_train_transform(image_size, cfg.augment, cfg.interpolation),
+            val_percent=cfg.val_percent, entity_classes=tuple(getattr(model, "entity_classes", ())),
+        )
+        repeat_factors = None
+        if cfg.repeat_threshold is not None:
+            rows = reader.meta_rows(reader.split_ids("train", cfg.val_percent))
+            repeat_factors = class_repeat_factors({int(r["sample_id"]): r["entities"] or [] for r in rows},
+                                                  cfg.repeat_threshold)
+        self.stream = CC4MTrainStream(
+            reader, self.processor, seed=cfg.seed, rank=self.info.rank, world_size=self.info.world_size,
+            val_percent=cfg.val_percent, shuffle_buffer=cfg.shuffle_buffer, shards_in_flight=cfg.shards_in_flight,
+            partner_source=cfg.partner_source, batch_size=self.per_rank_batch, skip_batches=self.start_step,
+            repeat_factors=repeat_factors,
+        )
+        self.loader = make_train_loader(self.stream, self.per_rank_batch, cfg.num_workers,
+                                        pin_memory=self.device.type == "cuda")
+        self.val_loader = None
+        val_ids = reader.split_ids("val", cfg.val_percent)[: cfg.val_max_samples]
+        if self.info.is_main and val_ids:
+            val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size),
+                                            stage=1)
+            self.val_loader = make_val_loader(CC4MMapDataset(reader, val_processor, val_ids, seed=cfg.seed),
+                                              cfg.val_batch_size)
+        self.selection_dataset = None
+        if self.info.is_main and cfg.checkpoint_selection == "voc-val-miou":
+            from ovseg_core.evaluation.datasets import load_dataset
+
+            self.selection_dataset = load_dataset(cfg.selection_layout, cfg.selection_root, split="val")
+
+    def _wrap(self) -> None:
+        cfg, model = self.cfg, self.model
+        text_encoder = getattr(model, "text", None)
+        if (cfg.cache_frozen_text and cfg.frozen_text_mode == "eval" and isinstance(text_encoder, nn.Module)
+                and is_frozen(text_encoder)):
+            self.text_cache = FrozenTextCache(text_encoder).install()
+        self.ddp_model = D.wrap_ddp(TrainStep(model), self.device, self.info)
+        self.ddp_model.train()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # bn_stats="release": the text projector's statistics run over the padded token states, so keep the padding
+        self.prepare_batch = (lambda b: b) if cfg.bn_stats == "release" else trim_text_padding
+        self.forward_and_losses = self._forward_and_losses
+
+    # -------------------------------------------------------------------------------------------------- step
+    def _forward_and_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with autocast(self.cfg.precision, self.device):
+            return self.ddp_model(batch, self.cfg.stage)
+
+    def step(self, step: int, raw_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on `raw_batch`; returns its log record (losses, lr, grad norm, timings)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = _to_device(self.prepare_batch(raw_batch), self.device)
+        lr = self.scheduler.get_last_lr()
+        out = self.forward_and_losses(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: {_scalars(out)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip))
+                     if cfg.grad_clip else float("nan"))
+        self.optimizer.step()
+        self.scheduler.step()
+        if cfg.stage == 2:
+            self.model.momentum_update(cfg.momentum)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        self.step_times.append(step_s)
+        return {"step": step + 1, "lr": lr, **_scalars(out), "grad_norm": grad_norm, "step_s": step_s}
+
+    # ------------------------------------------------------------------------------------ evaluate and save
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out ITC (always) and, under checkpoint_selection="voc-val-miou", VOC val mIoU; main rank only."""
+        metrics = validate(self.model, self.val_loader, self.device, self.cfg.precision) if self.val_loader else {}
+        if self.selection_dataset is not None:
+            from ovseg_core.evaluation.evaluate import evaluate as evaluate_miou
+
+            res = evaluate_miou(self.model, self.selection_dataset, max_images=self.cfg.selection_max_images or None,
+                                n_overlays=0)
+            metrics["val_miou"] = float(res["mIoU"] or 0.0)
+            self.model.train()
+        if metrics and self.log_file is not None:
+            metrics = {"step": step, **metrics}
+            self.result.val_history.append(metrics)
+            self.log_file.write(json.dumps({"val": metrics}) + "\n")
+            self.log_file.flush()
+            print(f"[train] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        return metrics
+
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        if self.cfg.checkpoint_selection == "voc-val-miou":
+            key, better = "val_miou", (lambda new, old: new > old)
+        else:
+            key, better = "val_itc", (lambda new, old: new < old)
+        if key not in metrics or not (self.best_val is None or better(metrics[key], self.best_val)):
+            return False
+        self.best_val = metrics[key]
+        return True
+
+    def save(self, step: int, metrics: dict[str, float]) -> None:
+        """last.pt every time; best.pt when the selection metric improved (or, without validation, once)."""
+        if not self.info.is_main:
+            return
+        improved = self._improved(metrics)
+        best_path, last_ckpt = self.ckpt_dir / BEST_NAME, self.ckpt_dir / LAST_NAME
+        extra = {"best_val": self.best_val, "checkpoint_selection": self.cfg.checkpoint_selection,
+                 "visual_init": _init_summary(self.visual_init_report)}
+        save_checkpoint(last_ckpt, model=self.model, step=step, train_config=self.cfg.to_dict(),
+                        optimizer=self.optimizer, scheduler=self.scheduler, metrics=metrics,
+                        build_manifest_sha256=self.manifest_sha, extra=extra)
+        if improved or (not best_path.exists() and self.val_loader is None and self.selection_dataset is None):
+            with atomic_path(best_path) as tmp:
+                shutil.copyfile(last_ckpt, tmp)
+
+    # --------------------------------------------------------------------------------------------------- run
+    def _report(self, step: int, force: bool = False) -> dict[str, float]:
+        if not self.info.is_main or not self.result.losses:
+            return {}
+        p = self.meter.report(step, self.result.losses[-1]["loss"], force=force)
+        if p is None:
+            return {}
+        _write_progress(self.out_dir / "progress.json", p)
+        if self.cfg.log_every:
+            print(f"[train] {p.line()} lr={self.scheduler.get_last_lr():.3g}", flush=True)
+        if self.progress_callback is not None:
+            self.progress_callback(p)
+        return {"samples_per_s": p.samples_per_s, "eta_s": p.eta_s}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.result.losses.append(record)
+        record.update(self._report(record["step"], force=record["step"] == self.total_steps))
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            every = self.cfg.log_every
+            if every and (record["step"] % every == 0 or record["step"] == self.start_step + 1):
+                self.log_file.flush()
+
+    def _between_steps(self, step: int) -> bool:
+        """Evaluate/save when due; returns True when the time limit (on any rank) says stop."""
+        cfg = self.cfg
+        out_of_time = cfg.time_limit_s is not None and time.time() - self.wall_start > cfg.time_limit_s
+        stop = D.any_rank(out_of_time, self.device)
+        if step < self.total_steps and not stop:
+            metrics = self.evaluate(step) if cfg.eval_every and step % cfg.eval_every == 0 else None
+            if metrics is not None or (cfg.save_every and step % cfg.save_every == 0):
+                self.save(step, metrics or {})
+                D.barrier()
+        return stop
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.result = TrainResult(out_dir=str(self.out_dir), stage=cfg.stage, total_steps=self.total_steps,
+                                  start_step=self.start_step, final_step=self.start_step, best_val_itc=None)
+        self.meter = ProgressMeter(self.total_steps, self.start_step, cfg.batch_size, cfg.log_every or 10)
+        if self.info.is_main:
+            self.log_file = open(self.out_dir / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        data_iter = iter(self.loader)  # draws the DataLoader's base seed from the global RNG: restore RNG after it
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)
+        if self.info.rank:  # rank 0's RNG state is the one saved; other ranks get their own dropout/Gumbel stream
+            torch.manual_seed(cfg.seed * 1000 + self.info.rank + self.start_step)
+        step = self.start_step
+        try:
+            while step < self.total_steps:
+                t_data = time.perf_counter()
+                raw = next(data_iter)
+                data_s = time.perf_counter() - t_data  # the time the step waited for the loader
+                record = self.step(step, raw)
+                step = record["step"]
+                self._log({**record, "data_s": data_s, "time_s": time.time() - self.wall_start})
+                if self._between_steps(step):
+                    self.result.stopped_by_time_limit = True
+                    break
+            if self.meter.last_step != step:  # stopped early by the time limit: report where it stopped
+                self._report(step, force=True)
+            self.save(step, self.evaluate(step))
+            D.barrier()
+        finally:
+            self._close(data_iter)
+        return self._finish(step)
+
+    def _close(self, data_iter: Any) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.text_cache is not None:
+            self.text_cache.uninstall()
+        del data_iter
+
+    def _finish(self, step: int) -> TrainResult:
+        result = self.result
+        best_path = self.ckpt_dir / BEST_NAME
+        result.final_step = step
+        result.best_val_itc = self.best_val if self.cfg.checkpoint_selection == "heldout-itc" else None
+        result.last_checkpoint = str(self.ckpt_dir / LAST_NAME)
+        result.best_checkpoint = str(best_path) if best_path.exists() else None
+        result.seconds = time.time() - self.wall_start
+        timed = self.step_times[1:] or self.step_times  # the first step includes lazy initialisation
+        result.mean_step_s = float(sum(timed) / len(timed)) if timed else 0.0
+        result.data_counters = {**self.stream.counters, **self.processor.counters,  # main process only
+                                **(self.text_cache.stats() if self.text_cache else {})}
+        if self.info.is_main:
+            (self.out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        return result
+
+
+def _init_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"source": report["source"], "loaded": len(report["loaded"]), "new": len(report["new"]),
+            "unused": len(report["unused"])}
+
+
 def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
           progress: ProgressCallback | None = None) -> TrainResult:
     """Run one stage as configured; resumes from out_dir/checkpoints/last.pt when cfg.resume and it exists.
@@ -201,294 +527,4 @@ def train(cfg: TrainConfig, model_factory: ModelFactory | None = None,
     `progress(Progress)` is called on the main rank every cfg.log_every steps and at the end (e.g. the pretrain
     flow updates a Prefect progress artifact from it: ovseg_core itself knows nothing of Prefect).
     """
-    wall_start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    info = D.init_distributed(device)
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"global batch {cfg.batch_size} is not divisible by world size {info.world_size}")
-    per_rank_batch = cfg.batch_size // info.world_size
-    out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-    if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_json(out_dir / "train_config.json")
-
-    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time).
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    last_path = latest_checkpoint(out_dir) if cfg.resume else None
-    model_kwargs = dict(cfg.model_kwargs)
-    if (cfg.init_checkpoint or last_path is not None) and model_kwargs.get("visual_init") is not None:
-        model_kwargs["visual_init"] = None  # the checkpoint's weights replace the init: do not need its file
-    model = (model_factory or _default_factory)(cfg.preset, **model_kwargs)
-    if cfg.init_checkpoint:
-        load_model_state(model, load_checkpoint(cfg.init_checkpoint))
-    if cfg.stage == 2:
-        model.freeze_text_encoder()
-        if not has_teacher(model):
-            # EMA teacher starts as a copy of the (stage-1) image encoder; an init checkpoint that already has one
-            # (a stage-2 checkpoint) keeps its saved teacher.
-            model.init_momentum_teacher()
-    model.to(device)
-
-    reader = BuildReader(cfg.build_dir, shard_base_url=cfg.shard_base_url)
-    check_build(cfg.build_dir, shards_here=cfg.shard_base_url is None)  # the contract first: a build without a valid manifest is refused, with the reason
-    manifest_sha = reader.manifest_sha256()
-    train_count = len(reader.split_ids("train", cfg.val_percent))
-    if train_count < per_rank_batch:
-        raise ValueError(f"only {train_count} training samples for a per-rank batch of {per_rank_batch}")
-    steps_per_epoch = train_count / cfg.batch_size
-    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-
-    optimizer = build_optimizer(model, cfg)
-    scheduler = CosineWarmupSchedule(optimizer, total_steps, warmup_steps, scaled_lrs(cfg))
-    start_step, best_val = 0, None
-    if last_path is not None:
-        ckpt = load_checkpoint(last_path)
-        if ckpt["train_config"].get("stage") != cfg.stage or ckpt["train_config"].get("preset") != cfg.preset:
-            raise ValueError(f"{last_path} is from another run (stage/preset differ); use a fresh out_dir")
-        if ckpt.get("build_manifest_sha256") != manifest_sha:
-            # A rebuilt build (new data) must never silently continue a run trained on the old one.
-            raise ValueError(f"{last_path} was trained on build manifest {ckpt.get('build_manifest_sha256')}, but "
-                             f"{cfg.build_dir} now has manifest {manifest_sha}: use a fresh out_dir (or --no-resume)")
-        load_model_state(model, ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_step = int(ckpt["step"])
-        best_val = ckpt["extra"].get("best_val_itc")
-        resume_rng = ckpt["rng"]
-    else:
-        resume_rng = None
-
-    tokenizer, image_size = model.tokenizer, int(model.image_size)
-    processor = SampleProcessor(
-        reader, tokenizer, cfg.max_text_len, build_train_transform(image_size, cfg.augment), stage=cfg.stage,
-        partner_transform=build_train_transform(image_size, cfg.augment), val_percent=cfg.val_percent,
-        entity_classes=tuple(getattr(model, "entity_classes", ())),
-    )
-    repeat_factors = None
-    if cfg.repeat_threshold is not None:
-        rows = reader.meta_rows(reader.split_ids("train", cfg.val_percent))
-        repeat_factors = class_repeat_factors({int(r["sample_id"]): r["entities"] or [] for r in rows},
-                                              cfg.repeat_threshold)
-    stream = CC4MTrainStream(
-        reader, processor, seed=cfg.seed, rank=info.rank, world_size=info.world_size, val_percent=cfg.val_percent,
-        shuffle_buffer=cfg.shuffle_buffer, shards_in_flight=cfg.shards_in_flight, partner_source=cfg.partner_source,
-        batch_size=per_rank_batch, skip_batches=start_step,
-        repeat_factors=repeat_factors,
-    )
-    loader = make_train_loader(stream, per_rank_batch, cfg.num_workers, pin_memory=device.type == "cuda")
-    val_loader = None
-    val_ids = reader.split_ids("val", cfg.val_percent)[: cfg.val_max_samples]
-    if info.is_main and val_ids:
-        val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size), stage=1)
-        val_loader = make_val_loader(CC4MMapDataset(reader, val_processor, val_ids, seed=cfg.seed), cfg.val_batch_size)
-
-    text_cache = None
-    text_encoder = getattr(model, "text", None)
-    if cfg.cache_frozen_text and isinstance(text_encoder, nn.Module) and is_frozen(text_encoder):
-        text_cache = FrozenTextCache(text_encoder).install()
-    ddp_model = D.wrap_ddp(TrainStep(model), device, info)
-    ddp_model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    result = TrainResult(out_dir=str(out_dir), stage=cfg.stage, total_steps=total_steps, start_step=start_step,
-                         final_step=start_step, best_val_itc=best_val)
-    best_path, last_ckpt = ckpt_dir / BEST_NAME, ckpt_dir / LAST_NAME
-    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
-
-    def checkpoint(step: int, metrics: dict[str, float]) -> None:
-        nonlocal best_val
-        if not info.is_main:
-            return
-        improved = "val_itc" in metrics and (best_val is None or metrics["val_itc"] < best_val)
-        if improved:
-            best_val = metrics["val_itc"]
-        save_checkpoint(last_ckpt, model=model, step=step, train_config=cfg.to_dict(), optimizer=optimizer,
-                        scheduler=scheduler, metrics=metrics, build_manifest_sha256=manifest_sha,
-                        extra={"best_val_itc": best_val})
-        if improved or (not best_path.exists() and val_loader is None):
-            with atomic_path(best_path) as tmp:
-                shutil.copyfile(last_ckpt, tmp)
-
-    def run_validation(step: int) -> dict[str, float]:
-        metrics = validate(model, val_loader, device) if val_loader is not None else {}
-        if metrics and log_file is not None:
-            metrics = {"step": step, **metrics}
-            result.val_history.append(metrics)
-            log_file.write(json.dumps({"val": metrics}) + "\n")
-            log_file.flush()
-            print(f"[train] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-        return metrics
-
-    step, step_times = start_step, []
-    meter = ProgressMeter(total_steps, start_step, cfg.batch_size, cfg.log_every or 10)
-
-    def report(force: bool = False) -> dict[str, float]:
-        if not info.is_main or not result.losses:
-            return {}
-        p = meter.report(step, result.losses[-1]["loss"], force=force)
-        if p is None:
-            return {}
-        _write_progress(out_dir / "progress.json", p)
-        if cfg.log_every:
-            print(f"[train] {p.line()} lr={scheduler.get_last_lr():.3g}", flush=True)
-        if progress is not None:
-            progress(p)
-        return {"samples_per_s": p.samples_per_s, "eta_s": p.eta_s}
-
-    data_iter = iter(loader)  # draws the DataLoader's base seed from the global RNG: restore RNG state after it
-    if resume_rng is not None:
-        set_rng_state(resume_rng)
-    if info.rank:  # rank 0's RNG state is the one saved; other ranks get their own dropout/Gumbel noise stream
-        torch.manual_seed(cfg.seed * 1000 + info.rank + start_step)
-    try:
-        while step < total_steps:
-            t_data = time.perf_counter()
-            batch = _to_device(trim_text_padding(next(data_iter)), device)
-            t0 = time.perf_counter()  # t0 - t_data: time the step waited for the loader
-            lr = scheduler.get_last_lr()
-            with _autocast(device):
-                out = ddp_model(batch, cfg.stage)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: {_scalars(out)}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-                         if cfg.grad_clip else float("nan"))
-            optimizer.step()
-            scheduler.step()
-            if cfg.stage == 2:
-                model.momentum_update(cfg.momentum)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s = time.perf_counter() - t0
-            step_times.append(step_s)
-            record = {"step": step, "lr": lr, **_scalars(out), "grad_norm": grad_norm, "step_s": step_s,
-                      "data_s": t0 - t_data,
-                      "time_s": time.time() - wall_start}
-            result.losses.append(record)
-            record.update(report(force=step == total_steps))
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                if cfg.log_every and (step % cfg.log_every == 0 or step == start_step + 1):
-                    log_file.flush()
-            out_of_time = cfg.time_limit_s is not None and time.time() - wall_start > cfg.time_limit_s
-            stop = D.any_rank(out_of_time, device)
-            if step < total_steps and not stop:
-                metrics = run_validation(step) if cfg.eval_every and step % cfg.eval_every == 0 else None
-                if metrics is not None or (cfg.save_every and step % cfg.save_every == 0):
-                    checkpoint(step, metrics or {})
-                    D.barrier()
-            if stop:
-                result.stopped_by_time_limit = True
-                break
-        if meter.last_step != step:  # stopped early by the time limit: report where it stopped
-            report(force=True)
-        metrics = run_validation(step)
-        checkpoint(step, metrics)
-        D.barrier()
-    finally:
-        if log_file is not None:
-            log_file.close()
-        if text_cache is not None:
-            text_cache.uninstall()
-        del data_iter
-    result.final_step = step
-    result.best_val_itc = best_val
-    result.last_checkpoint = str(last_ckpt)
-    result.best_checkpoint = str(best_path) if best_path.exists() else None
-    result.seconds = time.time() - wall_start
-    # the first step includes lazy initialisation; leave it out of the per-step time
-    timed = step_times[1:] or step_times
-    result.mean_step_s = float(sum(timed) / len(timed)) if timed else 0.0
-    # main process only (workers keep their own)
-    result.data_counters = {**stream.counters, **processor.counters, **(text_cache.stats() if text_cache else {})}
-    if info.is_main:
-        (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
-    return result
-
-
-# ---------------------------------------------------------------- CLI (wired into `cc4m train` by the lead)
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--build", required=True, help="build folder (shards/, meta/, index/)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl); resumes if it has last.pt")
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, vit_s, vit_b")
-    p.add_argument("--stage", type=int, default=1, choices=(1, 2))
-    p.add_argument("--recipe", choices=("paper", "sample"), default="paper",
-                   help="paper = the stage preset (--steps/--epochs required); sample = the CPU recipe for the embedded "
-                        "sample (ovseg_core.train.config.sample_recipe, sized by --minutes; stage 1 only)")
-    p.add_argument("--minutes", type=float, default=10.0, help="--recipe sample: wall-clock training budget")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int)
-    length.add_argument("--epochs", type=float)
-    p.add_argument("--repeat-threshold", type=float, help="repeat-factor sampling over caption classes (e.g. 0.1)")
-    p.add_argument("--cache-frozen-text", action="store_true", help="encode each text once when the text is frozen")
-    p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch size (split over torchrun ranks)")
-    p.add_argument("--lr", type=float, help="base lr (default: the stage preset)")
-    p.add_argument("--warmup-lr", type=float)
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--no-lr-scaling", action="store_true", help="do not scale lrs by global batch / 4096")
-    p.add_argument("--augment", choices=("deit", "light", "crop", "none"), help="default: the stage preset")
-    p.add_argument("--init-checkpoint", help="stage 2: the stage-1 checkpoint to start from")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-percent", type=float, default=2.0)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--max-text-len", type=int, default=77)
-    p.add_argument("--shard-base-url", help="read shards from this http(s)/fsspec folder (meta and index stay local)")
-    p.add_argument("--partner-source", choices=("buffer", "locator"), default="buffer",
-                   help="stage-2 partners from the shuffle buffer (locator fallback) or always via the locator")
-    p.add_argument("--shuffle-buffer", type=int, default=4096)
-    p.add_argument("--shards-in-flight", type=int, default=16)
-    p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
-    p.add_argument("--no-resume", action="store_true")
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if getattr(args, "recipe", "paper") == "sample":
-        from ovseg_core.train.config import sample_recipe
-
-        if args.stage != 1:
-            raise ValueError("--recipe sample is a stage-1 recipe")
-        extra = {k: v for k, v in {"steps": args.steps, "epochs": args.epochs, "base_lr": args.lr,
-                                     "seed": args.seed, "device": args.device, "threads": args.threads,
-                                     "eval_every": args.eval_every, "resume": not args.no_resume}.items()
-                 if v is not None}
-        return sample_recipe(args.build, args.out, minutes=args.minutes, **extra)
-    if args.steps is None and args.epochs is None:
-        raise ValueError("give --steps or --epochs (or --recipe sample)")
-    explicit = {
-        "base_lr": args.lr, "warmup_lr": args.warmup_lr, "min_lr": args.min_lr, "augment": args.augment,
-        "warmup_steps": args.warmup_steps,
-    }
-    return TrainConfig.for_stage(
-        args.stage, build_dir=args.build, out_dir=args.out, preset=args.preset, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, scale_lr=not args.no_lr_scaling, init_checkpoint=args.init_checkpoint,
-        device=args.device, num_workers=args.num_workers, threads=args.threads, seed=args.seed,
-        val_percent=args.val_percent, eval_every=args.eval_every, save_every=args.save_every,
-        log_every=args.log_every, max_text_len=args.max_text_len, time_limit_s=args.time_limit,
-        resume=not args.no_resume, repeat_threshold=args.repeat_threshold, cache_frozen_text=args.cache_frozen_text,
-        shard_base_url=args.shard_base_url, partner_source=args.partner_source, shuffle_buffer=args.shuffle_buffer,
-        shards_in_flight=args.shards_in_flight,
-        **{k: v for k, v in explicit.items() if v is not None},
-    )
-
-
-def cli_train(args: argparse.Namespace) -> int:
-    result = train(train_config_from_args(args))
-    if D.current_info().is_main:
-        summary = {k: v for k, v in result.to_dict().items() if k not in ("losses",)}
-        summary["final_loss"] = result.losses[-1]["loss"] if result.losses else None
-        print(json.dumps(summary, indent=1))
-    D.cleanup()
-    return 0
+    return TrainingRun(cfg, model_factory, progress).build().run()

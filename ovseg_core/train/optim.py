@@ -2,7 +2,8 @@
 
 Deviation from the release (kept on purpose, listed in the README): the release (GroupViT's `build_optimizer`)
 exempts only 1-D parameters and biases from weight decay, so it DOES decay the position embedding, the group tokens
-and BERT's position/token-type embeddings. We also exempt those (NO_DECAY_KEYWORDS).
+and BERT's position/token-type embeddings. We also exempt those (NO_DECAY_KEYWORDS). The logit scale, which the
+release decays too, is the one with a switch (TrainConfig.decay_logit_scale; the `paper` recipe decays it).
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups over the trainable parameters: decayed weights and everything in `is_no_decay`."""
+def param_groups(model: nn.Module, weight_decay: float, decay_logit_scale: bool = False) -> list[dict[str, Any]]:
+    """Two AdamW groups over the trainable parameters: decayed weights and everything in `is_no_decay`.
+    decay_logit_scale: decay the logit scale as the release does (a 0-d parameter, so its 1-D rule misses it)."""
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_no_decay(name, p):
+        if is_no_decay(name, p) and not (decay_logit_scale and name.endswith("logit_scale")):
             no_decay.append(p)
             no_decay_names.append(name)
         else:
@@ -65,7 +67,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups`, split further by cfg.lr_scales: each group carries an "lr_scale" that
     CosineWarmupSchedule multiplies into its lr (AdamW's decoupled decay scales with lr, so 0 also stops decay)."""
     out = []
-    for g in param_groups(model, cfg.weight_decay):
+    for g in param_groups(model, cfg.weight_decay, cfg.decay_logit_scale):
         by_scale: dict[float, list[torch.Tensor]] = {}
         for name, p in zip(g["names"], g["params"]):
             by_scale.setdefault(lr_scale_of(name, cfg.lr_scales), []).append(p)

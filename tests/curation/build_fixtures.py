@@ -103,9 +103,9 @@ def write_staged_build(root: Path, n: int = 26, per_staging_shard: int = 10, fai
     import random
     import tarfile
 
-    from curation.download import DOWNLOADS_SCHEMA
-    from curation.layout import BuildLayout, part_name
     from curation.select import SelectConfig, select_part
+    from curation.staging import DOWNLOADS_SCHEMA
+    from manifests.layout import BuildLayout, part_name
 
     layout = BuildLayout(root)
     ids = [2 * i + 1 for i in range(n)]  # sparse ids: the even ones are the rejected rows

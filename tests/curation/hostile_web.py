@@ -13,11 +13,12 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 
 from PIL import Image
+
+from curation.sample.bombs import jpeg_header_bomb, png_bomb
 
 CANARY_HOST = "127.0.0.2"
 
@@ -34,31 +35,6 @@ def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
-
-
-def png_bomb(side: int = 10_000) -> bytes:
-    """A valid side x side greyscale PNG of zeros: ~100 kB compressed, 100 MP decoded (over the 89 MP cap)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + pixels
-    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def jpeg_header_bomb(side: int = 30_000) -> bytes:
-    """A small JPEG whose SOF header claims side x side (900 MP): refused from the header, never decoded."""
-    data = bytearray(_save(_picture(seed=7), "JPEG"))
-    i = 2
-    while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC2):
-            data[i + 5:i + 9] = struct.pack(">HH", side, side)
-            break
-        i += 2 + length
-    return bytes(data)
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -269,6 +245,9 @@ class HostileServer(ThreadingHTTPServer):
             "/endless": lambda h: h.stream(b"\xff" * 65536, 0, False, 1 << 30),
             "/endless/chunked": lambda h: h.stream(b"\xff" * 65536, 0, True, 1 << 30),
             "/drip": lambda h: h.stream(b"\xff", 0.05, False, 1 << 20),
+            # One byte every 0.5 s for 10 s: each read is far inside a socket timeout; only the deadline ends it.
+            "/drip/slow": lambda h: h.stream(b"\xff", 0.5, False, 20),
+            "/redirect/to-slow-drip": lambda h: h.redirect("/drip/slow"),
             "/reset": lambda h: h.reset(),
             "/not-http": lambda h: (h.wfile.write(b"HELLO THERE\r\n\r\n"), setattr(h, "close_connection", True)),
             "/bomb/png": lambda h: h.send(200, self.bombs["png"], "image/png"),

@@ -7,10 +7,10 @@ import pytest
 from curation.build import BuildConfigMismatch, build_stage_plan, prepare_build_dir, run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
-from curation.layout import BuildLayout
 from curation.manifest import content_config, verify_manifest
 from curation.reshard import ShardConfig
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
 from manifests.schema import count_problems
 
 
@@ -174,8 +174,8 @@ def test_a_grown_source_rebuilds_only_its_new_rows_and_equals_a_fresh_build(tmp_
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from curation.download import URLS_NAME
     from curation.sample import SampleImageServer, make_sample
+    from curation.staging import URLS_NAME
 
     sample = make_sample(tmp_path / "sample", n_rows=120, image_size=64, eval_images=1, eval_selection_images=0)
     lines = sample.source_tsv.read_bytes().splitlines(keepends=True)

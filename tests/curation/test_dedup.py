@@ -13,7 +13,7 @@ from PIL import Image, ImageEnhance
 
 from curation.dedup import DedupConfig, deduplicate, find_duplicates, hash_batch, near_pairs
 from curation.imagehash import hamming, phash_bytes, phash_pixels, stored_hashes
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 CLASSES = ["dog", "cat", "car", "people", "bus"]
 

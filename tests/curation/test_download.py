@@ -4,8 +4,9 @@ import pyarrow.parquet as pq
 import pytest
 from build_fixtures import ImageServer, caption_rows, make_jpeg, write_part
 
-from curation.download import DownloadConfig, download_selected, iter_staged_images
-from curation.layout import BuildLayout, part_name
+from curation.download import DownloadConfig, download_selected
+from curation.staging import iter_staged_images
+from manifests.layout import BuildLayout, part_name
 
 
 def _routes(ids, bad_404=(), not_image=()):
@@ -92,18 +93,18 @@ def test_download_one_row_per_selected_sample(tmp_path):
 def test_missing_rows_are_reported(tmp_path, monkeypatch):
     """A staging run that reports nothing (e.g. every shard failed its retries) gives 'missing' rows, not an empty
     table."""
-    from curation import download
+    from curation import download_rounds
 
     layout = BuildLayout(tmp_path)
     write_part(layout.selected_dir / part_name(0), caption_rows([1, 2, 3], "http://cc4m-sample.invalid"))
     calls = []
-    monkeypatch.setattr(download, "run_img2dataset", lambda *a, **k: calls.append(1))
-    result = download.download_selected(tmp_path, DownloadConfig())
+    monkeypatch.setattr(download_rounds, "run_img2dataset", lambda *a, **k: calls.append(1))
+    result = download_selected(tmp_path, DownloadConfig())
     assert result["missing"] == 3 and result["success"] == 0
     rows = pq.read_table(layout.downloads).to_pylist()
     assert [r["status"] for r in rows] == ["missing"] * 3 and all(r["error_message"] for r in rows)
     # Missing rows are not final: a rerun asks img2dataset again for the unfinished shards.
-    again = download.download_selected(tmp_path, DownloadConfig())
+    again = download_selected(tmp_path, DownloadConfig())
     assert again["skipped"] is False and len(calls) == 2
 
 

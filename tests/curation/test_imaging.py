@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from curation.imaging import ImageRejected, ImageSpec, open_checked, to_stored_jpeg
+from curation.sample.bombs import png_bomb
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -27,19 +26,6 @@ def _left_red_right_blue(width: int = 120, height: int = 60) -> Image.Image:
 
 def _decoded(stored_jpeg: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(stored_jpeg)).convert("RGB")).astype(int)
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid greyscale PNG of width x height zero pixels: a few hundred kB that decode to width*height bytes."""
-    raw_row = b"\x00" + b"\x00" * width
-    compressor = zlib.compressobj(9)
-    body = b"".join(compressor.compress(raw_row) for _ in range(height)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def test_exif_orientation_is_applied_before_resizing():

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.index import IndexConfig, build_index, draw_partners, entity_table
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 CLASSES = [f"class{i:02d}" for i in range(12)]
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.ingest import DONE_MARKER, REJECT_REASONS, IngestConfig, ingest_source
-from curation.layout import BuildLayout, part_name
+from manifests.layout import BuildLayout, part_name
 
 # One line per case; expected (reason or None, url, caption). Line i has sample_id i.
 LINES: list[tuple[bytes, str | None, str | None, str | None]] = [

@@ -16,9 +16,9 @@ from build_fixtures import write_staged_build
 
 from curation.config import BuildConfig
 from curation.invariants import check_invariants
-from curation.layout import BuildLayout
 from curation.manifest import ManifestCountError, verify_manifest, write_manifest
 from curation.reshard import ShardConfig, reshard
+from manifests.layout import BuildLayout
 
 
 def _rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:

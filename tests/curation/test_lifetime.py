@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import curation.download as download_module
-from curation.download import DownloadConfig, DownloadStalled, download_selected
-from curation.layout import BuildLayout, part_name
+import curation.download_driver as download_module
+from curation.download import DownloadConfig, download_selected
+from curation.download_driver import DownloadStalled
+from manifests.layout import BuildLayout, part_name
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ import pytest
 from build_fixtures import write_staged_build
 
 from curation.config import BuildConfig
-from curation.layout import BuildLayout
 from curation.manifest import ManifestCountError, add_verify_arguments, cli_verify, verify_manifest, write_manifest
 from curation.reshard import ShardConfig, reshard
+from manifests.layout import BuildLayout
 from manifests.schema import BuildManifest, count_problems
 
 

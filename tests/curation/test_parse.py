@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.ingest import IngestConfig, ingest_source
-from curation.layout import BuildLayout, part_name
 from curation.parse import CAPTIONS_SCHEMA, ParseConfig, add_parse_arguments, cli_parse, parse_part
+from manifests.layout import BuildLayout, part_name
 
 ROWS = [
     "http://x/0.jpg\ttwo dogs and a cat",

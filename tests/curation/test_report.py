@@ -15,9 +15,9 @@ from PIL import Image
 
 from curation.dedup import DedupConfig, deduplicate
 from curation.index import IndexConfig, build_index
-from curation.layout import BuildLayout, part_name
 from curation.report import report_markdown, write_report
 from curation.stats import READY_QUERIES, connect
+from manifests.layout import BuildLayout, part_name
 
 CLASSES = ["dog", "cat", "people", "car", "bus", "tv"]
 

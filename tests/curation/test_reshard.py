@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from build_fixtures import write_staged_build
 
-from curation.layout import BuildLayout
 from curation.reshard import ShardConfig, reshard, sample_key
+from manifests.layout import BuildLayout
 
 
 def _tree_bytes(root):

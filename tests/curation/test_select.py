@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 from build_fixtures import caption_rows, write_part
 
-from curation.layout import BuildLayout, part_name
 from curation.select import SelectConfig, select_part, selected_counts
+from manifests.layout import BuildLayout, part_name
 
 
 def _rows():

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.index import IndexConfig, build_index
-from curation.layout import BuildLayout, part_name
 from curation.stats import (
     READY_QUERIES,
     add_sql_arguments,
@@ -22,6 +21,7 @@ from curation.stats import (
     stats_text,
     view_names,
 )
+from manifests.layout import BuildLayout, part_name
 
 ENTITIES = {0: ["dog"], 1: ["cat", "dog"], 2: ["car"], 3: ["dog", "people"], 4: ["cat"], 5: ["bus", "dog"]}
 STATUS = {0: "success", 1: "success", 2: "failed_to_download", 3: "success", 4: "success", 5: "success"}

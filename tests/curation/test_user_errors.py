@@ -13,6 +13,7 @@ import pytest
 
 import curation.build
 import curation.io
+import curation.source
 from curation.config import BuildConfig
 from curation.lock import BuildLock
 from flows.cli import main
@@ -41,12 +42,16 @@ def _one_error_line(capsys, source, out, *extra) -> str:
     return lines[0]
 
 
-def _build_until(monkeypatch, stage: str, source, out) -> None:
-    """Run `cc4m build` and stop it when it calls `stage` (a name in curation.build): it got past its checks."""
+# The first thing a build runs: the ingest of a table source (curation.source), then parsing (curation.stages).
+INGEST, PARSE = "curation.source.TableSource.ingest", "curation.stages.parse_part"
+
+
+def _build_until(monkeypatch, target: str, source, out) -> None:
+    """Run `cc4m build` and stop it when it calls `target` (a dotted name): it got past its checks."""
     def stop(*args, **kwargs):
         raise StopBuild
 
-    monkeypatch.setattr(curation.build, stage, stop)
+    monkeypatch.setattr(target, stop)
     with pytest.raises(StopBuild):
         main(["build", "--source", str(source), "--out", str(out)])
 
@@ -68,7 +73,7 @@ def test_replaced_source_in_a_started_build_folder_just_builds(tmp_path, capsys,
     source.write_bytes(data[: len(data) // 2])
     _one_error_line(capsys, source, out)
     source.write_bytes(data)
-    _build_until(monkeypatch, "parse_part", source, out)
+    _build_until(monkeypatch, PARSE, source, out)
     done = json.loads((out / "ingest" / "ingest-done.json").read_text())
     assert done["result"]["read"] == len(ROWS.splitlines())
 
@@ -135,7 +140,7 @@ def test_unreadable_source_is_one_line_and_writes_nothing(tmp_path, capsys, monk
     def no_read(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(curation.build, "open", no_read, raising=False)  # only curation.build's open()
+    monkeypatch.setattr(curation.source, "open", no_read, raising=False)  # only the source check's open()
     line = _one_error_line(capsys, source, tmp_path / "out")
     assert f"cannot read source {source}" in line and "Make it readable" in line
     assert not (tmp_path / "out").exists()
@@ -146,7 +151,7 @@ def test_mistyped_source_leaves_no_config_and_the_corrected_rerun_starts(tmp_pat
     line = _one_error_line(capsys, tmp_path / "scr.tsv", out)
     assert str(tmp_path / "scr.tsv") in line and "does not exist" in line and "Check the path" in line
     assert not (out / "config.json").exists()
-    _build_until(monkeypatch, "ingest_any", source, out)
+    _build_until(monkeypatch, INGEST, source, out)
     assert json.loads((out / "config.json").read_text())["source"] == str(source)
 
 
@@ -156,7 +161,7 @@ def test_folder_left_with_only_config_and_lock_takes_a_new_config(tmp_path, monk
     BuildConfig(source=str(tmp_path / "scr.tsv"), build_dir=str(out)).save()
     with BuildLock(out):
         pass
-    _build_until(monkeypatch, "ingest_any", source, out)
+    _build_until(monkeypatch, INGEST, source, out)
     assert json.loads((out / "config.json").read_text())["source"] == str(source)
 
 
@@ -183,6 +188,6 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     def broken_stage(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(curation.build, "ingest_any", broken_stage)
+    monkeypatch.setattr(INGEST, broken_stage)
     with pytest.raises(type(bug)):
         main(["build", "--source", str(_tsv(tmp_path)), "--out", str(tmp_path / "out")])

@@ -15,21 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.download import DownloadConfig, iter_staged_images
+from curation.download import DownloadConfig
 from curation.ingest import IngestConfig
-from curation.layout import BuildLayout, part_name
+from curation.staging import iter_staged_images
+from curation.tario import write_tar
 from curation.verify import VerifyConfig, verify_downloads
 from curation.wds_source import (
     POSITIONAL_BASE,
     SHARD_META_KEY,
     SHARD_STRIDE,
-    add_member,
     expand_shards,
     extract_selected,
     ingest_wds,
     is_wds_source,
-    write_tar,
 )
+from manifests.layout import BuildLayout, part_name
 
 
 def jpeg(size=(40, 30), colour=(200, 30, 30), exif_orientation: int | None = None) -> bytes:
@@ -49,7 +49,7 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path
     with write_tar(path) as tar:
         for key, files in samples:
             for ext, data in files.items():
-                add_member(tar, f"{key}.{ext}", data)
+                tar.add(f"{key}.{ext}", data)
     return path
 
 

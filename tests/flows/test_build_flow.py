@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.io import sha256_file
-from curation.layout import BuildLayout
 from curation.lock import LOCK_NAME
 from curation.manifest import verify_manifest
+from manifests.layout import BuildLayout
 from tests.flows.conftest import SAMPLE_ROWS
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -56,7 +56,7 @@ def task_states(flow_run_id: Any) -> dict[str, list[str]]:
             flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in subflows]))) if subflows else []
     states: dict[str, list[str]] = {}
     for run in [*parent_tasks, *child_tasks]:
-        if run.state is not None and run.name.rsplit("-", 1)[0] != "parse-select":
+        if run.state is not None and run.name.rsplit("-", 1)[0] != "per-part-stages":
             states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return states
 
@@ -153,11 +153,10 @@ def test_rerun_of_a_finished_build_does_no_work(sample_build, sample_source, sma
 @pytest.mark.slow
 def test_resume_after_interruptions_gives_identical_output(sample_build, sample_source, small_config, tmp_path,
                                                          monkeypatch):
-    import curation.dedup
-    import curation.parse
+    import curation.stages  # the stage plan's functions call these names
 
     build_dir = tmp_path / "cc4m"
-    real_parse, real_dedup = curation.parse.parse_part, curation.dedup.deduplicate
+    real_parse, real_dedup = curation.stages.parse_part, curation.stages.deduplicate
 
     def parse_failing_on_second_part(build_dir, part, cfg, progress=None):
         if part == "part-00001.parquet":
@@ -165,7 +164,7 @@ def test_resume_after_interruptions_gives_identical_output(sample_build, sample_
         return real_parse(build_dir, part, cfg, progress)
 
     # 1) one fan-out task fails: the whole flow fails (futures are resolved), part 0 is done and kept.
-    monkeypatch.setattr(curation.parse, "parse_part", parse_failing_on_second_part)
+    monkeypatch.setattr(curation.stages, "parse_part", parse_failing_on_second_part)
     state = run_build(build_dir, sample_source, small_config)
     assert state.is_failed()
     layout = BuildLayout(build_dir)
@@ -173,14 +172,14 @@ def test_resume_after_interruptions_gives_identical_output(sample_build, sample_
     assert not layout.downloads.exists()
 
     # 2) crash after the download: parse resumes, the download happens once, dedup fails.
-    monkeypatch.setattr(curation.parse, "parse_part", real_parse)
-    monkeypatch.setattr(curation.dedup, "deduplicate", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(curation.stages, "parse_part", real_parse)
+    monkeypatch.setattr(curation.stages, "deduplicate", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
     state = run_build(build_dir, sample_source, small_config)
     assert state.is_failed()
     assert layout.downloads.exists() and not layout.kept.exists()
 
     # 3) resume to the end: byte-identical shards and identical tables to the uninterrupted build.
-    monkeypatch.setattr(curation.dedup, "deduplicate", real_dedup)
+    monkeypatch.setattr(curation.stages, "deduplicate", real_dedup)
     state = run_build(build_dir, sample_source, small_config)
     assert state.is_completed()
     assert build_contents(build_dir) == build_contents(sample_build["build_dir"])
@@ -208,15 +207,15 @@ def test_deleted_outputs_are_rebuilt_not_served_from_cache(sample_build, sample_
 def test_parse_select_fan_out_on_dask_matches_threads(prefect_harness, sample_source, tmp_path):
     from curation.config import BuildConfig
     from curation.ingest import IngestConfig, ingest_source
-    from flows.build import make_task_runner, parse_select
+    from flows.build import make_task_runner, per_part_stages
 
-    cfg = BuildConfig(source=str(sample_source["source_tsv"]), build_dir=str(tmp_path / "x")).to_dict()
     outputs = {}
     for runner in ("threads", "dask"):
         build_dir = tmp_path / runner
+        cfg = BuildConfig(source=str(sample_source["source_tsv"]), build_dir=str(build_dir)).to_dict()
         ingest = ingest_source(sample_source["source_tsv"], build_dir, IngestConfig(rows_per_part=100))
-        fan_out = parse_select.with_options(task_runner=make_task_runner(runner, dask_workers=2))
-        result = fan_out(str(build_dir), ingest["parts"], cfg["parse"], cfg["select"])
+        fan_out = per_part_stages.with_options(task_runner=make_task_runner(runner, dask_workers=2))
+        result = fan_out(ingest["parts"], ["parse", "select"], cfg)
         assert [r["part"] for r in result["select"]] == ingest["parts"]
         layout = BuildLayout(build_dir)
         outputs[runner] = {f"{d.name}/{p.name}": pq.read_table(p).to_pylist()

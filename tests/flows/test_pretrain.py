@@ -18,7 +18,7 @@ def test_torchrun_command_runs_the_flows_entry_point(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert {"--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=10.0.0.1",
             "--master_port=29400"} <= set(cmd)
-    assert cmd[-4:] == ["-m", "flows.train_entry", "--config", str(tmp_path / "cfg.json")]
+    assert cmd[-4:] == ["-m", "ovseg_core.train.cli", "--config", str(tmp_path / "cfg.json")]
 
 
 def _empty_valid_build(root: Path) -> Path:

@@ -95,7 +95,7 @@ class StandInModel(nn.Module):
             total = total + 0.1 * mask
         return {"loss": total, "itc": itc, "mec": mec, "mask": mask}
 
-    def freeze_text_encoder(self) -> None:
+    def freeze_text_encoder(self, mode: str = "eval") -> None:
         self.text_embed.requires_grad_(False)
 
     def init_momentum_teacher(self) -> None:

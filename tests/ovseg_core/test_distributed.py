@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -19,16 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from c3_standin import StandInConfig, StandInModel, standin_factory
 
+from flows.local import free_port
 from ovseg_core.train.distributed import DistInfo, wrap_ddp
 from ovseg_core.train.loop import TrainStep
 
 BATCH, LEN = 8, 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_batch() -> dict[str, torch.Tensor]:

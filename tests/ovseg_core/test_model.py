@@ -311,7 +311,7 @@ def test_only_pooled_image_features_update_the_projector_batchnorm():
 
 def test_entity_prompt_loss_trains_groups_image_and_text_projectors():
     torch.manual_seed(0)
-    model = create_model("tiny", text_pretrained=False, entity_weight=0.5).train()
+    model = create_model("tiny", text_pretrained=False, entity_prompt_weight=0.5).train()
     classes = model.entity_classes
     assert len(classes) == 73 and "people" in classes
     # the prompts are buffers the checkpoint does not carry (rebuilt from the vocabulary)
