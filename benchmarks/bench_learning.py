@@ -484,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.build or not args.eval_root:
         p.error("--build and --eval-root are required (or use --gpu-throughput)")
     args.out = str(args.out or default_output(f"learning-seed{args.seed}"))  # the plot goes next to it
+    started = stamp()  # the code that trains is the code at the start: a commit during a long run must not relabel it
     result = run_learning(args)
-    atomic_write_json(Path(args.out), {**stamp(), **result})
+    atomic_write_json(Path(args.out), {**result, **started})
     keys = ("miou", "pixel_acc", "miou_delta_trained_vs_untrained", "miou_delta_trained_vs_background", "learned",
             "train_wall_seconds")
     print(json.dumps({**{k: result[k] for k in keys}, "selection": result["selection"]["chosen_settings"]}, indent=1))
