@@ -14,8 +14,16 @@ ratios a/b with their spread, for the whole build and for the download stage alo
 are reported as seconds per 1,000 written images. The build allows 127.0.0.1/32 (download.allowed_networks), as an
 operator would open an internal mirror.
 
+Both sides are timed as whole processes (interpreter start and imports included): the build runs as a child
+process (`--child-build`), img2dataset as its CLI. Two raw baselines: img2dataset from the project's venv (which
+holds CUDA torch, which img2dataset imports through webdataset), and img2dataset from its own minimal venv
+(`benchmarks/.venvs/img2dataset-<pinned>`: `python -m venv` + `pip install img2dataset==<pinned>` and its
+dependencies, no torch; made by `--make-raw-venv`). Each repetition runs the three in rotating order; both ratios
+are reported (`ratio_build_vs_raw` against the project venv, `ratio_build_vs_raw_minimal_venv`).
+
     .venv/bin/python benchmarks/bench_build.py [--rows 4000] [--repeats 3]
     .venv/bin/python benchmarks/bench_build.py --mode fast --images 10000 --repeats 3
+    .venv/bin/python benchmarks/bench_build.py --make-raw-venv     # once: the minimal img2dataset venv
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from curation.download import DownloadConfig
 from curation.io import write_bytes_atomic
 from curation.sample import SampleImageServer, make_sample
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
 from manifests.stages import STAGE_NAMES
 
 RESULTS = REPO / "benchmarks" / "results" / "build.json"
@@ -51,10 +60,28 @@ FAST_RESULTS = REPO / "benchmarks" / "results" / "build_fast.json"
 AFTER_DOWNLOAD = STAGE_NAMES[STAGE_NAMES.index("download") + 1:]  # the stages of the plan after the download
 
 
-def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig) -> float:
-    """The img2dataset CLI, as a user would run it, with the build's download settings."""
+SUPPORTED_IMG2DATASET = "1.47.0"  # curation.download_worker.SUPPORTED_IMG2DATASET (not imported: it loads img2dataset)
+RAW_VENV = REPO / "benchmarks" / ".venvs" / f"img2dataset-{SUPPORTED_IMG2DATASET}"
+
+
+def make_raw_venv(venv: Path = RAW_VENV) -> Path:
+    """A minimal venv with img2dataset (pinned) and its dependencies only, from the package registry."""
+    if not (venv / "bin" / "img2dataset").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"img2dataset=={SUPPORTED_IMG2DATASET}"],
+                       check=True)
+    torch = subprocess.run([str(venv / "bin" / "python"), "-c", ("import importlib.util as u; "
+                            "print(u.find_spec('torch') is not None)")], capture_output=True, text=True, check=True)
+    print(f"{venv}: img2dataset {SUPPORTED_IMG2DATASET}, torch installed: {torch.stdout.strip()}")
+    return venv
+
+
+def raw_img2dataset(urls: Path, out: Path, dl: DownloadConfig, venv: Path | None = None) -> float:
+    """The img2dataset CLI, as a user would run it, with the build's download settings (from the project's venv, or
+    from `venv`)."""
+    exe = venv / "bin" / "img2dataset" if venv else Path(sys.executable).with_name("img2dataset")
     cmd = [
-        str(Path(sys.executable).with_name("img2dataset")), "--url_list", str(urls), "--output_folder", str(out),
+        str(exe), "--url_list", str(urls), "--output_folder", str(out),
         "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
         "--save_additional_columns", "[sample_id]", "--output_format", "webdataset", "--enable_wandb", "False",
         "--image_size", str(dl.image_size), "--resize_mode", dl.resize_mode,
@@ -85,7 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--make-raw-venv", action="store_true", help="make the minimal img2dataset venv and stop")
+    parser.add_argument("--raw-venv", type=Path, default=RAW_VENV, help="fast mode: the minimal img2dataset venv")
+    parser.add_argument("--child-build", nargs=3, metavar=("SOURCE", "BUILD_DIR", "OUT_JSON"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.make_raw_venv:
+        make_raw_venv(args.raw_venv)
+        return 0
+    if args.child_build:
+        return child_build(*args.child_build)
     if args.serve_images:
         return serve_images(args.serve_images, args.port_file)
     if args.mode == "fast":
@@ -115,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             raw_dir = work / f"raw-{rep}"
             shutil.rmtree(raw_dir, ignore_errors=True)
             urls = work / "urls.parquet"
-            shutil.copyfile(build_dir / "staging" / "urls.parquet", urls)
+            shutil.copyfile(BuildLayout(build_dir).staging_dir / "urls.parquet", urls)
             raws.append(raw_img2dataset(urls, raw_dir, dl))
             details.append({"build_s": round(builds[-1], 3), "raw_img2dataset_s": round(raws[-1], 3),
                             "stage_seconds": results["seconds"], "selected": counts["select"]["selected"],
@@ -227,26 +263,10 @@ def fast_main(args: argparse.Namespace) -> int:
                                   for i in range(args.images)))
         dl = DownloadConfig(image_size=args.image_size, processes_count=args.processes, thread_count=args.threads,
                             timeout=10, number_sample_per_shard=1000, allowed_networks=("127.0.0.1/32",))
-        pairs = []
-        for rep in range(args.repeats):
-            order = ("build", "raw") if rep % 2 == 0 else ("raw", "build")
-            pair: dict = {"order": list(order)}
-            for variant in order:
-                if variant == "build":
-                    pair.update(_fast_build(work, source, dl))
-                else:
-                    urls = work / "urls.parquet"
-                    if not urls.exists():  # the raw run needs the build's selected URLs: make them once
-                        _fast_build(work, source, dl)
-                    raw_dir = work / "raw"
-                    shutil.rmtree(raw_dir, ignore_errors=True)
-                    pair["raw_img2dataset_s"] = round(raw_img2dataset(urls, raw_dir, dl), 3)
-                    shutil.rmtree(raw_dir, ignore_errors=True)
-            pair["ratio_build"] = round(pair["build_s"] / pair["raw_img2dataset_s"], 4)
-            pair["ratio_download_stage"] = round(pair["stage_seconds"]["download"] / pair["raw_img2dataset_s"], 4)
-            pairs.append(pair)
-            print(json.dumps({k: pair[k] for k in ("order", "build_s", "raw_img2dataset_s", "ratio_build",
-                                                   "ratio_download_stage")}), flush=True)
+        minimal = args.raw_venv if (args.raw_venv / "bin" / "img2dataset").exists() else None
+        if minimal is None:
+            print(f"no minimal img2dataset venv at {args.raw_venv} (--make-raw-venv): that baseline is skipped")
+        pairs = [_fast_repetition(rep, work, source, dl, minimal) for rep in range(args.repeats)]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -266,7 +286,11 @@ def fast_main(args: argparse.Namespace) -> int:
         "settings": {"processes_count": args.processes, "thread_count": args.threads, "image_size": args.image_size,
                      "resize_mode": dl.resize_mode, "number_sample_per_shard": dl.number_sample_per_shard,
                      "timeout": dl.timeout},
+        "timing": "whole processes: the build as a child process, img2dataset as its CLI",
         "ratio_build_vs_raw": summary("ratio_build"), "ratio_download_stage_vs_raw": summary("ratio_download_stage"),
+        "raw_minimal_venv": str(minimal) if minimal else None,
+        **({"ratio_build_vs_raw_minimal_venv": summary("ratio_build_minimal"),
+            "ratio_download_stage_vs_raw_minimal_venv": summary("ratio_download_stage_minimal")} if minimal else {}),
         "target_ratio": 1.10,
         "meets_target": statistics.median(p["ratio_build"] for p in pairs) <= 1.10,
         "after_download_s_per_1000_images": {"median": round(statistics.median(after), 3),
@@ -279,27 +303,66 @@ def fast_main(args: argparse.Namespace) -> int:
     out = args.out if args.out != RESULTS else FAST_RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ratio_build_vs_raw", "ratio_download_stage_vs_raw",
-                                             "after_download_s_per_1000_images", "meets_target")}))
+    print(json.dumps({k: result.get(k) for k in ("ratio_build_vs_raw", "ratio_download_stage_vs_raw",
+                                                 "ratio_build_vs_raw_minimal_venv", "after_download_s_per_1000_images",
+                                                 "meets_target")}))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
+def _fast_repetition(rep: int, work: Path, source: Path, dl: DownloadConfig, minimal: Path | None) -> dict:
+    """One repetition: the build and the raw baselines, in an order rotated by `rep`."""
+    variants = ["build", "raw", *(["raw_minimal"] if minimal else [])]
+    order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+    pair: dict = {"order": order}
+    for variant in order:
+        if variant == "build":
+            pair.update(_fast_build(work, source, dl))
+            continue
+        urls = work / "urls.parquet"
+        if not urls.exists():  # the raw runs need the build's selected URLs: make them once
+            _fast_build(work, source, dl)
+        raw_dir = work / "raw"
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        venv = minimal if variant == "raw_minimal" else None
+        pair[f"{variant}_img2dataset_s"] = round(raw_img2dataset(urls, raw_dir, dl, venv), 3)
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    for suffix, key in (("", "raw_img2dataset_s"), ("_minimal", "raw_minimal_img2dataset_s")):
+        if key in pair:
+            pair[f"ratio_build{suffix}"] = round(pair["build_s"] / pair[key], 4)
+            pair[f"ratio_download_stage{suffix}"] = round(pair["stage_seconds"]["download"] / pair[key], 4)
+    print(json.dumps({k: v for k, v in pair.items() if k != "stage_seconds"}), flush=True)
+    return pair
+
+
+def child_build(source: str, build_dir: str, out_json: str) -> int:
+    """`--child-build`: one whole build in this (fresh) process; its stage seconds and counts to out_json. The
+    download settings come from CC4M_BENCH_DOWNLOAD (JSON)."""
+    dl = DownloadConfig(**json.loads(os.environ["CC4M_BENCH_DOWNLOAD"]))
+    cfg = BuildConfig(source=source, build_dir=build_dir, download=dl, verify=VerifyConfig(min_success_rate=0.99))
+    results: dict = {}
+    manifest = run_build(cfg, results=results)
+    counts = json.loads(manifest.read_text())["counts"]
+    Path(out_json).write_text(json.dumps({
+        "stage_seconds": results["seconds"], "selected": counts["select"]["selected"],
+        "success": counts["download"]["success"], "written": counts["reshard"]["written"]}))
+    return 0
+
+
 def _fast_build(work: Path, source: Path, dl: DownloadConfig) -> dict:
+    """The whole build as a process of its own, timed from its start to its exit."""
     build_dir = work / "build"
     shutil.rmtree(build_dir, ignore_errors=True)
-    cfg = BuildConfig(source=str(source), build_dir=str(build_dir), download=dl,
-                      verify=VerifyConfig(min_success_rate=0.99))
-    results: dict = {}
+    out_json = work / "child-build.json"
+    env = {**os.environ, "CC4M_BENCH_DOWNLOAD": json.dumps(dl.to_dict())}
     start = time.perf_counter()
-    manifest = run_build(cfg, results=results)
+    subprocess.run([sys.executable, __file__, "--child-build", str(source), str(build_dir), str(out_json)], env=env,
+                   check=True, cwd=REPO)
     seconds = time.perf_counter() - start
-    counts = json.loads(manifest.read_text())["counts"]
-    shutil.copyfile(build_dir / "staging" / "urls.parquet", work / "urls.parquet")
+    shutil.copyfile(BuildLayout(build_dir).staging_dir / "urls.parquet", work / "urls.parquet")
     shutil.rmtree(build_dir, ignore_errors=True)
-    return {"build_s": round(seconds, 3), "stage_seconds": results["seconds"], "selected": counts["select"]["selected"],
-            "success": counts["download"]["success"], "written": counts["reshard"]["written"]}
+    return {"build_s": round(seconds, 3), **json.loads(out_json.read_text())}
 
 
 if __name__ == "__main__":  # img2dataset's spawn pool needs the guard (the build runs it in a subprocess anyway)

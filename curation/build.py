@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from curation.config import STAGE_CONFIGS, BuildConfig, config_with_overrides, parse_overrides
+from curation.diskspace import DiskFull
+from curation.download_parts import PartRunner
 from curation.ingest import SourceError, source_kind
 from curation.io import read_json
 from curation.lock import LOCK_NAME, BuildLock, BuildLocked
 from curation.progress import ProgressCallback, TerminalProgress
 from curation.source import open_source
 from curation.stages import STAGE_PLAN, StageRun, build_stage_plan, run_stage
+from curation.verify import BuildQualityError
 from manifests.layout import BuildLayout
 
 __all__ = ["BuildConfigMismatch", "SourceError", "build_stage_plan", "prepare_build_dir", "run_build"]
@@ -101,18 +104,20 @@ def _holds_only_config(layout: BuildLayout) -> bool:
 
 
 def run_build(cfg: BuildConfig, *, allow_config_change: bool = False,
-              results: dict[str, Any] | None = None, progress: ProgressCallback | None = None) -> Path:
+              results: dict[str, Any] | None = None, progress: ProgressCallback | None = None,
+              parts: PartRunner | None = None) -> Path:
     """Run every stage in order; return the manifest path. `results` (if given) receives each stage's returned
     counts (with "skipped" flags) and its wall time under results["seconds"]; `progress` receives the long stages'
     progress dicts (curation.progress). One build at a time per folder: a second one fails at once naming the holder
-    (curation.lock); a killed build's lock and temporaries are taken over."""
+    (curation.lock); a killed build's lock and temporaries are taken over. `parts`: the download's parts run by
+    that runner (curation.download_parts.dask_parts: on Dask workers)."""
     open_source(cfg.source).check()  # before the lock and config.json: a mistyped source leaves no folder behind
     with BuildLock(cfg.build_dir):
-        return _run_stages(cfg, allow_config_change, results, progress)
+        return _run_stages(cfg, allow_config_change, results, progress, parts)
 
 
 def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, Any] | None,
-                progress: ProgressCallback | None) -> Path:
+                progress: ProgressCallback | None, download_parts: PartRunner | None = None) -> Path:
     prepare_build_dir(cfg, allow_config_change)
     out: dict[str, Any] = results if results is not None else {}
     seconds: dict[str, float] = {}
@@ -120,7 +125,7 @@ def _run_stages(cfg: BuildConfig, allow_config_change: bool, results: dict[str, 
     for stage in STAGE_PLAN:
         earlier = {name: value for name, value in out.items() if name != "seconds"}
         start = time.perf_counter()
-        out[stage.name] = run_stage(stage, StageRun(cfg, progress, earlier))
+        out[stage.name] = run_stage(stage, StageRun(cfg, progress, earlier, download_parts))
         seconds[stage.name] = round(time.perf_counter() - start, 3)
         log.info("build: %s done in %.2fs", stage.name, seconds[stage.name])
     log.info("build: finished %s (%s)", out["manifest"]["path"], json.dumps(seconds))
@@ -148,7 +153,7 @@ def add_build_arguments(p: Any) -> None:
 
 # What a user can cause (bad input, full disk, permissions, a busy folder); anything else is a bug and keeps its
 # traceback. cli_build catches these types only to ask user_error_message, and re-raises what it does not classify.
-_USER_ERROR_TYPES = (OSError, ValueError, EOFError, zlib.error, BuildLocked)
+_USER_ERROR_TYPES = (OSError, ValueError, EOFError, zlib.error, BuildLocked, BuildQualityError)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM)
 
@@ -156,7 +161,7 @@ _NO_PERMISSION = (errno.EACCES, errno.EPERM)
 def user_error_message(exc: BaseException, source: str | None, build_dir: str) -> str | None:
     """One line saying what went wrong (naming the file or folder) and what to do, for an error the user can fix;
     None for anything else (a bug: the caller re-raises it with its traceback)."""
-    if isinstance(exc, (SourceError, BuildLocked)):
+    if isinstance(exc, (SourceError, BuildLocked, DiskFull, BuildQualityError)):
         return str(exc)
     if isinstance(exc, BuildConfigMismatch):
         return (f"{exc.root} was built with a different config (changed: {', '.join(exc.changed)}). Use a fresh "

@@ -28,7 +28,8 @@ RUNTIME_ONLY: dict[str, frozenset[str]] = {
     "ingest": frozenset({"progress"}),
     "parse": frozenset({"batch_size", "chunk_rows"}),
     "download": frozenset({"http_proxy", "processes_count", "thread_count", "distributor", "subprocess_timeout_s",
-                          "retry_transient", "max_attempts", "progress_interval_s", "stall_timeout_s"}),
+                          "retry_transient", "max_attempts", "progress_interval_s", "stall_timeout_s",
+                          "shards_per_part"}),
     "dedup": frozenset({"workers"}),  # how many processes hash, not what they hash
     "shard": frozenset({"rehash_existing"}),
 }

@@ -43,7 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.diskspace import disk_full_as_one_line, warn_if_short
 from curation.download_driver import Progress
+from curation.download_parts import PartRunner
 from curation.download_rounds import (
     discard_other_settings,
     new_round,
@@ -61,7 +63,6 @@ from curation.fetch import (
 )
 from curation.imaging import DEFAULT_MAX_PIXELS, IMAGING_VERSION
 from curation.io import fingerprint_of, read_parquet, table_digest, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.staging import (
     DOWNLOADS_META_KEY,
     DOWNLOADS_SCHEMA,
@@ -72,11 +73,14 @@ from curation.staging import (
     merge_rounds,
     staging_rounds,
 )
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
-DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+DISTRIBUTORS = ("multiprocessing",)
+# img2dataset's other distributors: neither package is installed nor tested here. Refused when the config is read.
+CLUSTER_DISTRIBUTORS = ("pyspark", "ray")
 # The embedded sample's reserved host (curation.sample.SAMPLE_HOST): the only host `http_proxy` serves by default.
 SAMPLE_PROXY_HOSTS = ("cc4m-sample.invalid",)
 # Arguments the stage itself owns: overriding them through `extra_img2dataset_args` would break the contract.
@@ -113,6 +117,7 @@ class DownloadConfig:
     number_sample_per_shard: int = 1000
     encode_quality: int = 95
     distributor: str = "multiprocessing"
+    shards_per_part: int = 4
     http_proxy: str | None = None
     proxy_hosts: tuple[str, ...] = SAMPLE_PROXY_HOSTS
     allowed_networks: tuple[str, ...] = ()
@@ -129,7 +134,7 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         positive = ("image_size", "processes_count", "thread_count", "timeout", "number_sample_per_shard",
-                    "max_bytes", "max_pixels", "max_attempts")
+                    "max_bytes", "max_pixels", "max_attempts", "shards_per_part")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -148,6 +153,10 @@ class DownloadConfig:
             raise ValueError(f"DownloadConfig.encode_quality must be in 1..100, got {self.encode_quality!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"DownloadConfig.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.distributor in CLUSTER_DISTRIBUTORS:
+            raise ValueError(f"DownloadConfig.distributor {self.distributor!r} is not supported (not installed, not "
+                             f"tested); to download on a cluster, run the build flow with task_runner='dask' "
+                             f"(dask_address=tcp://scheduler:8786): each download part runs on a Dask worker")
         if self.distributor not in DISTRIBUTORS:
             raise ValueError(f"DownloadConfig.distributor must be one of {DISTRIBUTORS}, got {self.distributor!r}")
         if self.http_proxy is not None and not str(self.http_proxy).startswith("http://"):
@@ -229,16 +238,36 @@ def collect_selected(build_dir: str | Path) -> pa.Table:
     return table.cast(pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]))
 
 
-def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Progress | None = None) -> dict[str, Any]:
+def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Progress | None = None,
+                      parts: PartRunner | None = None) -> dict[str, Any]:
     """selected/* -> staging/ -> downloads.parquet (one row per selected sample). Idempotent, resumable
     (img2dataset's incremental mode continues a round from its finished staging shards) and incremental: selected
     rows that no round has asked for yet (a grown source) are fetched in a new round, and only they. With
     cfg.retry_transient, a finished download fetches its transient failures again (a new round). `progress` is
     called with {"stage": "download", "done", "total", "unit": "images", "rate", "eta_s"} while img2dataset runs.
-    Returns counts by status and reason."""
+    Returns counts by status and reason.
+
+    `parts` (curation.download_parts, e.g. `dask_parts`): run each round as parts of whole shards by that runner
+    (on Dask workers) instead of one img2dataset here; the result's `download_workers` lists who ran each part
+    ({"part", "host", "pid"}; empty when nothing was downloaded by parts). The staging layout is the same."""
     layout = BuildLayout(Path(build_dir))
+    run = _Run(progress, parts, [])
+    with disk_full_as_one_line(layout.root):
+        return {**_download(layout, cfg, run), "download_workers": run.workers}
+
+
+@dataclass
+class _Run:
+    """How this run downloads (progress callback, part runner) and who ran its parts."""
+
+    progress: Progress | None
+    parts: PartRunner | None
+    workers: list[dict[str, Any]]
+
+
+def _download(layout: BuildLayout, cfg: DownloadConfig, run: _Run) -> dict[str, Any]:
     staging = layout.staging_dir
-    urls = collect_selected(build_dir)
+    urls = collect_selected(layout.root)
     fingerprint = fingerprint_of({"urls": table_digest(urls), "staging": cfg.staging_fingerprint()})
 
     if layout.downloads.exists():
@@ -249,20 +278,21 @@ def download_selected(build_dir: str | Path, cfg: DownloadConfig, progress: Prog
             retry = retry_candidates(layout, cfg)
             if retry.num_rows == 0:
                 return {**recorded["counts"], "skipped": True}
-            return _retry_round(layout, urls, retry, cfg, fingerprint, progress)
+            return _retry_round(layout, urls, retry, cfg, fingerprint, run)
 
     discard_other_settings(layout, cfg)
     staging.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    resume_unfinished(staging, cfg, progress)
+    resume_unfinished(staging, cfg, run.progress, run.parts, run.workers)
     new = not_yet_fetched(staging, urls)
+    warn_if_short(layout.root, new.num_rows, cfg.image_size)
     if new.num_rows or not (staging / URLS_NAME).exists():
-        new_round(staging, new, cfg, progress, "selected rows not fetched yet")
+        run.workers += new_round(staging, new, cfg, run.progress, "selected rows not fetched yet", run.parts)
     result = _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
     # Shards a killed build finished while its proxy was already gone: fetch their rows again now, once.
     own = retry_candidates(layout, replace(cfg, retry_transient=False))
     if own.num_rows:
-        return _retry_round(layout, urls, own, cfg, fingerprint, progress)
+        return _retry_round(layout, urls, own, cfg, fingerprint, run)
     return result
 
 
@@ -276,13 +306,14 @@ def _finish(layout: BuildLayout, urls: pa.Table, cfg: DownloadConfig, fingerprin
 
 
 def _retry_round(layout: BuildLayout, urls: pa.Table, retry: pa.Table, cfg: DownloadConfig, fingerprint: str,
-                 progress: Progress | None) -> dict[str, Any]:
+                 run: _Run) -> dict[str, Any]:
     """Fetch the transient failures again in a new round staging/retry-NNNN/ (an unfinished round is resumed
     first, and then counts as this run's round)."""
     started = time.perf_counter()
-    if not resume_unfinished(layout.staging_dir, cfg, progress):
+    if not resume_unfinished(layout.staging_dir, cfg, run.progress, run.parts, run.workers):
         subset = urls.filter(pc.is_in(urls["sample_id"], value_set=retry["sample_id"]))
-        new_round(layout.staging_dir, subset, cfg, progress, "transient failures to retry")
+        run.workers += new_round(layout.staging_dir, subset, cfg, run.progress, "transient failures to retry",
+                                 run.parts)
     return _finish(layout, urls, cfg, fingerprint, time.perf_counter() - started)
 
 

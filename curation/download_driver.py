@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from curation.diskspace import NEARLY_FULL_BYTES, disk_full, free_bytes, is_disk_full
 from curation.fetch import FetchPolicy
 from curation.import_standins import leave_unused_packages_unloaded
 from curation.lifetime import exit_with_parent, group_alive, kill_process_group
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 # raises that one line instead of a log tail.
 UNSUPPORTED_EXIT = 3
 UNSUPPORTED_MARK = "cc4m-unsupported: "
+# A write of the driver or of a worker failed with ENOSPC/EDQUOT: the worker signals the driver (DISK_FULL_SIGNAL,
+# pid in DRIVER_PID_ENV), which exits with DISK_FULL_EXIT at once; the parent says so in one line (curation.diskspace).
+DISK_FULL_EXIT = 28
+DISK_FULL_SIGNAL = signal.SIGUSR1
+DRIVER_PID_ENV = "CC4M_DOWNLOAD_DRIVER_PID"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,16 +61,21 @@ def _stats_progress(output_folder: Path, total: int, done_before: int, started: 
             "eta_s": None if eta is None else round(eta, 1), "successes": successes}
 
 
-def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path, total: int,
-                    progress: Progress | None = None) -> None:
-    """Run img2dataset in a fresh interpreter (this module's main guard); raise with the log's tail on failure.
-    While it runs, its finished shards' `*_stats.json` give the progress (logged, and passed to `progress`)."""
+def _driver_env() -> dict[str, str]:
     env = dict(os.environ)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("WANDB_MODE", "disabled")
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
         env.pop(name, None)  # the guarded fetcher takes its proxy from the config only
+    return env
+
+
+def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path, total: int,
+                    progress: Progress | None = None) -> None:
+    """Run img2dataset in a fresh interpreter (this module's main guard); raise with the log's tail on failure, or
+    DiskFull in one line when a write of it found the disk full. While it runs, its finished shards'
+    `*_stats.json` give the progress (logged, and passed to `progress`)."""
     output = Path(payload["img2dataset"]["output_folder"])
     cmd = [sys.executable, "-m", "curation.download_driver", json.dumps({**payload, "parent_pid": os.getpid()})]
     started = time.monotonic()
@@ -72,31 +84,46 @@ def run_img2dataset(payload: dict[str, Any], cfg: DownloadConfig, log_path: Path
         log_file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd[:3])}\n".encode())
         log_file.flush()
         # Its own session: img2dataset's spawned workers join its group, so one killpg stops them all (lifetime).
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                                start_new_session=True)
-        stall = _StallWatch(output, cfg.stall_timeout_s)
+        proc = subprocess.Popen(cmd, env=_driver_env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=str(REPO_ROOT), start_new_session=True)
         try:
-            while True:
-                try:
-                    proc.wait(timeout=cfg.progress_interval_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if cfg.subprocess_timeout_s is not None and time.monotonic() - started > cfg.subprocess_timeout_s:
-                    raise DownloadStalled(f"download: img2dataset ran past subprocess_timeout_s="
-                                          f"{cfg.subprocess_timeout_s:g}s; it and its workers were stopped (log "
-                                          f"{log_path})")
-                stall.check(log_path)
-                _report(_stats_progress(output, total, done_before, started), progress)
+            _watch(proc, cfg, output, log_path, lambda: _report(
+                _stats_progress(output, total, done_before, started), progress))
         finally:
             if proc.poll() is None or group_alive(proc.pid):
                 kill_process_group(proc)
     _report(_stats_progress(output, total, done_before, started), progress)
-    if proc.returncode == UNSUPPORTED_EXIT:
+    _raise_for_exit(proc.returncode, output, log_path)
+
+
+def _watch(proc: subprocess.Popen, cfg: DownloadConfig, output: Path, log_path: Path,
+           report: Callable[[], None]) -> None:
+    """Until the driver exits: its time limit, a stall, a disk that filled up, and the progress report."""
+    started = time.monotonic()
+    stall = _StallWatch(output, cfg.stall_timeout_s)
+    while True:
+        try:
+            proc.wait(timeout=cfg.progress_interval_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if cfg.subprocess_timeout_s is not None and time.monotonic() - started > cfg.subprocess_timeout_s:
+            raise DownloadStalled(f"download: img2dataset ran past subprocess_timeout_s={cfg.subprocess_timeout_s:g}s;"
+                                  f" it and its workers were stopped (log {log_path})")
+        if free_bytes(output) < NEARLY_FULL_BYTES:  # a write img2dataset retries quietly (its reader) fails here
+            raise disk_full(output, "img2dataset and its workers were stopped")
+        stall.check(log_path)
+        report()
+
+
+def _raise_for_exit(returncode: int, output: Path, log_path: Path) -> None:
+    if returncode == DISK_FULL_EXIT:
+        raise disk_full(output, "a write of the download failed; img2dataset and its workers were stopped")
+    if returncode == UNSUPPORTED_EXIT:
         raise RuntimeError(_unsupported_line(log_path))
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"img2dataset subprocess failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+        raise RuntimeError(f"img2dataset subprocess failed with exit code {returncode}; log {log_path}:\n{tail}")
 
 
 def _unsupported_line(log_path: Path) -> str:
@@ -163,6 +190,9 @@ def _driver_main(argv: list[str]) -> int:
     # First, before the heavy imports: an orphaned img2dataset must never write into the folder of a build that died.
     exit_with_parent(payload.get("parent_pid"))
     leave_unused_packages_unloaded()
+    # A worker that finds the disk full signals this process (its pid reaches the spawned workers by environment).
+    os.environ[DRIVER_PID_ENV] = str(os.getpid())
+    signal.signal(DISK_FULL_SIGNAL, lambda *_: os._exit(DISK_FULL_EXIT))
     from curation import download_worker  # imported here: the parent process never pays for img2dataset
     try:
         download_worker.check_supported_img2dataset()
@@ -170,7 +200,13 @@ def _driver_main(argv: list[str]) -> int:
         print(f"{UNSUPPORTED_MARK}{err}", flush=True)
         return UNSUPPORTED_EXIT
     policy = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["policy"].items()})
-    download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]))
+    try:
+        download_worker.run(payload["img2dataset"], policy, int(payload["max_pixels"]),
+                            int(payload.get("start_shard", 0)))
+    except OSError as err:
+        if is_disk_full(err):
+            os._exit(DISK_FULL_EXIT)  # not even a traceback: its log is on the full disk
+        raise
     return 0
 
 

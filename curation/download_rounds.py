@@ -15,10 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.download_driver import Progress, driver_payload, run_img2dataset
+from curation.download_parts import PartRunner, plan_parts
 from curation.fetch import OWN_FAILURE_REASONS
 from curation.io import read_parquet, write_parquet_atomic
-from curation.layout import BuildLayout
 from curation.staging import DOWNLOADS_META_KEY, LOG_NAME, RETRY_PREFIX, URLS_NAME, staging_rounds, staging_shards
+from manifests.layout import BuildLayout
 
 if TYPE_CHECKING:
     from curation.download import DownloadConfig
@@ -46,21 +47,30 @@ def round_done(folder: Path, cfg: DownloadConfig) -> bool:
     return len(staging_shards(folder)) >= -(-rows // cfg.number_sample_per_shard)
 
 
-def run_round(folder: Path, urls: pa.Table, cfg: DownloadConfig, log_path: Path,
-               progress: Progress | None) -> None:
-    """img2dataset over urls (written to folder/urls.parquet already) unless every shard of the round is done."""
-    if urls.num_rows and not round_done(folder, cfg):
-        log.info("download: %d urls in %s, %d staging shards already done", urls.num_rows, folder,
-                 len(staging_shards(folder)))
+def run_round(folder: Path, urls: pa.Table, cfg: DownloadConfig, log_path: Path, progress: Progress | None,
+              parts: PartRunner | None = None) -> list[dict[str, Any]]:
+    """img2dataset over urls (written to folder/urls.parquet already) unless every shard of the round is done: in
+    this process's subprocess, or as parts run by `parts` (curation.download_parts). Returns who ran the parts."""
+    if not urls.num_rows or round_done(folder, cfg):
+        return []
+    log.info("download: %d urls in %s, %d staging shards already done", urls.num_rows, folder,
+             len(staging_shards(folder)))
+    if parts is None:
         run_img2dataset(driver_payload(cfg, folder / URLS_NAME, folder), cfg, log_path, urls.num_rows, progress)
+        return []
+    return parts(plan_parts(folder, urls.num_rows, cfg))
 
 
-def resume_unfinished(staging: Path, cfg: DownloadConfig, progress: Progress | None) -> bool:
-    """Finish every round a killed build left unfinished (img2dataset's incremental mode); True if any ran."""
+def resume_unfinished(staging: Path, cfg: DownloadConfig, progress: Progress | None,
+                      parts: PartRunner | None = None, workers: list[dict[str, Any]] | None = None) -> bool:
+    """Finish every round a killed build left unfinished (img2dataset's incremental mode); True if any ran.
+    Who ran the parts is appended to `workers`."""
     ran = False
     for folder in round_folders(staging):
         if not round_done(folder, cfg):
-            run_round(folder, read_parquet(folder / URLS_NAME), cfg, staging / LOG_NAME, progress)
+            ran_by = run_round(folder, read_parquet(folder / URLS_NAME), cfg, staging / LOG_NAME, progress, parts)
+            if workers is not None:
+                workers += ran_by
             ran = True
     return ran
 
@@ -75,13 +85,14 @@ def not_yet_fetched(staging: Path, urls: pa.Table) -> pa.Table:
     return urls.join(asked, keys=["sample_id", "url"], join_type="left anti").sort_by("sample_id")
 
 
-def new_round(staging: Path, rows: pa.Table, cfg: DownloadConfig, progress: Progress | None, why: str) -> None:
+def new_round(staging: Path, rows: pa.Table, cfg: DownloadConfig, progress: Progress | None, why: str,
+              parts: PartRunner | None = None) -> list[dict[str, Any]]:
     folder = staging if not (staging / URLS_NAME).exists() else \
         staging / f"{RETRY_PREFIX}{len(staging_rounds(staging)):04d}"
     folder.mkdir(parents=True, exist_ok=True)
     _write_round_urls(folder / URLS_NAME, rows, cfg)
     log.info("download: %d %s in %s", rows.num_rows, why, folder.name)
-    run_round(folder, rows, cfg, staging / LOG_NAME, progress)
+    return run_round(folder, rows, cfg, staging / LOG_NAME, progress, parts)
 
 
 def discard_other_settings(layout: BuildLayout, cfg: DownloadConfig) -> None:

@@ -21,20 +21,26 @@ Only the subprocess imports this module (it imports img2dataset).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import inspect
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import img2dataset.downloader as i2d_downloader
+import img2dataset.reader as i2d_reader
 import img2dataset.writer as i2d_writer
 import pyarrow as pa
 
 from curation import tario
+from curation.diskspace import is_disk_full
+from curation.download_driver import DISK_FULL_SIGNAL, DRIVER_PID_ENV
 from curation.fetch import FetchError, FetchPolicy, fetch
 from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg
@@ -55,6 +61,9 @@ REPLACED_SIGNATURES = {
         "encode_format", "retries", "user_agent_token", "disallowed_header_directives", "blurring_bbox_col"),
     "img2dataset.writer.WebDatasetSampleWriter.__init__": (
         "self", "shard_id", "output_folder", "save_caption", "oom_shard_count", "schema", "encode_format"),
+    "img2dataset.reader.Reader.__init__": (
+        "self", "url_list", "input_format", "url_col", "caption_col", "verify_hash_col", "verify_hash_type",
+        "save_additional_columns", "number_sample_per_shard", "done_shards", "tmp_path", "start_shard_id"),
 }
 
 
@@ -68,7 +77,8 @@ def check_supported_img2dataset() -> None:
     installed = importlib.metadata.version("img2dataset")
     targets = {"img2dataset.downloader.download_image_with_retry": i2d_downloader.download_image_with_retry,
                "img2dataset.downloader.Downloader.__init__": i2d_downloader.Downloader.__init__,
-               "img2dataset.writer.WebDatasetSampleWriter.__init__": i2d_writer.WebDatasetSampleWriter.__init__}
+               "img2dataset.writer.WebDatasetSampleWriter.__init__": i2d_writer.WebDatasetSampleWriter.__init__,
+               "img2dataset.reader.Reader.__init__": i2d_reader.Reader.__init__}
     changed = [name for name, fn in targets.items()
                if tuple(inspect.signature(fn).parameters) != REPLACED_SIGNATURES[name]]
     if installed != SUPPORTED_IMG2DATASET or changed:
@@ -94,6 +104,18 @@ def guarded_download_with_retry(row: tuple[int, str], timeout: float, retries: i
     return key, None, str(error)
 
 
+@contextlib.contextmanager
+def stop_the_download_on_a_full_disk() -> Iterator[None]:
+    """A write that fails with ENOSPC/EDQUOT signals the driver, which exits at once (curation.download_driver):
+    img2dataset catches a sample's write error, prints it and goes on with the next sample and the next shard."""
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err) and os.environ.get(DRIVER_PID_ENV):
+            os.kill(int(os.environ[DRIVER_PID_ENV]), DISK_FULL_SIGNAL)
+        raise
+
+
 class StagingSampleWriter:
     """img2dataset's webdataset sample writer (its contract and its files: `<shard>.tar` with `<key>.jpg/.json/.txt`
     members in webdataset's order, `<shard>.parquet` with every row's meta), leaner and hashing:
@@ -112,6 +134,10 @@ class StagingSampleWriter:
         self.parquet = i2d_writer.BufferedParquetWriter(f"{output_folder}/{name}.parquet", schema, 100)
 
     def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        with stop_the_download_on_a_full_disk():
+            self._write(img_str, key, caption, meta)
+
+    def _write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
         sha, phash = stored_hashes(img_str) if img_str is not None else (None, None)
         meta = {**meta, "stored_sha256": sha, "stored_phash": phash}
         if img_str is not None:
@@ -123,6 +149,10 @@ class StagingSampleWriter:
         self.parquet.write(meta)
 
     def close(self) -> None:
+        with stop_the_download_on_a_full_disk():
+            self._close()
+
+    def _close(self) -> None:
         self.parquet.close()
         self.tar.close()
         self.tar_file.close()
@@ -139,6 +169,12 @@ class GuardedDownloader(i2d_downloader.Downloader):
         directives = tuple(sorted(self.disallowed_header_directives or ()))
         self.policy = replace(policy, user_agent_token=self.user_agent_token,
                               disallowed_header_directives=directives)
+
+    def download_shard(self, row: Any) -> Any:
+        """img2dataset's, except that a full disk stops the whole download at once: img2dataset would print the
+        error, retry the shard and go on to the next one, each failing the same way."""
+        with stop_the_download_on_a_full_disk():
+            return super().download_shard(row)
 
     def __call__(self, row: Any) -> Any:
         # download_shard calls the module-level name: point it at ours (per process, idempotent).
@@ -183,9 +219,20 @@ def make_resizer(max_pixels: int, image_size: int, resize_mode: str, encode_qual
     return StoredImageResizer(spec, min_image_size, max_image_area, max_aspect_ratio)
 
 
-def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int) -> None:
-    """img2dataset.download with the guarded fetch and our decoder swapped in."""
+def _reader_from(start_shard: int, *args: Any) -> Any:
+    """img2dataset's Reader (called positionally by img2dataset.main.download) numbering its shards from
+    `start_shard`: a download part's shards get the ids, file names and sample keys a whole-round run gives them."""
+    args = list(args)
+    args[10] = start_shard  # start_shard_id (img2dataset 1.47.0's Reader signature, checked at start)
+    return i2d_reader.Reader(*args)
+
+
+def run(img2dataset_kwargs: dict[str, Any], policy: FetchPolicy, max_pixels: int, start_shard: int = 0) -> None:
+    """img2dataset.download with the guarded fetch and our decoder swapped in; shards numbered from
+    `start_shard` (a download part, curation.download_parts)."""
     check_supported_img2dataset()
+    if start_shard:
+        i2d_main.Reader = functools.partial(_reader_from, start_shard)
     i2d_main.Downloader = functools.partial(GuardedDownloader, policy=policy)
     i2d_main.Resizer = functools.partial(make_resizer, max_pixels)
     i2d_main.download(**img2dataset_kwargs)

@@ -257,6 +257,9 @@ def write_manifest(build_dir: str | Path, cfg: BuildConfig, stage_results: dict[
             "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "build_dir": str(layout.root.resolve()),
             "source": str(cfg.source), "config": cfg.to_dict(), "code_version": code_version(),
             "manifest_sha256": sha256_file(layout.manifest),
+            # Who downloaded each part when the parts ran on Dask workers (curation.download_parts): run-time facts,
+            # kept out of the manifest, whose bytes do not depend on where the download ran.
+            "download_workers": list((stage_results.get("download") or {}).get("download_workers") or []),
         })
     return layout.manifest
 

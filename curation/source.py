@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from curation.download import DownloadConfig, download_selected
+from curation.download_parts import PartRunner
 from curation.ingest import IngestConfig, SourceError, ingest_source, source_kind
 from curation.progress import ProgressCallback
 from curation.wds_source import WebDatasetSource, is_wds_source
@@ -41,9 +42,10 @@ class Source(Protocol):
                processes: int = 1) -> dict[str, Any]:
         """The ingest stage: the source -> ingest/ + rejects/ parts; returns the ingest counts."""
 
-    def materialize(self, build_dir: str | Path, cfg: DownloadConfig,
-                    progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """The download stage: the selected samples' images -> staging/ + downloads.parquet; returns its counts."""
+    def materialize(self, build_dir: str | Path, cfg: DownloadConfig, progress: ProgressCallback | None = None,
+                    parts: PartRunner | None = None) -> dict[str, Any]:
+        """The download stage: the selected samples' images -> staging/ + downloads.parquet; returns its counts.
+        `parts`: where a download runs its parts (curation.download_parts; Dask workers)."""
 
 
 def open_source(source: str | Path) -> Source:
@@ -85,9 +87,9 @@ class TableSource:
                processes: int = 1) -> dict[str, Any]:
         return ingest_source(self.location, build_dir, cfg)  # one reader; its own progress bar (cfg.progress)
 
-    def materialize(self, build_dir: str | Path, cfg: DownloadConfig,
-                    progress: ProgressCallback | None = None) -> dict[str, Any]:
-        return download_selected(build_dir, cfg, progress)
+    def materialize(self, build_dir: str | Path, cfg: DownloadConfig, progress: ProgressCallback | None = None,
+                    parts: PartRunner | None = None) -> dict[str, Any]:
+        return download_selected(build_dir, cfg, progress, parts)
 
 
 def _check_parquet_columns(path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from curation.config import BuildConfig
 from curation.dedup import deduplicate
+from curation.download_parts import PartRunner
 from curation.index import build_index
 from curation.manifest import write_manifest
 from curation.parse import parse_part
@@ -34,6 +35,7 @@ class StageRun:
     cfg: BuildConfig
     progress: ProgressCallback | None = None
     results: Mapping[str, Any] = field(default_factory=dict)
+    download_parts: PartRunner | None = None  # the download's parts on Dask workers (curation.download_parts)
 
     @property
     def build_dir(self) -> Path:
@@ -59,10 +61,6 @@ class Stage:
     def per_part(self) -> bool:
         return self.spec.per_part
 
-    @property
-    def config_field(self) -> str | None:
-        return self.spec.config_field
-
     def outputs(self, layout: BuildLayout) -> list[Path]:
         return [getattr(layout, name) for name in self.spec.outputs]
 
@@ -86,7 +84,7 @@ def _select(run: StageRun, part: str) -> dict[str, Any]:
 
 
 def _download(run: StageRun) -> dict[str, Any]:
-    return run.source.materialize(run.build_dir, run.cfg.download, run.progress)
+    return run.source.materialize(run.build_dir, run.cfg.download, run.progress, run.download_parts)
 
 
 def _verify(run: StageRun) -> dict[str, Any]:

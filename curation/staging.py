@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from curation import tario
 from curation.imagehash import STORED_HASH_FIELDS
 from curation.io import read_parquet
-from curation.layout import BuildLayout
+from manifests.layout import BuildLayout
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,10 @@ class BuildQualityError(RuntimeError):
     """The build's data is too poor to continue (e.g. too few images could be downloaded)."""
 
 
+class EmptyBuild(BuildQualityError):
+    """Not one selected sample was downloaded: an empty build is refused, whatever min_success_rate allows."""
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     min_success_rate: float = 0.5
@@ -97,13 +101,25 @@ def verify_downloads(build_dir: str | Path, cfg: VerifyConfig) -> dict[str, Any]
         "success_rate": round(rate, 6), "min_success_rate": cfg.min_success_rate,
         "per_shard": per_shard, "problems": problems,
     }
-    if problems:
-        raise BuildQualityError("verify: download records are inconsistent:\n  " + "\n  ".join(problems))
+    _gate(result, cfg)
+    return result
+
+
+def _gate(result: dict[str, Any], cfg: VerifyConfig) -> None:
+    """Raise BuildQualityError for inconsistent records, EmptyBuild when nothing was downloaded, and
+    BuildQualityError under the minimum success rate."""
+    if result["problems"]:
+        raise BuildQualityError("verify: download records are inconsistent:\n  " + "\n  ".join(result["problems"]))
+    if result["success"] == 0:
+        raise EmptyBuild(
+            f"verify: no image was downloaded ({result['selected']} selected samples; failures: "
+            f"{result['failed_by_reason']}), so there is nothing to build. Check the URL list and the network/proxy "
+            f"(blocked_address: an internal mirror needs download.allowed_networks)")
+    rate = result["success"] / result["selected"] if result["selected"] else 0.0
     if rate < cfg.min_success_rate:
         raise BuildQualityError(
-            f"verify: download success rate {rate:.1%} ({counts['success']}/{selected} selected samples) is below the "
-            f"minimum {cfg.min_success_rate:.1%}; failures: {result['failed_by_reason']}. Check the network/proxy "
+            f"verify: download success rate {rate:.1%} ({result['success']}/{result['selected']} selected samples) is "
+            f"below the minimum {cfg.min_success_rate:.1%}; failures: {result['failed_by_reason']}. Check the network/proxy "
             f"(blocked_address: an internal mirror needs download.allowed_networks), or lower "
             f"VerifyConfig.min_success_rate."
         )
-    return result

@@ -155,9 +155,9 @@ class WebDatasetSource:
                processes: int = 1) -> dict[str, Any]:
         return ingest_wds(self.location, build_dir, cfg, progress, processes)
 
-    def materialize(self, build_dir: str | Path, cfg: DownloadConfig,
-                    progress: ProgressCallback | None = None) -> dict[str, Any]:
-        return extract_selected(build_dir, cfg, progress)
+    def materialize(self, build_dir: str | Path, cfg: DownloadConfig, progress: ProgressCallback | None = None,
+                    parts: Any = None) -> dict[str, Any]:
+        return extract_selected(build_dir, cfg, progress)  # reads the shards here: `parts` (Dask) is not used
 
 
 class _HashingReader:

@@ -1,10 +1,11 @@
-"""Flow `build-cc4m`: orders the curation stages as Prefect tasks; all logic lives in `curation`.
+"""Flow `build-cc4m`: runs the stage plan (curation.stages) as Prefect tasks, one named after each stage; all logic
+lives in `curation`.
 
     ingest -> [parse -> select] per part (fan-out, selectable task runner) -> download -> verify -> dedup -> index
            -> reshard -> manifest -> report (+ Markdown and table artifacts)
 
-Resume: every stage is idempotent on files, and the tasks' cache keys include their outputs (see flows/tasks.py),
-so rerunning the flow on the same build_dir after a failure redoes only the missing work.
+Resume: every stage is idempotent on files and content-addressed (no Prefect result cache, see flows/tasks.py), so
+rerunning the flow on the same build_dir after a failure redoes only the missing work.
 
 Hand-over to training: `then_train=True` runs the `pretrain` and `evaluate` flows as SUBFLOWS of this run. Chosen
 over `run_deployment` / an automation because it needs nothing but this process (works under the test harness,
@@ -108,8 +109,10 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
             threads, image_size, distributor (img2dataset's), rows_per_part.
         sample: make the embedded sample in `sample_dir` (default: <build_dir>/../sample), download its images from
             its local server (http proxy on 127.0.0.1) and stop it after.
-        task_runner: "threads" (default) or "dask" for the parse/select fan-out; `dask_address` = an existing
-            scheduler, None = temporary LocalCluster with `dask_workers` single-thread worker processes.
+        task_runner: "threads" (default) or "dask": the parse/select fan-out and the download's parts (whole staging
+            shards, each a guarded img2dataset run; curation.download_parts) run on Dask workers; `dask_address` =
+            an existing scheduler (the build folder on a file system its workers share), None = temporary
+            LocalClusters with `dask_workers` single-thread worker processes.
         then_train: then run the `pretrain` and `evaluate` flows as subflows; `train` = their extra parameters.
     """
     logger = get_run_logger()
@@ -131,7 +134,8 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
                 cfg = replace(cfg, download=replace(cfg.download, http_proxy=proxy_url))
             prepare_task(cfg.to_dict())
             logger.info("building %s from %s (task runner %s)", build_path, source_path, task_runner)
-            results = run_plan(cfg.to_dict(), make_task_runner(task_runner, dask_address, dask_workers))
+            dask = {"address": dask_address, "workers": dask_workers} if task_runner == "dask" else None
+            results = run_plan(cfg.to_dict(), make_task_runner(task_runner, dask_address, dask_workers), dask)
         markdown = report_markdown_task(build_path)
         manifest_path, report_path = results["manifest"]["path"], results["report"]["path"]
         logger.info("manifest %s, report %s", manifest_path, report_path)
@@ -147,9 +151,11 @@ def build_cc4m(source: str | None = None, build_dir: str = ".cc4m-runs/sample/cc
     return summary
 
 
-def run_plan(build_config: dict[str, Any], fan_out_runner: TaskRunner) -> dict[str, Any]:
+def run_plan(build_config: dict[str, Any], fan_out_runner: TaskRunner,
+             dask: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every stage of the plan (curation.stages) as a task named after it; consecutive per-part stages run as one
-    fan-out subflow on `fan_out_runner`. Returns each stage's result (per-part stages: a list per part)."""
+    fan-out subflow on `fan_out_runner`; with `dask`, the download's parts run on Dask workers (stage_task).
+    Returns each stage's result (per-part stages: a list per part)."""
     results: dict[str, Any] = {}
     for per_part, group in groupby(STAGE_PLAN, key=lambda stage: stage.per_part):
         names = [stage.name for stage in group]
@@ -158,7 +164,8 @@ def run_plan(build_config: dict[str, Any], fan_out_runner: TaskRunner) -> dict[s
             results.update(fan_out(ingest_parts(results), names, build_config))
         else:
             for name in names:
-                results[name] = stage_task.with_options(name=name)(name, build_config, results=dict(results))
+                results[name] = stage_task.with_options(name=name)(name, build_config, results=dict(results),
+                                                                   dask=dask if name == "download" else None)
         for name in names:
             _log_counts(name, sum_counts(results[name]) if per_part else results[name])
     return results

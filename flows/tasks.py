@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from curation import report
 from curation.build import prepare_build_dir
 from curation.config import BuildConfig
+from curation.download_parts import dask_parts
 from curation.io import atomic_path
 from curation.progress import format_progress
 from curation.source import open_source
@@ -79,10 +80,15 @@ def fetch_source(source: str, build_dir: str) -> str:
 
 @task(cache_policy=NO_CACHE)  # run under each stage's name: stage_task.with_options(name=stage.name)
 def stage_task(stage: str, build_config: dict[str, Any], part: str | None = None,
-               results: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One stage of the plan (curation.stages), for one ingest part when the stage runs per part."""
-    run = StageRun(BuildConfig.from_dict(build_config), ArtifactProgress(), results or {})
+               results: dict[str, Any] | None = None, dask: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One stage of the plan (curation.stages), for one ingest part when the stage runs per part. `dask`
+    ({"address": a scheduler or None, "workers": n}): the download's parts run on Dask workers
+    (curation.download_parts.dask_parts; address None: a LocalCluster of n worker processes for the download)."""
     named = stage_named(stage)
+    if dask is not None and stage == "download":
+        with dask_parts(dask.get("address"), int(dask.get("workers", 2))) as parts:
+            return named.run(StageRun(BuildConfig.from_dict(build_config), ArtifactProgress(), results or {}, parts))
+    run = StageRun(BuildConfig.from_dict(build_config), ArtifactProgress(), results or {})
     return named.run(run, part) if named.per_part else named.run(run)
 
 

@@ -26,8 +26,8 @@ from typing import Self
 from urllib.parse import urlsplit
 
 from curation.io import write_bytes_atomic
-from curation.sample import SAMPLE_HOST
-from curation.sample.make import parse_sample_url
+from curation.sample.lock import ServingLock
+from curation.sample.make import SAMPLE_HOST, parse_sample_url
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 NOT_IMAGE_BODY = b"<!doctype html><html><head><title>Not an image</title></head><body>sample page</body></html>\n"
@@ -141,6 +141,7 @@ class SampleImageServer:
         self._httpd: _SampleHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counts: dict[str, int] = {}
+        self._serving = ServingLock(self.root_dir)  # no maker replaces the sample while it is served
 
     @property
     def proxy_url(self) -> str:
@@ -158,6 +159,7 @@ class SampleImageServer:
     def bind(self) -> int:
         """Open the listening socket (a free port when port=0) and return the port; idempotent."""
         if self._httpd is None:
+            self._serving.acquire()
             self._httpd = _SampleHTTPServer((self.host, self.port), self.images_dir, self.slow_seconds)
             self.port = self._httpd.server_address[1]
             self._counts = self._httpd.request_counts  # kept after stop() so tests can read them
@@ -187,6 +189,7 @@ class SampleImageServer:
         finally:
             self._httpd.server_close()
             self._httpd = None
+            self._serving.release()
 
     def request_stop(self) -> None:
         """Ask a `serve_forever()` loop to end, without waiting (safe from a signal handler)."""
@@ -208,6 +211,7 @@ class SampleImageServer:
         httpd.server_close()
         self._httpd = None
         self._thread = None
+        self._serving.release()
 
     def __enter__(self) -> Self:
         self.start()

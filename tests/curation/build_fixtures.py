@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
@@ -34,12 +35,14 @@ class ImageServer:
     """Serves {path: (status, body, content_type)} on 127.0.0.1:<free port>; also accepts proxy-style absolute URLs
     (`GET http://host/path`), so `proxy_url` works as an `http_proxy` for fake hosts."""
 
-    def __init__(self, routes: dict[str, tuple[int, bytes, str]]):
+    def __init__(self, routes: dict[str, tuple[int, bytes, str]], delay_s: float = 0.0):
         self.routes = routes
         routes_ref = routes
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if delay_s:
+                    time.sleep(delay_s)  # a slow web: downloads take long enough to be interrupted
                 path = urlsplit(self.path).path if self.path.startswith("http") else self.path
                 status, body, ctype = routes_ref.get(path, (404, b"not found", "text/plain"))
                 self.send_response(status)

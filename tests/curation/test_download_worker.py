@@ -135,7 +135,7 @@ def test_the_download_stops_on_an_unsupported_img2dataset_with_that_one_line(tmp
     from build_fixtures import caption_rows, write_part
 
     from curation.download import DownloadConfig, download_selected
-    from curation.layout import BuildLayout, part_name
+    from manifests.layout import BuildLayout, part_name
 
     hook = ("import importlib.metadata as m\n_real = m.version\n"
             "m.version = lambda name: '1.48.0' if name == 'img2dataset' else _real(name)\n")
@@ -157,7 +157,7 @@ def test_the_spawned_workers_and_the_logger_really_run_without_torch_wandb_and_a
     from build_fixtures import ImageServer, caption_rows, make_jpeg, write_part
 
     from curation.download import DownloadConfig, download_selected
-    from curation.layout import BuildLayout, part_name
+    from manifests.layout import BuildLayout, part_name
 
     spy = tmp_path / "spy"
     hook = (

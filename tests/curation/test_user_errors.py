@@ -191,3 +191,17 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     monkeypatch.setattr(INGEST, broken_stage)
     with pytest.raises(type(bug)):
         main(["build", "--source", str(_tsv(tmp_path)), "--out", str(tmp_path / "out")])
+
+
+def test_a_build_where_nothing_downloads_is_refused_in_one_line(tmp_path, capsys):
+    """Every row is blocked_address (loopback, no network opened) and min_success_rate=0 lets any rate through:
+    the build is refused at verify in one line, never a raw error from reshard, and writes no shards."""
+    source = tmp_path / "loopback.tsv"
+    source.write_text("".join(f"http://127.0.0.1:9/{i}.jpg\ta dog and a cat on a couch, photo {i}\n"
+                              for i in range(12)), encoding="utf-8")
+    out = tmp_path / "out"
+    line = _one_error_line(capsys, source, out, "--set", "verify.min_success_rate=0")
+    assert line == ("cc4m build: verify: no image was downloaded (12 selected samples; failures: "
+                    "{'blocked_address': 12}), so there is nothing to build. Check the URL list and the network/proxy "
+                    "(blocked_address: an internal mirror needs download.allowed_networks)")
+    assert not (out / "shards").exists() and not (out / "manifest.json").exists()

@@ -10,9 +10,9 @@ from flows.cli import main as cc4m
 from ovseg_core import create_model
 from ovseg_core.data.cc4m import BuildReader
 from ovseg_core.losses import contrastive_loss, mask_consistency_loss
+from ovseg_core.models.checkpoint import load_checkpoint
 from ovseg_core.models.visual_init import apply_visual_init, save_dino_shaped_checkpoint
 from ovseg_core.train import memory
-from ovseg_core.train.checkpoint import load_checkpoint
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.loop import train
 from ovseg_core.train.optim import param_groups
@@ -21,7 +21,9 @@ from ovseg_core.train.recipe import PLAN_KEYS, paper_config
 
 def dry_run(capsys, build, out, *extra: str) -> dict:
     assert cc4m(["train", "--recipe", "paper", "--build", str(build), "--out", str(out), "--dry-run", *extra]) == 0
-    return json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "GiB per device" in captured.err  # the memory estimate, beside the plan
+    return json.loads(captured.out)
 
 
 @pytest.mark.parametrize("gpus", [8, 16])
@@ -181,3 +183,54 @@ def test_a_per_device_batch_that_does_not_fit_is_refused_with_the_memory_it_need
     with pytest.raises(MemoryError, match=r"per-device batch of 512 needs about \d+ GiB"):
         memory.check_fits(vit_b, 512, 1, "tf32", torch.device("cpu"))
     assert memory.estimate_train_memory_gib(vit_b, 256, 1, "bf16") < fits
+
+
+def _tiny_voc_like(root):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        label = np.zeros((64, 64), np.uint8)
+        label[16:48, 16:48] = 1
+        Image.fromarray(label).save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+    (root / "classes.txt").write_text("background\ndog\ncat\n")
+
+
+def test_release_checkpoint_selection_chooses_on_voc_val_miou(fixture_build, tmp_path):
+    _tiny_voc_like(tmp_path / "voc")
+    with pytest.raises(ValueError, match="needs selection_layout and selection_root"):
+        TrainConfig(build_dir="b", out_dir="o", steps=1, checkpoint_selection="voc-val-miou")
+    cfg = TrainConfig(build_dir=str(fixture_build), out_dir=str(tmp_path / "run"), preset="tiny", steps=2,
+                      batch_size=4, augment="crop", max_text_len=24, val_percent=20.0, shuffle_buffer=8,
+                      save_every=0, eval_every=1, device="cpu", checkpoint_selection="voc-val-miou",
+                      selection_layout="sample", selection_root=str(tmp_path / "voc"), selection_max_images=2,
+                      model_overrides=(("text_pretrained", False),))
+    result = train(cfg)
+    assert [("val_miou" in v, v["step"]) for v in result.val_history] == [(True, 1), (True, 2)]
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["extra"]["checkpoint_selection"] == "voc-val-miou"
+    assert best["extra"]["best_val"] == max(v["val_miou"] for v in result.val_history)
+    assert result.best_val_itc is None  # not chosen on ITC
+
+
+def test_several_gpus_go_through_torchrun(fixture_build, tmp_path, capsys, monkeypatch):
+    from ovseg_core.train import cli as train_cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    launched = []
+    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd, env: launched.append(cmd) or 0)
+    args = ["train", "--recipe", "paper", "--build", str(fixture_build), "--visual-init", "none", "--gpus", "4"]
+    assert cc4m([*args, "--out", str(tmp_path / "one")]) == 0
+    (cmd,) = launched
+    assert "--nproc_per_node=4" in cmd and cmd[-4:] == ["-m", "ovseg_core.train.cli", "--config",
+                                                         str(tmp_path / "one" / "train_config.json")]
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "one" / "train_config.json").read_text()))
+    assert (saved.recipe, saved.batch_size, saved.visual_init) == ("paper", 2048, "none")
+    assert cc4m([*args, "--nodes", "2", "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "run on each node (node_rank 0..1" in err and "--nnodes=2" in err and len(err.strip().splitlines()) == 1
