@@ -12,8 +12,8 @@ stage 2, the checkpoint are chosen on the SELECTION split (ImageSets/Segmentatio
 Writes the JSON (config, loss curves per step, validation history, selection scores, per-class IoU, pixel accuracy)
 and a PNG of the curves next to it.
 
-    python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 10 --fresh-eval-seed 101 \
-        --out benchmarks/results/learning.json
+    python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 4 --fresh-eval-seed S --seed K
+        # -> benchmarks/results/learning-seedK-<UTC time>.json (the demo's budget and recipe are the defaults)
 
 On a shared CPU prefer a fixed STEP budget (`--steps N [--steps2 M]`): wall-clock budgets give other runs other
 lengths when other jobs load the machine. `--model-override mec_weight=0` makes the ablation rows (ITC only);
@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                    help="change a model setting of the recipe, e.g. mec_weight=0 (ablation rows)")
     p.add_argument("--out", default=None,
-                   help="result JSON (default: a new benchmarks/results/learning-<UTC time>.json, never overwritten)")
+                   help="result JSON (default: a new benchmarks/results/learning-seed<K>-<UTC time>.json, never "
+                        "overwritten)")
     p.add_argument("--work-dir", help="where the runs go (default: a fresh temp folder)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=None, help="stage-1 peak lr (default: the recipe's; not batch-scaled)")
