@@ -52,6 +52,7 @@ from curation.download import DownloadConfig
 from curation.io import write_bytes_atomic
 from curation.sample import SampleImageServer, make_sample
 from curation.verify import VerifyConfig
+from manifests.layout import BuildLayout
 from manifests.stages import STAGE_NAMES
 
 RESULTS = REPO / "benchmarks" / "results" / "build.json"
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             raw_dir = work / f"raw-{rep}"
             shutil.rmtree(raw_dir, ignore_errors=True)
             urls = work / "urls.parquet"
-            shutil.copyfile(build_dir / "staging" / "urls.parquet", urls)
+            shutil.copyfile(BuildLayout(build_dir).staging_dir / "urls.parquet", urls)
             raws.append(raw_img2dataset(urls, raw_dir, dl))
             details.append({"build_s": round(builds[-1], 3), "raw_img2dataset_s": round(raws[-1], 3),
                             "stage_seconds": results["seconds"], "selected": counts["select"]["selected"],
@@ -359,7 +360,7 @@ def _fast_build(work: Path, source: Path, dl: DownloadConfig) -> dict:
     subprocess.run([sys.executable, __file__, "--child-build", str(source), str(build_dir), str(out_json)], env=env,
                    check=True, cwd=REPO)
     seconds = time.perf_counter() - start
-    shutil.copyfile(build_dir / "staging" / "urls.parquet", work / "urls.parquet")
+    shutil.copyfile(BuildLayout(build_dir).staging_dir / "urls.parquet", work / "urls.parquet")
     shutil.rmtree(build_dir, ignore_errors=True)
     return {"build_s": round(seconds, 3), **json.loads(out_json.read_text())}
 

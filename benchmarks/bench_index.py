@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import write_result
+from manifests.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
 TARGET_SECONDS = 60.0
@@ -74,7 +75,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         build = Path(tmp)
         t0 = time.perf_counter()
-        data = synthetic_kept(build / "kept.parquet", args.samples)
+        data = synthetic_kept(BuildLayout(build).kept, args.samples)
         generate_seconds = time.perf_counter() - t0
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, str(build), str(args.k)],
@@ -87,7 +88,7 @@ def main() -> int:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         child = json.loads(proc.stdout.strip().splitlines()[-1])
-        sizes = {p.name: p.stat().st_size for p in (build / "index").glob("*.parquet")}
+        sizes = {p.name: p.stat().st_size for p in BuildLayout(build).index_dir.glob("*.parquet")}
     result = {
         "benchmark": "curation.index.build_index",
         "data": data,

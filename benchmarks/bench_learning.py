@@ -8,7 +8,7 @@ with --stage2-fraction), then score zero-shot mIoU on the sample's VOC-layout ev
   (c) predicting background everywhere,
 all with the SAME evaluator settings. Those settings (bg_thresh, topk, hard/soft assignment, test size) and, with
 stage 2, the checkpoint are chosen on the SELECTION split (ImageSets/Segmentation/train.txt of the eval folder,
-`ovseg_core.train.selection.select_eval_settings`); the test split (val.txt) is evaluated once per model afterwards.
+`ovseg_core.evaluation.selection.select_eval_settings`); the test split (val.txt) is evaluated once per model afterwards.
 Writes the JSON (config, loss curves per step, validation history, selection scores, per-class IoU, pixel accuracy)
 and a PNG of the curves next to it.
 
@@ -180,10 +180,10 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from ovseg_core.data.cc4m import BuildReader
     from ovseg_core.evaluation.datasets import load_dataset
     from ovseg_core.evaluation.evaluate import protocol_sizes
-    from ovseg_core.train.checkpoint import load_model_from_checkpoint
+    from ovseg_core.evaluation.selection import select_eval_settings
+    from ovseg_core.models.checkpoint import load_model_from_checkpoint
     from ovseg_core.train.config import SAMPLE_STEP_SECONDS, TrainConfig, sample_recipe
     from ovseg_core.train.loop import train
-    from ovseg_core.train.selection import select_eval_settings
 
     machine = machine_info(args.threads)
     started = time.time()

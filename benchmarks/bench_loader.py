@@ -222,10 +222,15 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------------- mixing
-def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, seed: int = 0) -> np.ndarray:
-    """Shards in source-row order; rows come in runs of 2,000 that share 3 favourite classes (80% of their rows),
-    like crawled data grouped by site. Payloads are placeholders: mixing only reads keys and json."""
+def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, seed: int = 0,
+                      rounds: tuple[int, ...] | None = None) -> np.ndarray:
+    """Rows come in runs of 2,000 that share 3 favourite classes (80% of their rows), like crawled data grouped by
+    site. rounds=None: shards in source-row order (the layout before curation.shard_order); else the reshard
+    layout of a build grown in rounds ending at these row counts (e.g. (30000, 40000)). Payloads are placeholders:
+    mixing only reads keys and json."""
     import tarfile
+
+    from curation.shard_order import layout_order
 
     rng = np.random.default_rng(seed)
     labels = np.empty(n, dtype=np.int64)
@@ -233,10 +238,13 @@ def make_mixing_build(root: Path, n: int, per_shard: int, n_classes: int = 73, s
         fav = rng.choice(n_classes, 3, replace=False)
         m = min(2000, n - start)
         labels[start:start + m] = np.where(rng.random(m) < 0.8, rng.choice(fav, m), rng.integers(0, n_classes, m))
+    order = np.arange(n)
+    for end in rounds or ():
+        order = np.arange(end)[layout_order(root, np.arange(end))]  # each call records a growth round
     (root / "shards").mkdir(parents=True, exist_ok=True)
     for s in range(0, n, per_shard):
         with tarfile.open(root / "shards" / f"cc4m-{s // per_shard:06d}.tar", "w") as tar:
-            for sid in range(s, min(s + per_shard, n)):
+            for sid in (int(i) for i in order[s:min(s + per_shard, n)]):
                 for ext, data in (("jpg", b"\xff"), ("json", json.dumps({"sample_id": sid,
                                                                          "entities": [f"c{labels[sid]}"]}).encode())):
                     info = tarfile.TarInfo(f"{sid:012d}.{ext}")
@@ -251,35 +259,52 @@ def batch_stats(ids: np.ndarray, labels: np.ndarray, per_shard: int, n: int, glo
             "class_tvd": float(0.5 * np.abs(hist - global_hist).sum())}
 
 
-def mixing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _stream_stats(root: Path, labels: np.ndarray, per_shard: int, batch: int, world: int,
+                  **kw: Any) -> dict[str, float]:
     from types import SimpleNamespace
 
     from ovseg_core.data.cc4m import BuildReader
     from ovseg_core.data.loader import CC4MTrainStream
 
-    n, per_shard, batch, world = args.mix_samples, 250, 128, 8
-    labels = make_mixing_build(work / "mix", n, per_shard)
-    global_hist = np.bincount(labels) / n
+    n = len(labels)
     reader = BuildReader.__new__(BuildReader)  # streaming needs only the shard list
-    reader.shard_urls = [str(p) for p in sorted((work / "mix" / "shards").glob("*.tar"))]
-    fake_proc = SimpleNamespace(stage=1, val_percent=0.0)
-    settings = {"before (1 shard at a time, buffer 256)": {"shards_in_flight": 1, "shuffle_buffer": 256},
-                "4 shards in flight, buffer 4096": {"shards_in_flight": 4, "shuffle_buffer": 4096},
-                "after (defaults: 16 shards in flight, buffer 4096)": {}}
+    reader.shard_urls = [str(p) for p in sorted((root / "shards").glob("*.tar"))]
+    stream = CC4MTrainStream(reader, SimpleNamespace(stage=1, val_percent=0.0), seed=0, rank=3, world_size=world,
+                             epochs=1, **kw)
+    ids = np.array([meta["sample_id"] for _, meta, _ in stream._buffered(0, 3, world)])
+    batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    stats = [batch_stats(b, labels, per_shard, n, np.bincount(labels) / n) for b in batches]
+    return {**{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "batches": len(batches)}
+
+
+def mixing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Class-mix distance (total variation between a rank's batch's class histogram and the build's) of the
+    loader's batches, per shard layout, against uniform draws from the whole build (the release's global
+    permutation). Target (issue 17 item 5): within 10% of the uniform ideal."""
+    n, per_shard, batch, world = args.mix_samples, 250, 128, 8
+    grown_at = (3 * n // 4, n)
+    layouts = {"source-row order (before)": None, "reshard layout, one growth round": (n,),
+               f"reshard layout, grown in two rounds ({grown_at[0]} + {n - grown_at[0]} rows)": grown_at}
     out: dict[str, Any] = {}
-    rng = np.random.default_rng(1)
-    ideal = [batch_stats(rng.choice(n, batch, replace=False), labels, per_shard, n, global_hist) for _ in range(50)]
-    out["ideal uniform batches"] = {k: float(np.mean([b[k] for b in ideal])) for k in ideal[0]}
-    for name, kw in settings.items():
-        stream = CC4MTrainStream(reader, fake_proc, seed=0, rank=3, world_size=world, epochs=1, **kw)
-        ids = np.array([meta["sample_id"] for _, meta, _ in stream._buffered(0, 3, world)])
-        batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
-        stats = [batch_stats(b, labels, per_shard, n, global_hist) for b in batches]
-        out[name] = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        out[name]["batches"] = len(batches)
+    for i, (name, rounds) in enumerate(layouts.items()):
+        labels = make_mixing_build(work / f"mix{i}", n, per_shard, rounds=rounds)
+        if i == 0:
+            rng = np.random.default_rng(1)
+            global_hist = np.bincount(labels) / n
+            ideal = [batch_stats(rng.choice(n, batch, replace=False), labels, per_shard, n, global_hist)
+                     for _ in range(200)]
+            out["ideal uniform batches"] = {k: float(np.mean([b[k] for b in ideal])) for k in ideal[0]}
+        if rounds is None:
+            out[f"{name}, 1 shard at a time, buffer 256"] = _stream_stats(
+                work / f"mix{i}", labels, per_shard, batch, world, shards_in_flight=1, shuffle_buffer=256)
+        out[f"{name}, loader defaults (16 shards in flight, buffer 4096)"] = _stream_stats(
+            work / f"mix{i}", labels, per_shard, batch, world)
+    ideal_tvd = out["ideal uniform batches"]["class_tvd"]
+    out["class_tvd_over_ideal"] = {k: round(v["class_tvd"] / ideal_tvd, 3) for k, v in out.items()
+                                   if isinstance(v, dict) and "batches" in v}
     out["setup"] = {"samples": n, "per_shard": per_shard, "batch": batch, "world_size": world, "rank": 3,
                     "classes": int(labels.max() + 1), "locality": "runs of 2,000 rows, 80% from 3 classes",
-                    "shards_per_rank": n // per_shard // world}
+                    "shards_per_rank": n // per_shard // world, "target": "class_tvd within 10% of the ideal"}
     return out
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.bench_build import render_images
 from benchmarks.common import stamp, write_result
 from curation.lock import LOCK_NAME
+from manifests.layout import BuildLayout
 from manifests.vocabulary import load_vocabulary
 
 TARGET = 0.03
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         build = work / "build"
         shutil.rmtree(build, ignore_errors=True)
         build_s, build_stages = timed_build(source, build, args)
-        manifest = json.loads((build / "manifest.json").read_text())
+        manifest = json.loads(BuildLayout(build).manifest.read_text())
         reps = []
         for rep in range(args.repeats):
             order = ("same", "copy") if rep % 2 == 0 else ("copy", "same")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +242,240 @@ def _base_of(form: str, surface: str) -> str:
     return "glass" if low == "glass" else low
 
 
+# -- the lexical rules ---------------------------------------------------------------------------------------------
+# A candidate is decided from the words around it: ACCEPT, REJECT, or NEED_TAG (the tagger's part of speech decides).
+# In order: name and compound rules (any word), then the word's own rule (_WORD_RULES), then the general rules.
+@dataclass(frozen=True)
+class _Near:
+    """A candidate in its caption: the lower-cased words around it ("" past either end) and its casing."""
+
+    ctx: _Context
+    start: int  # its character offsets in the caption
+    end: int
+    form: str
+    base: str
+    i: int  # its first token
+    j: int  # the first token after it
+    prev: str
+    prev2: str
+    nxt: str
+    nxt2: str
+    nxt3: str
+    capital: bool
+
+    @classmethod
+    def of(cls, c: _Candidate, ctx: _Context) -> _Near:
+        i, j = ctx.index_at(c.start), ctx.index_at(c.end)
+        return cls(ctx, c.start, c.end, c.form, c.base, i, j, ctx.word(i - 1), ctx.word(i - 2), ctx.word(j), ctx.word(j + 1),
+                   ctx.word(j + 2), ctx.raw(i)[:1].isupper())
+
+    @property
+    def phrase_ends(self) -> bool:
+        """Nothing, punctuation or a function word follows: the candidate ends its noun phrase."""
+        return not self.nxt or self.nxt in _SENTENCE_PUNCT or self.nxt in _FUNCTION_WORDS
+
+    @property
+    def next_capitalised_in_text(self) -> bool:
+        """The word after it is capitalised and the caption's casing means something ("Apple Store")."""
+        return self.capital and self.ctx.raw(self.j)[:1].isupper() and not self.ctx.case_uninformative
+
+    @property
+    def may_be_a_name(self) -> bool:
+        """Capitalised in running text, not sentence-initial, not hyphenated, not after "a"/"an"/a number."""
+        ctx = self.ctx
+        return (self.capital and not ctx.is_sentence_start(self.i) and "-" not in self.form
+                and not ctx.run_after_indefinite(self.i))
+
+
+@dataclass(frozen=True)
+class _WordRule:
+    """How one word is decided, first match wins: REJECT when the previous or next word shows another sense; ACCEPT
+    when the previous word shows this kind of thing; `check` (a finer rule: a decision or None); `otherwise` (None:
+    the general rules decide)."""
+
+    other_prev: frozenset[str] = frozenset()
+    other_next: frozenset[str] = frozenset()
+    kind_prev: frozenset[str] = frozenset()
+    check: Callable[[_Near], str | None] | None = None
+    otherwise: str | None = None
+
+    def decide(self, w: _Near) -> str | None:
+        if w.prev in self.other_prev or w.nxt in self.other_next:
+            return REJECT
+        if w.prev in self.kind_prev:
+            return ACCEPT
+        return (self.check(w) if self.check else None) or self.otherwise
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _name_or_compound(w: _Near) -> str | None:
+    """REJECT inside a hyphenated compound ("dog-friendly", "tie-dye", "Spider-Man") or a proper name or title."""
+    ctx = w.ctx
+    glued_after = w.nxt == "-" and w.j < len(ctx.tokens) and ctx.tokens[w.j][0] == w.end
+    glued_before = w.prev == "-" and w.i > 0 and ctx.tokens[w.i - 1][1] == w.start
+    if glued_after and (w.nxt2 in _ADJ_COMPOUND_HEADS or (w.base == "tie" and w.nxt2 == "dye")):
+        return REJECT
+    if glued_before and w.base in {"man", "men", "woman", "women"} and w.prev2 in _MAN_HYPHEN_PREV:
+        return REJECT
+    # Part of a proper name or title: capitalised word next to another capitalised word in running text.
+    if not ctx.case_uninformative and not ctx.all_lower and w.capital:
+        if (ctx.capitalised(w.i - 1) or ctx.capitalised(w.j)) and w.may_be_a_name:
+            return REJECT
+        if ctx.is_sentence_start(w.i) and ctx.capitalised(w.j) and ctx.raw(w.j) != "PERSON" \
+                and w.base not in _TITLE_WORDS:
+            return REJECT
+    if w.base in _TITLE_WORDS and (ctx.raw(w.j) == PERSON_PLACEHOLDER or w.next_capitalised_in_text):
+        return REJECT  # "Prince <PERSON>", "Lady Gaga"
+    return None
+
+
+def _glass(w: _Near) -> str:
+    """Only a drinking glass counts: not the material ("glass vase"), not eyeglasses ("wearing glasses")."""
+    if w.form == "glasses":
+        if w.nxt == "of" or w.prev in _DRINK_WORDS or w.prev in _GLASSES_OF_DRINK_PREV:
+            return ACCEPT
+        if w.prev in {"in", "into"} and w.prev2 in _DRINK_CONTEXT | {"served", "poured", "pours"}:
+            return ACCEPT  # "vodka in glasses"
+        if w.ctx.mentions_drink and w.prev not in _EYEWEAR_PREV and w.phrase_ends:
+            return ACCEPT  # "vodka in glasses", "glasses on the bar ... wine"
+        return REJECT  # eyeglasses
+    if w.nxt == "of" and w.nxt2 not in {"the"}:
+        return ACCEPT  # "a glass of wine"
+    if w.prev in _DRINK_WORDS:
+        return ACCEPT  # "wine glass"
+    if w.ctx.mentions_drink and (w.prev == "into" or w.prev in _DETERMINERS - {"no"}) and w.phrase_ends:
+        return ACCEPT  # "orange juice in a glass", "pouring the juice into the glass"
+    if w.prev in _DETERMINERS - {"the", "no"} or w.prev in {"empty", "full", "tall", "half", "raised"}:
+        followed = w.nxt and w.nxt[0].isalpha() and w.nxt not in _GLASS_NOUN_NEXT
+        return NEED_TAG if followed else ACCEPT
+    return REJECT  # the material
+
+
+def _orange(w: _Near) -> str | None:
+    if w.form == "oranges" or w.nxt in _ORANGE_FRUIT_NEXT:
+        return ACCEPT
+    if w.prev in _ORANGE_FRUIT_PREV and (not w.nxt or w.nxt in _SENTENCE_PUNCT or w.nxt in _ORANGE_PHRASE_END):
+        return ACCEPT
+    return None  # the colour
+
+
+def _light(w: _Near) -> str | None:
+    if (w.nxt == "-" and w.nxt2 in _COLOURS) or (w.prev == "in" and w.nxt == "of"):
+        return REJECT  # "light-blue", "in light of"
+    return ACCEPT if w.prev in _LIGHT_KIND_PREV else None
+
+
+def _remote(w: _Near) -> str | None:
+    if w.nxt in {"control", "controls", "controller", "controllers"} or w.form == "remotes":
+        return ACCEPT
+    if (w.prev in _DETERMINERS or w.prev in {"tv", "television"}) and (
+            not w.nxt or not w.nxt[0].isalpha() or w.nxt in _FUNCTION_WORDS):
+        return ACCEPT  # "the remote", "holding a remote."
+    return None
+
+
+def _bird(w: _Near) -> str | None:
+    birds_eye = (w.nxt == "'" and w.nxt2 == "s" and w.nxt3 in {"eye", "-"}) or w.nxt == "eye" or (
+        w.nxt == "-" and w.nxt2 == "eye")
+    return REJECT if birds_eye else None  # bird's eye view
+
+
+def _tie(w: _Near) -> str | None:
+    if w.nxt in _TIE_VERB_NEXT and w.prev not in _DETERMINERS and w.prev not in {"bow", "neck", "a"}:
+        return REJECT  # the verb: "tie the knot"
+    if w.prev in _TIE_KIND_PREV or w.prev in _COLOURS:
+        return ACCEPT  # "shirt and tie standing", "blue tie"
+    return None
+
+
+def _building(w: _Near) -> str | None:
+    if w.form == "building":
+        if w.prev in _DETERMINERS:
+            return ACCEPT  # "the building this morning", "an apartment building that ..."
+        if w.nxt in _GERUND_OBJECT_NEXT:
+            return REJECT  # the gerund takes an object: "building a wall", "before building your network"
+        if w.phrase_ends or w.nxt in {"where", "as", "that", "which"} or w.prev in _PREPOSITIONS:
+            return ACCEPT  # "capitol building as the sun sets", "sign on building"
+    if w.form == "buildings" or w.prev in _DETERMINERS or w.prev in _BUILDING_KIND_PREV:
+        return ACCEPT
+    return None
+
+
+def _reject_if(condition: Callable[[_Near], bool]) -> Callable[[_Near], str | None]:
+    return lambda w: REJECT if condition(w) else None
+
+
+_GLASSES_OF_DRINK_PREV = _words("raise raising raised clink clinking empty full filled into")
+_GLASS_NOUN_NEXT = _words("and with on in of at is filled for from")
+_ORANGE_PHRASE_END = _words("and with on in is or at")
+_LIGHT_KIND_PREV = _words("traffic street christmas fairy string neon led ceiling pendant")
+_TIE_KIND_PREV = _words("bow neck wearing striped and silk checked suit shirt")
+_GERUND_OBJECT_NEXT = _words("a an the your our my his her their its up new some more two three several many")
+_BUILDING_KIND_PREV = _words("old tall historic office modern apartment")
+_HOUSES_OBJECT_NEXT = _words("a an the its his her their some many more several one two three over")
+
+# base word -> its rule. A word without one is decided by the name rules and the general rules alone.
+_WORD_RULES: dict[str, _WordRule] = {
+    "couple": _WordRule(other_next=_TIME_WORDS | {"of"}, otherwise=ACCEPT),  # "a couple of", "couple days"
+    "glass": _WordRule(check=_glass),
+    "orange": _WordRule(check=_orange, otherwise=REJECT),
+    "light": _WordRule(other_next=_COLOURS, check=_light, otherwise=NEED_TAG),
+    "remote": _WordRule(check=_remote, otherwise=NEED_TAG),
+    "plant": _WordRule(other_prev=_FACTORY_PREV,
+                       kind_prev=_DETERMINERS | _words("potted house green tropical indoor succulent"),
+                       otherwise=NEED_TAG),
+    "bed": _WordRule(other_prev=_NOT_A_BED_PREV, otherwise=ACCEPT),
+    "ball": _WordRule(other_prev=_DANCE_BALL_PREV, other_next=_words("gown gowns"), otherwise=ACCEPT),
+    "table": _WordRule(other_prev=_words("periodic water league times multiplication"),
+                       check=_reject_if(lambda w: w.nxt == "of" and w.nxt2 == "contents"), otherwise=ACCEPT),
+    "apple": _WordRule(other_prev=_words("big"), other_next=_APPLE_COMPANY_NEXT,
+                       check=_reject_if(lambda w: w.next_capitalised_in_text), otherwise=ACCEPT),
+    "box": _WordRule(other_next=_words("office offices")),  # the ticket office / takings, not a container
+    "bowl": _WordRule(other_prev=_words("super rose orange sugar cotton fiesta hollywood dust")),
+    "cup": _WordRule(other_prev=_CUP_PROPER_PREV),
+    "dog": _WordRule(other_prev=_words("hot corn chili chilli")),
+    "bird": _WordRule(check=_bird),
+    "zebra": _WordRule(other_next=_words("crossing crossings print stripes striped")),
+    "mouse": _WordRule(other_prev=_words("mickey minnie mighty danger")),
+    "monitor": _WordRule(other_next=_words("lizard lizards")),
+    "bear": _WordRule(other_prev=_words("teddy gummy care"), other_next=_words("market markets"),  # toy, finance
+                      kind_prev=_DETERMINERS | _words("polar grizzly brown black panda sun koala cub mother baby")),
+    "skis": _WordRule(check=_reject_if(lambda w: w.form == "ski" and w.prev in _words("to can will you we they i "
+                                                                                       "and or"))),  # "to ski"
+    "spoon": _WordRule(check=_reject_if(lambda w: w.nxt in _words("into onto over the it out")
+                                        and w.prev not in _DETERMINERS)),  # "then spoon into your dish"
+    "baby": _WordRule(other_next=_ANIMALS),  # a young animal, not a person
+    "boy": _WordRule(other_prev=_words("oh")),
+    "man": _WordRule(check=_reject_if(lambda w: w.nxt == "-" and w.nxt2 == "made")),
+    "fork": _WordRule(check=_reject_if(lambda w: (w.nxt, w.nxt2, w.nxt3) == ("in", "the", "road"))),
+    "book": _WordRule(check=_reject_if(lambda w: w.nxt in _BOOK_VERB_NEXT and w.prev not in _DETERMINERS)),
+    "tie": _WordRule(check=_tie),
+    "house": _WordRule(check=_reject_if(lambda w: w.form == "houses" and w.nxt in _HOUSES_OBJECT_NEXT)),  # verb
+    "building": _WordRule(check=_building),
+}
+
+
+def _general_decision(w: _Near) -> str:
+    if not w.ctx.case_uninformative and w.may_be_a_name:
+        return NEED_TAG  # a capitalised candidate alone in running text may be a name: the tagger judges
+    if w.base in _POS_AMBIGUOUS:
+        if w.prev in _DETERMINERS and w.base not in {"light", "plant", "remote"}:
+            return ACCEPT  # "the train", "a book", "his phone": a noun after a determiner
+        if w.base in _TRANSITIVE_VERBS and (not w.nxt or w.nxt in _SENTENCE_PUNCT) and w.form == w.base:
+            return ACCEPT  # "suit and tie.": these verbs need an object, so caption-final means a noun
+        return NEED_TAG
+    return ACCEPT
+
+
+def lexical_decision(w: _Near) -> str:
+    """ACCEPT, REJECT or NEED_TAG for one candidate, from the words around it."""
+    rule = _WORD_RULES.get(w.base)
+    return _name_or_compound(w) or (rule.decide(w) if rule else None) or _general_decision(w)
+
+
 @functools.lru_cache(maxsize=8)
 def spacy_model_version(model: str) -> str:
     """The model package's version ("3.8.0"), from the installed distribution or its meta.json; no weights."""
@@ -414,173 +648,4 @@ class EntityExtractor:
         return REJECT  # verb, adjective, adverb, ...
 
     def _lexical_decision(self, c: _Candidate, ctx: _Context) -> str:
-        i = ctx.index_at(c.start)
-        j = ctx.index_at(c.end)  # first token after the candidate
-        prev, prev2 = ctx.word(i - 1), ctx.word(i - 2)
-        nxt, nxt2, nxt3 = ctx.word(j), ctx.word(j + 1), ctx.word(j + 2)
-        base = c.base
-        raw = ctx.raw(i)
-        capital = raw[:1].isupper()
-
-        # Hyphen attachments: "dog-friendly", "man-made", "tie-dye", "Spider-Man", "X-Men".
-        glued_after = nxt == "-" and j < len(ctx.tokens) and ctx.tokens[j][0] == c.end
-        glued_before = prev == "-" and i > 0 and ctx.tokens[i - 1][1] == c.start
-        if glued_after and (nxt2 in _ADJ_COMPOUND_HEADS or (base == "tie" and nxt2 == "dye")):
-            return REJECT
-        if glued_before and base in {"man", "men", "woman", "women"} and prev2 in _MAN_HYPHEN_PREV:
-            return REJECT
-
-        # Part of a proper name or title: capitalised word next to another capitalised word in running text.
-        if not ctx.case_uninformative and not ctx.all_lower:
-            neighbours_capital = ctx.capitalised(i - 1) or ctx.capitalised(j)
-            if capital and neighbours_capital and not ctx.is_sentence_start(i) and "-" not in c.form \
-                    and not ctx.run_after_indefinite(i):
-                return REJECT
-            if capital and ctx.is_sentence_start(i) and ctx.capitalised(j) and ctx.raw(j) != "PERSON" \
-                    and base not in _TITLE_WORDS:
-                return REJECT
-        if base in _TITLE_WORDS and (ctx.raw(j) == PERSON_PLACEHOLDER or (capital and ctx.raw(j)[:1].isupper()
-                                                                           and not ctx.case_uninformative)):
-            return REJECT  # "Prince <PERSON>", "Lady Gaga"
-
-        if base == "couple":
-            if nxt == "of" or nxt in _TIME_WORDS:
-                return REJECT  # quantifier
-            return ACCEPT
-        if base == "glass":
-            if c.form == "glasses":
-                if nxt == "of" or prev in _DRINK_WORDS or prev in {"raise", "raising", "raised", "clink", "clinking",
-                                                                   "empty", "full", "filled", "into"}:
-                    return ACCEPT
-                if prev in {"in", "into"} and prev2 in _DRINK_CONTEXT | {"served", "poured", "pours"}:
-                    return ACCEPT  # "vodka in glasses"
-                if ctx.mentions_drink and prev not in _EYEWEAR_PREV and (not nxt or nxt in _SENTENCE_PUNCT
-                                                                         or nxt in _FUNCTION_WORDS):
-                    return ACCEPT  # "vodka in glasses", "glasses on the bar ... wine"
-                return REJECT  # eyeglasses
-            if nxt == "of" and nxt2 not in {"the"}:
-                return ACCEPT  # "a glass of wine"
-            if prev in _DRINK_WORDS:
-                return ACCEPT  # "wine glass"
-            if ctx.mentions_drink and (prev == "into" or prev in _DETERMINERS - {"no"}) and (
-                    not nxt or nxt in _SENTENCE_PUNCT or nxt in _FUNCTION_WORDS):
-                return ACCEPT  # "orange juice in a glass", "pouring the juice into the glass"
-            if prev in _DETERMINERS - {"the", "no"} or prev in {"empty", "full", "tall", "half", "raised"}:
-                return NEED_TAG if nxt and nxt[0].isalpha() and nxt not in {"and", "with", "on", "in", "of", "at",
-                                                                           "is", "filled", "for", "from"} else ACCEPT
-            return REJECT  # the material
-        if base == "orange":
-            if c.form == "oranges" or nxt in _ORANGE_FRUIT_NEXT:
-                return ACCEPT
-            if prev in _ORANGE_FRUIT_PREV and (not nxt or nxt in _SENTENCE_PUNCT
-                                               or nxt in {"and", "with", "on", "in", "is", "or", "at"}):
-                return ACCEPT
-            return REJECT  # the colour
-        if base == "light":
-            if nxt in _COLOURS or (nxt == "-" and nxt2 in _COLOURS):
-                return REJECT
-            if prev == "in" and nxt == "of":
-                return REJECT
-            if prev in {"traffic", "street", "christmas", "fairy", "string", "neon", "led", "ceiling", "pendant"}:
-                return ACCEPT
-            return NEED_TAG
-        if base == "remote":
-            if nxt in {"control", "controls", "controller", "controllers"} or c.form == "remotes":
-                return ACCEPT
-            if (prev in _DETERMINERS or prev in {"tv", "television"}) and (not nxt or not nxt[0].isalpha()
-                                                                          or nxt in _FUNCTION_WORDS):
-                return ACCEPT  # "the remote", "holding a remote."
-            return NEED_TAG
-        if base == "plant":
-            if prev in _FACTORY_PREV:
-                return REJECT
-            if prev in _DETERMINERS or prev in {"potted", "house", "green", "tropical", "indoor", "succulent"}:
-                return ACCEPT
-            return NEED_TAG
-        if base == "bed":
-            return REJECT if prev in _NOT_A_BED_PREV else ACCEPT
-        if base == "ball":
-            if prev in _DANCE_BALL_PREV or nxt in {"gown", "gowns"}:
-                return REJECT
-            return ACCEPT
-        if base == "table":
-            if (nxt == "of" and nxt2 == "contents") or prev in {"periodic", "water", "league", "times",
-                                                                "multiplication"}:
-                return REJECT
-            return ACCEPT
-        if base == "apple":
-            if nxt in _APPLE_COMPANY_NEXT or prev == "big" or (capital and ctx.raw(j)[:1].isupper()
-                                                                 and not ctx.case_uninformative):
-                return REJECT
-            return ACCEPT
-        if base == "box" and nxt in {"office", "offices"}:
-            return REJECT  # the ticket office / takings, not a container
-        if base == "bowl" and prev in {"super", "rose", "orange", "sugar", "cotton", "fiesta", "hollywood", "dust"}:
-            return REJECT
-        if base == "cup" and prev in _CUP_PROPER_PREV:
-            return REJECT
-        if base == "dog" and prev in {"hot", "corn", "chili", "chilli"}:
-            return REJECT
-        if base == "bird" and ((nxt == "'" and nxt2 == "s" and nxt3 in {"eye", "-"}) or nxt == "eye"
-                               or nxt == "-" and nxt2 == "eye"):
-            return REJECT  # bird's eye view
-        if base == "zebra" and nxt in {"crossing", "crossings", "print", "stripes", "striped"}:
-            return REJECT
-        if base == "mouse" and prev in {"mickey", "minnie", "mighty", "danger"}:
-            return REJECT
-        if base == "monitor" and nxt in {"lizard", "lizards"}:
-            return REJECT
-        if base == "bear":
-            if prev in {"teddy", "gummy", "care"} or nxt in {"market", "markets"}:
-                return REJECT  # a toy/sweet; the finance sense
-            if prev in _DETERMINERS or prev in {"polar", "grizzly", "brown", "black", "panda", "sun", "koala",
-                                                "cub", "mother", "baby"}:
-                return ACCEPT
-        if c.form == "ski" and prev in {"to", "can", "will", "you", "we", "they", "i", "and", "or"}:
-            return REJECT  # the verb: "learning to ski"
-        if base == "spoon" and nxt in {"into", "onto", "over", "the", "it", "out"} and prev not in _DETERMINERS:
-            return REJECT  # the verb: "then spoon into your baking dish"
-        if base == "baby" and nxt in _ANIMALS:
-            return REJECT  # a young animal, not a person
-        if base == "boy" and prev == "oh":
-            return REJECT
-        if base == "man" and nxt == "-" and nxt2 == "made":
-            return REJECT
-        if base == "fork" and nxt == "in" and nxt2 == "the" and nxt3 == "road":
-            return REJECT
-        if base == "book" and nxt in _BOOK_VERB_NEXT and prev not in _DETERMINERS:
-            return REJECT
-        if base == "tie":
-            if nxt in _TIE_VERB_NEXT and prev not in _DETERMINERS and prev not in {"bow", "neck", "a"}:
-                return REJECT
-            if prev in {"bow", "neck", "wearing", "striped", "and", "silk", "checked", "suit", "shirt"} \
-                    or prev in _COLOURS:
-                return ACCEPT  # "shirt and tie standing", "blue tie"
-        if c.form == "houses" and nxt in {"a", "an", "the", "its", "his", "her", "their", "some", "many", "more",
-                                          "several", "one", "two", "three", "over"}:
-            return REJECT  # the verb: "the mill houses a museum"
-        if base == "building" and c.form == "building":
-            if prev in _DETERMINERS:
-                return ACCEPT  # "the building this morning", "an apartment building that ..."
-            if nxt in {"a", "an", "the", "your", "our", "my", "his", "her", "their", "its", "up", "new", "some",
-                       "more", "two", "three", "several", "many"}:
-                return REJECT  # the gerund takes an object: "building a wall", "before building your network"
-            if not nxt or nxt in _SENTENCE_PUNCT or nxt in _FUNCTION_WORDS or nxt in {"where", "as", "that", "which"} \
-                    or prev in _PREPOSITIONS:
-                return ACCEPT  # "capitol building as the sun sets", "sign on building"
-        if base == "building" and (c.form == "buildings" or prev in _DETERMINERS or prev in {"old", "tall",
-                                                                                          "historic", "office",
-                                                                                          "modern", "apartment"}):
-            return ACCEPT
-
-        # A capitalised candidate alone in running text (not sentence-initial) may be a name: let the tagger judge.
-        if capital and not ctx.case_uninformative and not ctx.is_sentence_start(i) and "-" not in c.form \
-                and not ctx.run_after_indefinite(i):
-            return NEED_TAG
-        if base in _POS_AMBIGUOUS:
-            if prev in _DETERMINERS and base not in {"light", "plant", "remote"}:
-                return ACCEPT  # "the train", "a book", "his phone": a noun after a determiner
-            if base in _TRANSITIVE_VERBS and (not nxt or nxt in _SENTENCE_PUNCT) and c.form == base:
-                return ACCEPT  # "suit and tie.": these verbs need an object, so caption-final means a noun
-            return NEED_TAG
-        return ACCEPT
+        return lexical_decision(_Near.of(c, ctx))

@@ -1,6 +1,7 @@
 """Reshard stage: the final set (kept.parquet) + staged JPEGs + captions + partners -> CC4M webdataset shards.
 
-    shards/cc4m-NNNNNN.tar   per sample, in sample_id order: <12-digit id>.jpg, .txt (caption), .json
+    shards/cc4m-NNNNNN.tar   per sample, in layout order (curation.shard_order: by growth round, then a seeded
+                             permutation of the ids): <12-digit id>.jpg, .txt (caption), .json
     meta/part-NNNNN.parquet  one per shard: sample_id, shard, position, caption, entities, entity_words, width,
                              height, sha256; its parquet metadata is the shard's done record (sha256, bytes, inputs)
     index/locator.parquet    sample_id, shard, position, offset, size: byte range of each .jpg member's data
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from curation import tario
 from curation.history import snapshot_written
 from curation.io import atomic_path, fingerprint_of, read_parquet, sha256_file, table_digest, write_parquet_atomic
 from curation.progress import Progress, ProgressCallback
+from curation.shard_order import layout_order
 from curation.staging import iter_staged_images
 from manifests.layout import PART_GLOB, SHARD_GLOB, BuildLayout, part_name, sample_key, shard_for_rank, shard_name
 
@@ -67,9 +70,8 @@ def _shard_fingerprint(samples: pa.Table, partners: _Partners, lo: int, hi: int,
     the original image's sha256) and their partners. A shard the other samples' changes do not touch (a grown
     source adds samples at the end) keeps its fingerprint and is not rewritten."""
     rows = samples.slice(lo, hi - lo)
-    ids = rows["sample_id"]
     return fingerprint_of({"stage": "reshard", "samples_per_shard": cfg.samples_per_shard, "rows": table_digest(rows),
-                           "partners": table_digest(partners.slice(ids[0].as_py(), ids[-1].as_py()))})
+                           "partners": table_digest(partners.rows_for(rows["sample_id"].to_numpy()))})
 
 
 def _record(meta_path: Path) -> dict[str, Any] | None:
@@ -109,23 +111,25 @@ class _Partners:
         self.table = table
         self.ids = table["sample_id"].to_numpy()
 
-    def slice(self, first_id: int, last_id: int) -> pa.Table:
-        """The partner rows of samples first_id..last_id (inclusive)."""
-        lo = int(np.searchsorted(self.ids, first_id, side="left"))
-        hi = int(np.searchsorted(self.ids, last_id, side="right"))
-        return self.table.slice(lo, hi - lo)
+    def rows_for(self, sample_ids: np.ndarray) -> pa.Table:
+        """The partner rows of `sample_ids` (one shard's, any order), by ascending sample id and rank."""
+        wanted = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        lo = np.searchsorted(self.ids, wanted, side="left")
+        hi = np.searchsorted(self.ids, wanted, side="right")
+        take = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(wanted) else np.zeros(0, np.int64)
+        return self.table.take(pa.array(take.astype(np.int64)))
 
-    def for_range(self, first_id: int, last_id: int) -> dict[int, list[dict]]:
+    def for_ids(self, sample_ids: np.ndarray) -> dict[int, list[dict]]:
         out: dict[int, list[dict]] = {}
-        chunk = self.slice(first_id, last_id)
+        chunk = self.rows_for(sample_ids)
         for sid, pid, cls in zip(*(chunk[c].to_pylist() for c in ("sample_id", "partner_id", "shared_class"))):
             out.setdefault(sid, []).append({"partner_id": pid, "shared_class": cls})
         return out
 
 
 def _load_inputs(layout: BuildLayout) -> tuple[pa.Table, _Partners]:
-    """One table of kept samples in sample_id order (caption, entities, entity_words, width, height, expected sha256)
-    and their partners."""
+    """One table of kept samples in layout order (curation.shard_order; caption, entities, entity_words, width,
+    height, expected sha256) and their partners."""
     for path in (layout.kept, layout.partners, layout.downloads):
         if not path.exists():
             raise FileNotFoundError(f"reshard: missing input {path}")
@@ -162,13 +166,13 @@ def _load_inputs(layout: BuildLayout) -> tuple[pa.Table, _Partners]:
         "download_sha256": downloads["sha256"].cast(pa.string()),
     })
 
-    return samples, _Partners(layout.partners, kept)
+    return samples.take(pa.array(layout_order(layout.root, ids))), _Partners(layout.partners, kept)
 
 
 def _write_shard(layout: BuildLayout, index: int, rows: list[dict], images: dict[int, bytes],
                  all_partners: _Partners, fingerprint: str) -> None:
     name = shard_name(index)
-    partners = all_partners.for_range(rows[0]["sample_id"], rows[-1]["sample_id"])
+    partners = all_partners.for_ids(np.array([r["sample_id"] for r in rows], dtype=np.int64))
     final = layout.shards_dir / name
     with atomic_path(final) as tmp, open(tmp, "wb") as fh:
         tar = tario.ShardWriter(fh)
@@ -198,6 +202,48 @@ def _write_shard(layout: BuildLayout, index: int, rows: list[dict], images: dict
     write_parquet_atomic(layout.meta_dir / part_name(index),
                          meta.replace_schema_metadata({SHARD_META_KEY: json.dumps(record, sort_keys=True).encode()}))
     log.info("reshard: wrote %s (%d samples, %d bytes)", name, len(rows), record["bytes"])
+
+
+def _write_shards(layout: BuildLayout, samples: pa.Table, partners: _Partners, bounds: list[tuple[int, int]],
+                  fingerprints: list[str], todo: list[int], cfg: ShardConfig,
+                  progress: ProgressCallback | None) -> None:
+    """Write the `todo` shards. Staged images arrive in ascending sample_id order, but a shard holds ids from all
+    over its round: each image is spilled to its shard's file in a scratch folder, and a shard is written (and its
+    spill removed) as soon as all its images are there. Memory: one shard's images."""
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    ids = samples["sample_id"].to_pylist()
+    shard_of = {sid: shard_for_rank(rank, cfg.samples_per_shard)[0] for rank, sid in enumerate(ids)}
+    wanted = {sid for i in todo for sid in ids[bounds[i][0]:bounds[i][1]]}
+    spill_dir = layout.staging_dir / "_reshard_spill"
+    shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
+    spill_dir.mkdir(parents=True)
+    arrived = dict.fromkeys(todo, 0)
+    meter = Progress("reshard", len(wanted), "sample", progress)
+    for sid, jpg in iter_staged_images(layout.root, sample_ids=sorted(wanted)):
+        index = shard_of[sid]
+        with open(spill_dir / f"{index}.bin", "ab") as fh:
+            fh.write(sid.to_bytes(8, "little") + len(jpg).to_bytes(8, "little") + jpg)
+        arrived[index] += 1
+        lo, hi = bounds[index]
+        if arrived[index] == hi - lo:
+            images = _read_spill(spill_dir / f"{index}.bin")
+            _write_shard(layout, index, samples.slice(lo, hi - lo).to_pylist(), images, partners, fingerprints[index])
+            (spill_dir / f"{index}.bin").unlink()
+            meter.advance(hi - lo)
+    missing = sorted(i for i in todo if arrived[i] != bounds[i][1] - bounds[i][0])
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    if missing:
+        raise ValueError(f"reshard: staged images missing for shards {missing}")
+    meter.finish()
+
+
+def _read_spill(path: Path) -> dict[int, bytes]:
+    data, images, pos = path.read_bytes(), {}, 0
+    while pos < len(data):
+        sid, size = int.from_bytes(data[pos:pos + 8], "little"), int.from_bytes(data[pos + 8:pos + 16], "little")
+        images[sid] = data[pos + 16:pos + 16 + size]
+        pos += 16 + size
+    return images
 
 
 def shard_locator(path: Path) -> list[tuple[int, int, int]]:
@@ -230,32 +276,7 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
         log.warning("reshard: removing stale %s", path)
         path.unlink()
     if todo:
-        layout.shards_dir.mkdir(parents=True, exist_ok=True)
-        ids = samples["sample_id"].to_pylist()
-        wanted = [sid for i in todo for sid in ids[bounds[i][0]:bounds[i][1]]]
-        rank_of = {sid: rank for rank, sid in enumerate(ids)}
-        todo_set = set(todo)
-        images: dict[int, bytes] = {}
-        current = todo[0]
-        meter = Progress("reshard", len(wanted), "sample", progress)
-        # Staged images arrive in ascending sample_id order, so shards complete one after the other and at most one
-        # shard's images are held in memory.
-        for sid, jpg in iter_staged_images(layout.root, sample_ids=wanted):
-            index, _ = shard_for_rank(rank_of[sid], cfg.samples_per_shard)
-            if index != current:
-                raise ValueError("reshard: staged images did not arrive in sample_id order")
-            images[sid] = jpg
-            if len(images) == bounds[current][1] - bounds[current][0]:
-                lo, hi = bounds[current]
-                _write_shard(layout, current, samples.slice(lo, hi - lo).to_pylist(), images, partners,
-                             fingerprints[current])
-                meter.advance(hi - lo)
-                images = {}
-                todo_set.discard(current)
-                current = min(todo_set) if todo_set else -1
-        if todo_set:
-            raise ValueError(f"reshard: staged images missing for shards {sorted(todo_set)}")
-        meter.finish()
+        _write_shards(layout, samples, partners, bounds, fingerprints, todo, cfg, progress)
 
     locator_meta = (pq.read_schema(layout.locator).metadata or {}) if layout.locator.exists() else {}
     if todo or json.loads(locator_meta.get(SHARD_META_KEY, b"{}")).get("fingerprint") != fingerprint:
@@ -266,7 +287,7 @@ def reshard(build_dir: str | Path, cfg: ShardConfig, progress: ProgressCallback 
                 for col, value in zip(LOCATOR_SCHEMA.names, (sid, name, pos, offset, size)):
                     rows[col].append(value)
         if rows["sample_id"] != samples["sample_id"].to_pylist():
-            raise ValueError("reshard: shards do not hold exactly the kept samples in order")
+            raise ValueError("reshard: shards do not hold exactly the kept samples in layout order")
         locator = pa.table(rows, schema=LOCATOR_SCHEMA).replace_schema_metadata(
             {SHARD_META_KEY: json.dumps({"fingerprint": fingerprint}).encode()})
         write_parquet_atomic(layout.locator, locator)

@@ -61,10 +61,6 @@ class Stage:
     def per_part(self) -> bool:
         return self.spec.per_part
 
-    @property
-    def config_field(self) -> str | None:
-        return self.spec.config_field
-
     def outputs(self, layout: BuildLayout) -> list[Path]:
         return [getattr(layout, name) for name in self.spec.outputs]
 

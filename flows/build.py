@@ -1,10 +1,11 @@
-"""Flow `build-cc4m`: orders the curation stages as Prefect tasks; all logic lives in `curation`.
+"""Flow `build-cc4m`: runs the stage plan (curation.stages) as Prefect tasks, one named after each stage; all logic
+lives in `curation`.
 
     ingest -> [parse -> select] per part (fan-out, selectable task runner) -> download -> verify -> dedup -> index
            -> reshard -> manifest -> report (+ Markdown and table artifacts)
 
-Resume: every stage is idempotent on files, and the tasks' cache keys include their outputs (see flows/tasks.py),
-so rerunning the flow on the same build_dir after a failure redoes only the missing work.
+Resume: every stage is idempotent on files and content-addressed (no Prefect result cache, see flows/tasks.py), so
+rerunning the flow on the same build_dir after a failure redoes only the missing work.
 
 Hand-over to training: `then_train=True` runs the `pretrain` and `evaluate` flows as SUBFLOWS of this run. Chosen
 over `run_deployment` / an automation because it needs nothing but this process (works under the test harness,

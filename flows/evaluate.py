@@ -24,12 +24,12 @@ def evaluate_dataset(checkpoint: str, layout: str, root: str, split: str, out_di
     of the same folder (never the evaluated one), as the learning benchmark does."""
     from ovseg_core.evaluation import evaluate, load_dataset
     from ovseg_core.evaluation.evaluate import protocol_sizes
-    from ovseg_core.train.checkpoint import load_model_from_checkpoint
+    from ovseg_core.models.checkpoint import load_model_from_checkpoint
 
     model = load_model_from_checkpoint(checkpoint)
     settings: dict[str, Any] = protocol_sizes(int(model.image_size))
     if select_split:
-        from ovseg_core.train.selection import select_eval_settings
+        from ovseg_core.evaluation.selection import select_eval_settings
 
         if select_split == split:
             raise ValueError(f"select_split must differ from the evaluated split ({split!r})")

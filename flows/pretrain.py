@@ -138,18 +138,46 @@ def register_task(registry_dir: str, checkpoint: str, preset: str, stage: int, s
     return entry.entry_id
 
 
+def _train_config(recipe: str | None, stage: int, build_path: Path, out_path: Path, *, preset: str, steps: int,
+                  batch_size: int, world_size: int, global_batch: int | None, visual_init: str | None,
+                  init_checkpoint: str | None, time_limit_s: float | None, train_overrides: dict[str, Any]) -> Any:
+    """The TrainConfig of one pretrain run: the `paper` recipe, the `sample` recipe, or (None) the stage preset."""
+    from ovseg_core.train.config import TrainConfig
+
+    if recipe == "paper":
+        from ovseg_core.train.recipe import paper_config
+
+        return paper_config(stage, str(build_path), str(out_path), world_size=world_size, global_batch=global_batch,
+                            visual_init=visual_init, preset=preset, init_checkpoint=init_checkpoint,
+                            time_limit_s=time_limit_s, **train_overrides)
+    if recipe == "sample":
+        from ovseg_core.train.config import sample_recipe
+
+        return sample_recipe(build_path, out_path, minutes=(time_limit_s or 240.0) / 60.0,
+                             **{"init_checkpoint": init_checkpoint, **train_overrides})
+    if recipe is None:
+        return TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset,
+                                     steps=steps, batch_size=batch_size, init_checkpoint=init_checkpoint,
+                                     time_limit_s=time_limit_s, **train_overrides)
+    raise ValueError(f"unknown recipe {recipe!r} (known: 'paper', 'sample')")
+
+
 @flow(name="pretrain", persist_result=True)
 def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = None, preset: str = "tiny",
              stage: int = 1, steps: int = 50, batch_size: int = 16, devices: int = 1, nodes: int = 1,
              node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500,
              init_checkpoint: str | None = None, time_limit_s: float | None = None,
              train_overrides: dict[str, Any] | None = None, registry_dir: str | None = None,
-             parent_id: str | None = None, recipe: str | None = None) -> dict[str, Any]:
+             parent_id: str | None = None, recipe: str | None = None, global_batch: int | None = None,
+             visual_init: str | None = None) -> dict[str, Any]:
     """Train `preset` for `steps` steps (stage 1, or 2 from `init_checkpoint`) on the build in `build_dir`
     (a folder with manifest.json; a manifest path is accepted too). `train_overrides` are extra TrainConfig fields.
     The checkpoint is registered in `registry_dir` (default: $CC4M_REGISTRY or .cc4m-runs/registry).
     `recipe="sample"` uses ovseg_core.train.config.sample_recipe (the CPU recipe of the learning benchmark) for a
-    run of `time_limit_s` (default 4 minutes); `steps`, `batch_size` and `stage` then come from the recipe."""
+    run of `time_limit_s` (default 4 minutes); `steps`, `batch_size` and `stage` then come from the recipe.
+    `recipe="paper"`: ovseg_core.train.recipe.paper_config for `stage` on devices x nodes GPUs (epochs, global batch
+    and lrs from the recipe; `global_batch` and `visual_init` as `cc4m train --global-batch / --visual-init`;
+    `steps` and `batch_size` are ignored, a shorter run passes train_overrides={"steps": N})."""
     logger = get_run_logger()
     build_path = Path(build_dir).resolve()
     if build_path.is_file():  # a manifest.json path
@@ -159,21 +187,12 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
     from ovseg_core.data.cc4m import check_build  # lazily, like the rest of ovseg_core here (torch is heavy)
 
     check_build(build_path)
-    key = f"{preset}-stage{stage}-{_manifest_sha256(str(build_path))[:12]}"
+    key = f"{recipe + '-' if recipe == 'paper' else ''}{preset}-stage{stage}-{_manifest_sha256(str(build_path))[:12]}"
     out_path = Path(out_dir).resolve() if out_dir else build_path.parent / "train" / key
-    from ovseg_core.train.config import TrainConfig
-
-    if recipe == "sample":
-        from ovseg_core.train.config import sample_recipe
-
-        cfg = sample_recipe(build_path, out_path, minutes=(time_limit_s or 240.0) / 60.0,
-                            **{"init_checkpoint": init_checkpoint, **(train_overrides or {})})
-    elif recipe is None:
-        cfg = TrainConfig.for_stage(stage, build_dir=str(build_path), out_dir=str(out_path), preset=preset,
-                                    steps=steps, batch_size=batch_size, init_checkpoint=init_checkpoint,
-                                    time_limit_s=time_limit_s, **(train_overrides or {}))
-    else:
-        raise ValueError(f"unknown recipe {recipe!r} (known: 'sample')")
+    cfg = _train_config(recipe, stage, build_path, out_path, preset=preset, steps=steps, batch_size=batch_size,
+                        world_size=devices * nodes, global_batch=global_batch, visual_init=visual_init,
+                        init_checkpoint=init_checkpoint, time_limit_s=time_limit_s,
+                        train_overrides=train_overrides or {})
     if devices * nodes > 1:
         result = train_torchrun(cfg.to_dict(), devices, nodes, node_rank, master_addr, master_port)
     else:
@@ -192,3 +211,45 @@ def pretrain(build_dir: str = ".cc4m-runs/sample/cc4m", out_dir: str | None = No
                if isinstance(v, (int, float)) and not isinstance(v, bool)])
     return {"checkpoint": result["checkpoint"], "metrics": result["metrics"], "out_dir": str(out_path),
             "entry_id": entry_id}
+
+
+@flow(name="pretrain", persist_result=True)
+def pretrain_paper(build_dir: str, gpus_per_node: int = 8, nodes: int = 1, node_rank: int = 0,
+                   master_addr: str = "127.0.0.1", master_port: int = 29500,
+                   datasets: list[dict[str, Any]] | None = None, preset: str = "vit_b",
+                   visual_init: str | None = None, global_batch: int | None = None,
+                   stage_overrides: dict[str, Any] | None = None, max_images: int | None = None,
+                   registry_dir: str | None = None) -> dict[str, Any]:
+    """Deployment `pretrain/paper`: the released CC4M run. Stage 1 of the `paper` recipe, then stage 2 from the
+    checkpoint stage 1 selected (best on its checkpoint_selection metric), then zero-shot evaluation of stage 2's
+    selected checkpoint on `datasets` ([{"layout", "root"[, "split", "name"]}], e.g. VOC/Context/COCO-Object roots).
+
+    GPUs: gpus_per_node x nodes (torchrun when more than one; a multi-node run starts this deployment once per node
+    with its node_rank). visual_init: None = DINO ViT-B/16 (timm), "none" = from scratch, or a local file.
+    stage_overrides: TrainConfig fields for both stages (a short test run: {"steps": 3, "device": "cpu", ...})."""
+    logger = get_run_logger()
+    common = {"build_dir": build_dir, "preset": preset, "devices": gpus_per_node, "nodes": nodes,
+              "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port, "recipe": "paper",
+              "registry_dir": registry_dir, "train_overrides": stage_overrides}
+    first = pretrain(stage=1, visual_init=visual_init,
+                     global_batch=_stage_batch(global_batch, 1), **common)
+    if first["checkpoint"] is None:  # a node other than node 0: node 0 chains the stages and evaluates
+        return {"stage1": first, "stage2": None, "evaluation": None}
+    logger.info("stage 1 selected %s; stage 2 starts from it", first["checkpoint"])
+    second = pretrain(stage=2, init_checkpoint=first["checkpoint"], parent_id=first["entry_id"],
+                      global_batch=_stage_batch(global_batch, 2), **common)
+    evaluation = None
+    if datasets and second["checkpoint"]:
+        from flows.evaluate import evaluate
+
+        evaluation = evaluate(checkpoint=second["checkpoint"], datasets=datasets, max_images=max_images,
+                              registry_dir=str(Path(registry_dir or default_registry_dir()).resolve()),
+                              entry_id=second["entry_id"], out_dir=str(Path(second["out_dir"]) / "eval"))
+    return {"stage1": first, "stage2": second, "evaluation": evaluation}
+
+
+def _stage_batch(global_batch: int | None, stage: int) -> int | None:
+    """--global-batch N means stage 1 at N and stage 2 at N/2 (the recipe's 2048 -> 1024 ratio)."""
+    if global_batch is None:
+        return None
+    return global_batch if stage == 1 else max(1, global_batch // 2)

@@ -110,6 +110,25 @@ def decide_promotion(candidate_score: float | None, champion_score: float | None
     return PromotionDecision(False, f"{word}: gain {gain:.6g} <= {min_improvement:g}", candidate_score, champion_score)
 
 
+def decide_with_evidence(evidence: dict[str, Any], has_champion: bool) -> PromotionDecision:
+    """The retrain's gate: promote only when the candidate beats every comparator in `evidence["comparisons"]`
+    ({name: {"low", "high", "delta", "mIoU", ...}}, paired bootstrap intervals of candidate - other) with a lower
+    bound above 0. The untrained baseline must be there, and the champion too when one exists; the all-background
+    baseline whenever the validation set has a background class."""
+    comparisons = evidence.get("comparisons") or {}
+    required = ["untrained"] + (["champion"] if has_champion else [])
+    missing = [name for name in required if name not in comparisons]
+    candidate, champion = evidence.get("candidate_mIoU"), (comparisons.get("champion") or {}).get("mIoU")
+    if missing:
+        return PromotionDecision(False, f"no evidence against {', '.join(missing)}", candidate, champion)
+    failed = [f"{name} (delta {c['delta']:+.4f}, interval [{c['low']:+.4f}, {c['high']:+.4f}])"
+              for name, c in comparisons.items() if not (_is_number(c.get("low")) and c["low"] > 0)]
+    if failed:
+        return PromotionDecision(False, "not shown better than " + "; ".join(failed), candidate, champion)
+    lows = ", ".join(f"{name} > {c['low']:+.4f}" for name, c in comparisons.items())
+    return PromotionDecision(True, f"better than every comparator, lower bounds: {lows}", candidate, champion)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -197,6 +216,26 @@ class ModelRegistry:
                     return RegistryEntry.from_dict(row)
         raise KeyError(f"no registry entry {entry_id!r}")
 
+    def promote_with_evidence(self, entry_id: str, evidence: dict[str, Any], metric: str = "val_mIoU") -> bool:
+        """Make `entry_id` champion iff `decide_with_evidence` says so; the decision, the numbers and the intervals
+        are recorded in the decision log, and the candidate's `metric` (evidence["candidate_mIoU"]) on its entry."""
+        with self._locked():
+            rows = self._read_jsonl(self.registry_path)
+            candidate = next((r for r in rows if r["entry_id"] == entry_id), None)
+            if candidate is None:
+                raise KeyError(f"no registry entry {entry_id!r}")
+            champion = next((r for r in rows if r.get("is_champion")), None)
+            if champion is not None and champion["entry_id"] == entry_id:
+                raise ValueError(f"{entry_id} is already the champion: there is nothing to compare it with")
+            decision = decide_with_evidence(evidence, has_champion=champion is not None)
+            candidate["metrics"] = {**candidate.get("metrics", {}), metric: evidence.get("candidate_mIoU")}
+            for row in rows:
+                row["is_champion"] = row["entry_id"] == entry_id if decision.promote else row.get("is_champion", False)
+            self._write_jsonl(self.registry_path, rows)
+            _record_decision(self, entry_id, champion, metric, decision, rule="paired-bootstrap-lower-bound>0",
+                             evidence=evidence)
+        return decision.promote
+
     def promote_if_better(self, entry_id: str, metric: str, higher_is_better: bool = True,
                           min_improvement: float = 0.0) -> bool:
         """Make `entry_id` champion iff its `metric` strictly beats the champion's; the decision is recorded."""
@@ -227,6 +266,15 @@ class ModelRegistry:
             })
             self._write_jsonl(self.decisions_path, log)
         return decision.promote
+
+
+def _record_decision(self: ModelRegistry, entry_id: str, champion: dict[str, Any] | None, metric: str,
+                     decision: PromotionDecision, **extra: Any) -> None:
+    log = self._read_jsonl(self.decisions_path)
+    log.append({"decided_at": _now(), "candidate_id": entry_id,
+                "champion_id": None if champion is None else champion["entry_id"], "metric": metric,
+                **dataclasses.asdict(decision), **extra})
+    self._write_jsonl(self.decisions_path, log)
 
 
 def format_table(entries: list[RegistryEntry]) -> str:

@@ -37,13 +37,9 @@ Modules: `render` (images + masks per class list), `server` (HTTP proxy/server),
 
 from __future__ import annotations
 
-from pathlib import Path
-
-SAMPLE_HOST = "cc4m-sample.invalid"
-DATA_DIR = Path(__file__).parent / "data"
-BUNDLED_CAPTIONS = DATA_DIR / "captions.tsv"
-
 from curation.sample.make import (
+    BUNDLED_CAPTIONS,
+    SAMPLE_HOST,
     EvalSetInfo,
     SampleInfo,
     build_caption_file,

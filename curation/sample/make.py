@@ -28,12 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from curation.sample import BUNDLED_CAPTIONS, SAMPLE_HOST
 from curation.sample.lock import making, replacing
 from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
+SAMPLE_HOST = "cc4m-sample.invalid"  # reserved (RFC 2606): never resolvable, answered only by the sample's server
+BUNDLED_CAPTIONS = Path(__file__).parent / "data" / "captions.tsv"
 log = logging.getLogger(__name__)
 
 # Deliberate download failures, chosen per row from a hash so the choice never depends on neighbours.
@@ -272,30 +273,16 @@ def make_sample(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     out = Path(out_dir)
-    info = SampleInfo(
-        root=out,
-        source_tsv=out / "source.tsv",
-        images_dir=out / "images",
-        masks_dir=out / "masks",
-        eval_dir=out / "eval",
-        classes_per_row=out / "classes_per_row.parquet",
-        n_rows=0,
-        image_size=image_size,
-        seed=seed,
-    )
+    info = SampleInfo(root=out, source_tsv=out / "source.tsv", images_dir=out / "images", masks_dir=out / "masks",
+                      eval_dir=out / "eval", classes_per_row=out / "classes_per_row.parquet", n_rows=0,
+                      image_size=image_size, seed=seed)
     marker = out / "sample.json"
     # Cheap identity first (no spaCy load) so a finished sample returns immediately.
     extractor_id = _extractor_id(extractor) if extractor is not None else "curation.entities.EntityExtractor:default"
     params = {
-        "captions_sha256": sha256_file(BUNDLED_CAPTIONS),
-        "n_rows": n_rows,
-        "image_size": image_size,
-        "seed": seed,
-        "render_version": RENDER_VERSION,
-        "extractor": extractor_id,
-        "vocabulary": load_vocabulary().version,
-        "eval_images": eval_images,
-        "eval_selection_images": eval_selection_images,
+        "captions_sha256": sha256_file(BUNDLED_CAPTIONS), "n_rows": n_rows, "image_size": image_size, "seed": seed,
+        "render_version": RENDER_VERSION, "extractor": extractor_id, "vocabulary": load_vocabulary().version,
+        "eval_images": eval_images, "eval_selection_images": eval_selection_images,
         "eval_min_images": eval_min_images,
     }
     inputs_hash = _inputs_hash(params)
@@ -319,20 +306,50 @@ def _render(info: SampleInfo, params: dict[str, Any], inputs_hash: str, n_rows: 
     out, marker, image_size, seed = info.root, info.root / "sample.json", info.image_size, info.seed
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
+    rows = _write_source(info, n_rows)
+    classes_by_row = _classes_by_row(rows, extractor if extractor is not None else _default_extractor())
+    drawn_by_row = _render_training_images(info, rows, classes_by_row)
+    _write_classes_per_row(info, rows, classes_by_row, drawn_by_row)
+    servable = {r.sample_id for r in rows if r.kind == "image"}
+    eval_classes = frequent_classes(
+        [drawn for sample_id, drawn in drawn_by_row.items() if sample_id in servable], eval_min_images
+    )
+    make_eval_set(
+        info.eval_dir, n_images=eval_images, n_selection=eval_selection_images, image_size=image_size, seed=seed + 1,
+        classes=eval_classes or None,
+    )
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    write_json_atomic(marker, {
+        "inputs_hash": inputs_hash, "params": params, "n_rows": len(rows), "kinds": kinds,
+        "rows_with_classes": sum(1 for r in rows if classes_by_row.get(r.sample_id)), "images": len(drawn_by_row),
+        "code_version": code_version(),
+    })
+    return _with_rows(info, len(rows))
+
+
+def _write_source(info: SampleInfo, n_rows: int | None) -> list[CaptionRow]:
+    """The first `n_rows` bundled caption lines (all when None) -> source.tsv; returns its rows."""
     lines = BUNDLED_CAPTIONS.read_bytes().decode("utf-8").split("\n")[:-1]
     if n_rows is not None:
         lines = lines[:n_rows]
     write_bytes_atomic(info.source_tsv, ("\n".join(lines) + "\n").encode("utf-8"))
-    rows = read_caption_rows(info.source_tsv)
+    return read_caption_rows(info.source_tsv)
 
-    extractor = extractor if extractor is not None else _default_extractor()
+
+def _classes_by_row(rows: list[CaptionRow], extractor: ClassExtractor) -> dict[int, list[str]]:
     captioned = [r for r in rows if r.kind not in ("missing_tab", "empty_caption")]
     found = extractor.classes_of([r.caption or "" for r in captioned])
     if len(found) != len(captioned):
         raise ValueError(f"extractor returned {len(found)} results for {len(captioned)} captions")
-    classes_by_row = {r.sample_id: sorted(set(cls)) for r, cls in zip(captioned, found)}
+    return {r.sample_id: sorted(set(cls)) for r, cls in zip(captioned, found)}
 
-    staging = out / ".staging"
+
+def _render_training_images(info: SampleInfo, rows: list[CaptionRow],
+                            classes_by_row: dict[int, list[str]]) -> dict[int, list[str]]:
+    """An image and a mask per row with a URL (staged, then swapped in whole); returns the classes drawn per row."""
+    staging = info.root / ".staging"
     if staging.exists():
         shutil.rmtree(staging)
     (staging / "images").mkdir(parents=True)
@@ -342,49 +359,25 @@ def _render(info: SampleInfo, params: dict[str, Any], inputs_hash: str, n_rows: 
         if row.url is None:
             continue  # no URL, nothing to serve
         classes = classes_by_row.get(row.sample_id, [])
-        rendered = render_sample(classes, _row_seed(seed, _TRAIN_STREAM, row.sample_id), image_size)
+        rendered = render_sample(classes, _row_seed(info.seed, _TRAIN_STREAM, row.sample_id), info.image_size)
         (staging / "images" / f"{row.sample_id}.jpg").write_bytes(encode_jpeg(rendered.image))
         (staging / "masks" / f"{row.sample_id}.png").write_bytes(encode_mask_png(rendered.mask))
         drawn_by_row[row.sample_id] = list(rendered.classes)
     _replace_dir(staging / "images", info.images_dir)
     _replace_dir(staging / "masks", info.masks_dir)
     shutil.rmtree(staging)
+    return drawn_by_row
 
-    table = pa.table(
-        {
-            "sample_id": pa.array([r.sample_id for r in rows], pa.int64()),
-            "url": pa.array([r.url for r in rows], pa.string()),
-            "kind": pa.array([r.kind for r in rows], pa.string()),
-            "classes": pa.array([classes_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
-            "drawn": pa.array([drawn_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
-        }
-    )
-    write_parquet_atomic(info.classes_per_row, table)
-    servable = {r.sample_id for r in rows if r.kind == "image"}
-    eval_classes = frequent_classes(
-        [drawn for sample_id, drawn in drawn_by_row.items() if sample_id in servable], eval_min_images
-    )
-    make_eval_set(
-        info.eval_dir, n_images=eval_images, n_selection=eval_selection_images, image_size=image_size, seed=seed + 1,
-        classes=eval_classes or None,
-    )
 
-    kinds: dict[str, int] = {}
-    for r in rows:
-        kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    write_json_atomic(
-        marker,
-        {
-            "inputs_hash": inputs_hash,
-            "params": params,
-            "n_rows": len(rows),
-            "kinds": kinds,
-            "rows_with_classes": sum(1 for r in rows if classes_by_row.get(r.sample_id)),
-            "images": len(drawn_by_row),
-            "code_version": code_version(),
-        },
-    )
-    return _with_rows(info, len(rows))
+def _write_classes_per_row(info: SampleInfo, rows: list[CaptionRow], classes_by_row: dict[int, list[str]],
+                           drawn_by_row: dict[int, list[str]]) -> None:
+    write_parquet_atomic(info.classes_per_row, pa.table({
+        "sample_id": pa.array([r.sample_id for r in rows], pa.int64()),
+        "url": pa.array([r.url for r in rows], pa.string()),
+        "kind": pa.array([r.kind for r in rows], pa.string()),
+        "classes": pa.array([classes_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
+        "drawn": pa.array([drawn_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
+    }))
 
 
 def _with_rows(info: SampleInfo, n_rows: int) -> SampleInfo:
@@ -448,28 +441,10 @@ def make_eval_set(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     out = Path(out_dir)
-    vocabulary = load_vocabulary().classes
-    if classes is None:
-        classes = vocabulary
-    else:
-        wanted = set(classes)
-        unknown = sorted(wanted - set(vocabulary))
-        if unknown or not wanted:
-            raise ValueError(f"eval classes must be a non-empty subset of the vocabulary, unknown: {unknown}")
-        classes = tuple(c for c in vocabulary if c in wanted)
-    # Masks are rendered with vocabulary labels (i + 1); the eval set's labels are positions in classes.txt.
-    to_eval_label = np.zeros(256, dtype=np.uint8)
-    to_eval_label[IGNORE_LABEL] = IGNORE_LABEL
-    for position, name in enumerate(classes, start=1):
-        to_eval_label[vocabulary.index(name) + 1] = position
+    classes = _eval_classes(classes)
     params = {
-        "n_images": n_images,
-        "n_selection": n_selection,
-        "image_size": image_size,
-        "seed": seed,
-        "render_version": RENDER_VERSION,
-        "vocabulary": load_vocabulary().version,
-        "classes": list(classes),
+        "n_images": n_images, "n_selection": n_selection, "image_size": image_size, "seed": seed,
+        "render_version": RENDER_VERSION, "vocabulary": load_vocabulary().version, "classes": list(classes),
     }
     inputs_hash = _inputs_hash(params)
     marker = out / "eval.json"
@@ -484,44 +459,56 @@ def make_eval_set(
         shutil.rmtree(staging)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (staging / sub).mkdir(parents=True)
-
     per_class = {c: 0 for c in classes}
-    splits: dict[str, list[str]] = {}
-    for split, prefix, stream, count in (
-        ("val", "val", _EVAL_VAL_STREAM, n_images),
-        ("train", "sel", _EVAL_SELECTION_STREAM, n_selection),
-    ):
-        rng = np.random.default_rng([seed, stream])
-        assignment = _assign_eval_classes(rng, count, len(classes))
-        ids: list[str] = []
-        for i, class_ids in enumerate(assignment):
-            image_id = f"{prefix}_{i:04d}"
-            rendered = render_sample([classes[c] for c in class_ids], _row_seed(seed, stream, i), image_size)
-            (staging / "JPEGImages" / f"{image_id}.jpg").write_bytes(encode_jpeg(rendered.image, quality=95))
-            mask = to_eval_label[rendered.mask]
-            (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(mask))
-            if split == "val":
-                for c in rendered.classes:
-                    per_class[c] += 1
-            ids.append(image_id)
-        (staging / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
-        splits[split] = ids
+    splits = {
+        split: _render_eval_split(staging, split, prefix, stream, count, classes, seed, image_size, per_class)
+        for split, prefix, stream, count in (("val", "val", _EVAL_VAL_STREAM, n_images),
+                                             ("train", "sel", _EVAL_SELECTION_STREAM, n_selection))
+    }
     (staging / "classes.txt").write_text("\n".join(("background", *classes)) + "\n", encoding="utf-8")
-
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets"):
         _replace_dir(staging / sub, out / sub)
     (staging / "classes.txt").replace(out / "classes.txt")
     shutil.rmtree(staging)
-    write_json_atomic(
-        marker,
-        {
-            "inputs_hash": inputs_hash,
-            "params": params,
-            "val_ids": splits["val"],
-            "selection_ids": splits["train"],
-            "val_images_per_class": per_class,
-            "classes_missing_from_val": [c for c, n in per_class.items() if n == 0],
-            "code_version": code_version(),
-        },
-    )
+    write_json_atomic(marker, {
+        "inputs_hash": inputs_hash, "params": params, "val_ids": splits["val"], "selection_ids": splits["train"],
+        "val_images_per_class": per_class, "classes_missing_from_val": [c for c, n in per_class.items() if n == 0],
+        "code_version": code_version(),
+    })
     return EvalSetInfo(out, tuple(splits["val"]), tuple(splits["train"]), image_size, seed)
+
+
+def _eval_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """The classes to score, in vocabulary order (all of them when None)."""
+    vocabulary = load_vocabulary().classes
+    if classes is None:
+        return tuple(vocabulary)
+    wanted = set(classes)
+    unknown = sorted(wanted - set(vocabulary))
+    if unknown or not wanted:
+        raise ValueError(f"eval classes must be a non-empty subset of the vocabulary, unknown: {unknown}")
+    return tuple(c for c in vocabulary if c in wanted)
+
+
+def _render_eval_split(staging: Path, split: str, prefix: str, stream: int, count: int, classes: tuple[str, ...],
+                       seed: int, image_size: int, per_class: dict[str, int]) -> list[str]:
+    """`count` images and masks of one split into `staging` and its ImageSets list; counts val images per class."""
+    # Masks are rendered with vocabulary labels (i + 1); the eval set's labels are positions in classes.txt.
+    vocabulary = load_vocabulary().classes
+    to_eval_label = np.zeros(256, dtype=np.uint8)
+    to_eval_label[IGNORE_LABEL] = IGNORE_LABEL
+    for position, name in enumerate(classes, start=1):
+        to_eval_label[vocabulary.index(name) + 1] = position
+    rng = np.random.default_rng([seed, stream])
+    ids: list[str] = []
+    for i, class_ids in enumerate(_assign_eval_classes(rng, count, len(classes))):
+        image_id = f"{prefix}_{i:04d}"
+        rendered = render_sample([classes[c] for c in class_ids], _row_seed(seed, stream, i), image_size)
+        (staging / "JPEGImages" / f"{image_id}.jpg").write_bytes(encode_jpeg(rendered.image, quality=95))
+        (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(to_eval_label[rendered.mask]))
+        if split == "val":
+            for c in rendered.classes:
+                per_class[c] += 1
+        ids.append(image_id)
+    (staging / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    return ids

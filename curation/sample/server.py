@@ -26,9 +26,8 @@ from typing import Self
 from urllib.parse import urlsplit
 
 from curation.io import write_bytes_atomic
-from curation.sample import SAMPLE_HOST
 from curation.sample.lock import ServingLock
-from curation.sample.make import parse_sample_url
+from curation.sample.make import SAMPLE_HOST, parse_sample_url
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 NOT_IMAGE_BODY = b"<!doctype html><html><head><title>Not an image</title></head><body>sample page</body></html>\n"

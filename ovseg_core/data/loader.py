@@ -35,13 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ovseg_core.batch import ENTITY_TARGETS_KEY, TEXT_KEYS, TEXT_PAIRS
 from ovseg_core.data.cc4m import BuildReader, decode_image, is_val_sample, shard_samples
 from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
-
-TEXT_KEYS = ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask")
-PARTNER_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
-TEXT_PAIRS = (("input_ids", "attention_mask"), ("question_ids", "question_mask"), ("answer_ids", "answer_mask"),
-              ("shared_ids", "shared_mask"))
 
 
 def sample_seed(seed: int, epoch: int, sample_id: int, repeat: int = 0) -> int:
@@ -165,7 +161,7 @@ class SampleProcessor:
             image = self.image_transform(decode_image(jpeg))
         out = {"image": image, "sample_id": sample_id, **{k: text[k] for k in TEXT_KEYS}, "has_entity": text["has_entity"]}
         if self.entity_classes:
-            out["entity_targets"] = self.entity_targets(info.get("entities"))
+            out[ENTITY_TARGETS_KEY] = self.entity_targets(info.get("entities"))
         if self.stage == 2:
             candidates = [] if partner is not None else self.partner_candidates(sample_id, info)
             if partner is not None or candidates:

@@ -1,17 +1,15 @@
 """Zero-shot segmentation evaluation: run ``ZeroShotSegmenter`` over a ``SegDataset`` and score it (mIoU).
 
-Also the ``cc4m eval`` command (``add_eval_arguments`` / ``cli_eval``), wired by the lead in flows/cli.py.
+The ``cc4m eval`` command is ovseg_core.evaluation.cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,11 +20,11 @@ from PIL import Image
 from torch import nn
 
 from manifests.version import code_version
-from ovseg_core.evaluation.datasets import DATASET_LAYOUTS, DatasetLayoutError, SegDataset, load_dataset
+from ovseg_core.evaluation.datasets import SegDataset
 from ovseg_core.evaluation.metrics import ConfusionMatrix
 from ovseg_core.evaluation.overlay import atomic_write_bytes, save_overlay, voc_palette
 from ovseg_core.zero_shot.segment import ZeroShotSegmenter
-from ovseg_core.zero_shot.templates import SEGMENTATION_TEMPLATES, TEMPLATE_SETS, get_templates
+from ovseg_core.zero_shot.templates import SEGMENTATION_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +122,54 @@ def evaluate(
         has_background=dataset.has_background,
     )
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
+    matrix, overlays = _score_images(segmenter, dataset, n_images, mean, std, _model_device(model),
+                                     overlay_dir, n_overlays, per_image_confusion)
+    scores = matrix.compute()
+    result = _result(dataset, n_images, scores, {**segmenter.settings(), "mean": list(mean), "std": list(std),
+                                                 "max_images": max_images}, time.perf_counter() - started, overlays)
+    if out_dir is not None:
+        out = Path(out_dir)
+        result["outputs"]["metrics"] = str(out / METRICS_FILE)
+        result["outputs"]["per_class_iou"] = str(out / PER_CLASS_FILE)
+        _write_per_class_csv(out / PER_CLASS_FILE, dataset.classnames, scores)
+        atomic_write_bytes(out / METRICS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+    return result
+
+
+def _result(dataset: SegDataset, n_images: int, scores, settings: dict[str, object], seconds: float,
+            overlays: list[str]) -> dict:
+    """The JSON-able result of `evaluate` (its docstring lists the keys); `outputs` is filled by the caller."""
+    return {
+        "dataset": {
+            "layout": dataset.name,
+            "root": str(dataset.root),
+            "split": dataset.split,
+            "num_classes": dataset.num_classes,
+            "size": len(dataset),
+        },
+        "n_images": n_images,
+        "mIoU": _nan_to_none(scores.miou),
+        "pixel_acc": _nan_to_none(scores.pixel_acc),
+        "per_class": {name: _nan_to_none(v) for name, v in zip(dataset.classnames, scores.per_class_iou)},
+        "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))),
+        "settings": settings,
+        "code_version": code_version(),
+        "seconds": round(seconds, 3),
+        "overlays": overlays,
+        "outputs": {},
+    }
+
+
+def _score_images(segmenter: ZeroShotSegmenter, dataset: SegDataset, n_images: int, mean: Sequence[float],
+                  std: Sequence[float], device: torch.device, overlay_dir: str | Path | None, n_overlays: int,
+                  per_image_confusion: list[np.ndarray] | None) -> tuple[ConfusionMatrix, list[str]]:
+    """Predict the first `n_images` images into one confusion matrix; overlays of the first `n_overlays`."""
     matrix = ConfusionMatrix(dataset.num_classes)
     palette = voc_palette()
     overlays: list[str] = []
     for index in range(n_images):
         sample = dataset[index]
-        pred = segmenter.predict(image_to_tensor(sample.image, mean, std).to(_model_device(model)))
+        pred = segmenter.predict(image_to_tensor(sample.image, mean, std).to(device))
         counts = matrix.update(pred, sample.label)
         if per_image_confusion is not None:
             per_image_confusion.append(counts)
@@ -147,34 +187,7 @@ def evaluate(
             overlays.append(str(path))
         if (index + 1) % 50 == 0:
             logger.info("evaluated %d/%d images of %s", index + 1, n_images, dataset.name)
-    scores = matrix.compute()
-    seconds = time.perf_counter() - started
-    result = {
-        "dataset": {
-            "layout": dataset.name,
-            "root": str(dataset.root),
-            "split": dataset.split,
-            "num_classes": dataset.num_classes,
-            "size": len(dataset),
-        },
-        "n_images": n_images,
-        "mIoU": _nan_to_none(scores.miou),
-        "pixel_acc": _nan_to_none(scores.pixel_acc),
-        "per_class": {name: _nan_to_none(v) for name, v in zip(dataset.classnames, scores.per_class_iou)},
-        "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))),
-        "settings": {**segmenter.settings(), "mean": list(mean), "std": list(std), "max_images": max_images},
-        "code_version": code_version(),
-        "seconds": round(seconds, 3),
-        "overlays": overlays,
-        "outputs": {},
-    }
-    if out_dir is not None:
-        out = Path(out_dir)
-        result["outputs"]["metrics"] = str(out / METRICS_FILE)
-        result["outputs"]["per_class_iou"] = str(out / PER_CLASS_FILE)
-        _write_per_class_csv(out / PER_CLASS_FILE, dataset.classnames, scores)
-        atomic_write_bytes(out / METRICS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
-    return result
+    return matrix, overlays
 
 
 def _write_per_class_csv(path: Path, classnames: Sequence[str], scores) -> None:
@@ -195,104 +208,7 @@ def _write_per_class_csv(path: Path, classnames: Sequence[str], scores) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
-# ---------------------------------------------------------------- CLI: cc4m eval
-
-
 def protocol_sizes(image_size: int) -> dict[str, int]:
     """The paper's test sizes relative to the training resolution: a 224-px model is evaluated with short side 448
     and 448-px windows every 224 px (GroupViT/OVSegmentor), so a 64-px CPU model gets 128 / 128 / 64."""
     return {"short_side": 2 * image_size, "window": 2 * image_size, "stride": image_size}
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``cc4m eval``. Size-like flags take 0 to mean "off"."""
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (ovseg_core.train.checkpoint format)")
-    p.add_argument("--dataset-layout", required=True, choices=sorted(DATASET_LAYOUTS))
-    p.add_argument("--data-root", required=True, help="dataset folder in the chosen layout")
-    p.add_argument("--split", default="val")
-    p.add_argument("--out", default=None, help="write metrics.json, per_class_iou.csv and overlays/ here")
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument(
-        "--templates",
-        default="single",
-        choices=sorted(TEMPLATE_SETS),
-        help="prompt set; the paper uses 'single' (\"a photo of a {}.\") for segmentation",
-    )
-    p.add_argument("--bg-thresh", type=float, default=None, help="default: the dataset's protocol value")
-    p.add_argument("--topk", type=int, default=5, help="classes kept by the image-level ranking; 0 = all")
-    p.add_argument(
-        "--window",
-        type=int,
-        default=None,
-        help="sliding-window size; 0 = whole image in one pass; default 2 x the model's image size",
-    )
-    p.add_argument("--stride", type=int, default=None, help="window stride; default the model's image size")
-    p.add_argument(
-        "--short-side",
-        type=int,
-        default=None,
-        help="resize the short side first; 0 = keep size; default 2 x the model's image size",
-    )
-    p.add_argument(
-        "--assignment",
-        choices=["hard", "soft"],
-        default="hard",
-        help="hard = argmax group per pixel (paper); soft = weight groups by soft assignment",
-    )
-    p.add_argument("--n-overlays", type=int, default=4)
-    p.add_argument("--device", default=None, help="e.g. cpu or cuda; default: where the checkpoint loads")
-
-
-def _load_model(checkpoint: str) -> nn.Module:
-    # Imported lazily: the trainer package is heavier and evaluation must import without it.
-    from ovseg_core.train.checkpoint import load_model_from_checkpoint
-
-    return load_model_from_checkpoint(checkpoint)
-
-
-def cli_eval(args: argparse.Namespace) -> int:
-    """``cc4m eval``: load a checkpoint, evaluate it on one dataset, print mIoU; 0 on success, 2 on bad input."""
-    try:
-        dataset = load_dataset(args.dataset_layout, args.data_root, split=args.split)
-    except (DatasetLayoutError, ValueError) as err:
-        print(f"cc4m eval: {err}", file=sys.stderr)
-        return 2
-    if not Path(args.checkpoint).is_file():
-        print(f"cc4m eval: checkpoint not found: {args.checkpoint}", file=sys.stderr)
-        return 2
-    model = _load_model(args.checkpoint)
-    auto = protocol_sizes(int(model.image_size))
-    window = auto["window"] if args.window is None else (args.window or None)
-    stride = auto["stride"] if args.stride is None else args.stride
-    short_side = auto["short_side"] if args.short_side is None else (args.short_side or None)
-    out = Path(args.out) if args.out else None
-    result = evaluate(
-        model,
-        dataset,
-        templates=get_templates(args.templates),
-        bg_thresh=args.bg_thresh,
-        topk=args.topk or None,
-        window=window,
-        stride=min(stride, window) if window else None,
-        short_side=short_side,
-        assignment=args.assignment,
-        max_images=args.max_images,
-        out_dir=out,
-        n_overlays=args.n_overlays,
-        device=args.device,
-    )
-    result["checkpoint"] = str(args.checkpoint)
-    if out is not None:
-        atomic_write_bytes(out / METRICS_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
-    miou = result["mIoU"]
-    print(
-        f"{dataset.name} {args.split}: mIoU {miou * 100:.2f} over {result['n_images']} images "
-        f"({result['n_classes_scored']} classes scored), pixel acc {result['pixel_acc'] * 100:.2f}"
-        if miou is not None
-        else f"{dataset.name}: no class could be scored"
-    )
-    for name, iou in result["per_class"].items():
-        print(f"  {name:<24} {'-' if iou is None else f'{iou * 100:.2f}'}")
-    if out is not None:
-        print(f"wrote {out / METRICS_FILE}")
-    return 0

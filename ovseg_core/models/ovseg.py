@@ -40,6 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from manifests.vocabulary import load_vocabulary
+from ovseg_core.batch import ENTITY_TARGETS_KEY, STAGE1_KEYS, STAGE2_KEYS
 from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
@@ -49,11 +50,8 @@ from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
 from ovseg_core.models.text import TextEncoder
 
-STAGE2_KEYS = ("partner_image", "partner_valid", "shared_ids", "shared_mask")
 # The zero-shot classifier's single segmentation prompt: the entity-prompt loss trains exactly what inference scores.
 ENTITY_PROMPT = "a photo of a {}."
-STAGE1_KEYS = ("image", "input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask",
-               "has_entity")
 
 
 @dataclass
@@ -265,7 +263,7 @@ class OVSegmentor(nn.Module):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         needed = STAGE1_KEYS + (STAGE2_KEYS if stage == 2 else ()) + (
-            ("entity_targets",) if self.cfg.entity_prompt_weight > 0 else ())
+            (ENTITY_TARGETS_KEY,) if self.cfg.entity_prompt_weight > 0 else ())
         missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"forward_train(stage={stage}) batch is missing {missing}")

@@ -47,8 +47,9 @@ def load_init_state(spec: str) -> dict[str, torch.Tensor]:
         raise VisualInitUnavailable(unavailable_message(spec, "not a file and not a timm model name"))
     try:
         return timm.create_model(spec, pretrained=True, num_classes=0).state_dict()
-    except Exception as exc:  # noqa: BLE001 - offline, no cache, HTTP errors: all mean "not reachable"
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]  # one line
+    except Exception as exc:
+        first_sentence = " ".join(str(exc).split()).split(". ")[0][:120]  # one line
+        why = f"{type(exc).__name__}: {first_sentence}"
         raise VisualInitUnavailable(unavailable_message(spec, why)) from exc
 
 

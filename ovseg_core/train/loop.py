@@ -42,8 +42,9 @@ from ovseg_core.data.loader import (
     trim_text_padding,
 )
 from ovseg_core.data.transforms import build_eval_transform, build_train_transform
-from ovseg_core.train import distributed as D
-from ovseg_core.train.checkpoint import (
+from ovseg_core.evaluation.datasets import load_dataset
+from ovseg_core.evaluation.evaluate import evaluate as evaluate_miou
+from ovseg_core.models.checkpoint import (
     BEST_NAME,
     LAST_NAME,
     has_teacher,
@@ -54,6 +55,7 @@ from ovseg_core.train.checkpoint import (
     set_rng_state,
 )
 from ovseg_core.models.visual_init import VISUAL_INIT_REPORT, apply_visual_init, load_init_state
+from ovseg_core.train import distributed as D
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.memory import check_fits
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, scaled_lrs
@@ -332,8 +334,6 @@ class TrainingRun:
                                               cfg.val_batch_size)
         self.selection_dataset = None
         if self.info.is_main and cfg.checkpoint_selection == "voc-val-miou":
-            from ovseg_core.evaluation.datasets import load_dataset
-
             self.selection_dataset = load_dataset(cfg.selection_layout, cfg.selection_root, split="val")
 
     def _wrap(self) -> None:
@@ -383,8 +383,6 @@ class TrainingRun:
         """Held-out ITC (always) and, under checkpoint_selection="voc-val-miou", VOC val mIoU; main rank only."""
         metrics = validate(self.model, self.val_loader, self.device, self.cfg.precision) if self.val_loader else {}
         if self.selection_dataset is not None:
-            from ovseg_core.evaluation.evaluate import evaluate as evaluate_miou
-
             res = evaluate_miou(self.model, self.selection_dataset, max_images=self.cfg.selection_max_images or None,
                                 n_overlays=0)
             metrics["val_miou"] = float(res["mIoU"] or 0.0)

@@ -108,7 +108,8 @@ def run_plan(cfg: TrainConfig, world_size: int, train_samples: int, model_cfg: A
         "loss_weights": {"itc": 1.0, "mec": model.mec_weight, "mask": model.mask_weight if cfg.stage == 2 else 0.0,
                          "entity_prompt": model.entity_prompt_weight},
         "checkpoint_selection": cfg.checkpoint_selection,
-        "shuffle": {"method": "shard interleave + shuffle buffer (see docs/training.md)",
+        "shuffle": {"method": "build: ids permuted per growth round; run: shards reshuffled per epoch, read "
+                              "interleaved into a shuffle buffer (docs/training.md)",
                     "shuffle_buffer": cfg.shuffle_buffer, "shards_in_flight": cfg.shards_in_flight,
                     "partner_source": cfg.partner_source if cfg.stage == 2 else None, "seed": cfg.seed},
     }

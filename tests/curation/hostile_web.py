@@ -19,6 +19,7 @@ from typing import Self
 from PIL import Image
 
 from curation.sample.bombs import jpeg_header_bomb, png_bomb
+from flows.local import free_port
 
 CANARY_HOST = "127.0.0.2"
 
@@ -306,15 +307,6 @@ class Canary:
         self.sock.close()
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 nobody listens on (bound, then released)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def url_rows(base_url: str, canary_port: int) -> dict[str, tuple[str, str]]:
     """name -> (url, expected outcome) for URLs that must be refused before any connection (or fail on their own).
     Only 127.0.0.x disguises here: addresses outside 127.0.0.0/8 (169.254.169.254, 10/8, ::1, ...) are tested in
@@ -333,7 +325,8 @@ def url_rows(base_url: str, canary_port: int) -> dict[str, tuple[str, str]]:
         "addr_mapped_ipv6": (f"http://[::ffff:{CANARY_HOST}]:{c}/x.jpg", "blocked_address"),
         "addr_userinfo": (f"http://127.0.0.1:{c}@{CANARY_HOST}:{c}/x.jpg", "blocked_address"),
         "addr_https_canary": (f"https://{CANARY_HOST}:{c}/x.jpg", "blocked_address"),
-        "connection_refused": (f"http://127.0.0.1:{closed_port()}/x.jpg", "connection_refused"),
+        # a free port (bound, then released): nobody listens there
+        "connection_refused": (f"http://127.0.0.1:{free_port()}/x.jpg", "connection_refused"),
         "tls_to_plain_http": (base_url.replace("http://", "https://") + "/img/jpeg_baseline", "tls_error"),
     }
 

@@ -4,11 +4,13 @@ import json
 import shutil
 import tarfile
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from build_fixtures import write_staged_build
 
 from curation.reshard import ShardConfig, reshard, sample_key
+from curation.shard_order import mix_ids
 from manifests.layout import BuildLayout
 
 
@@ -27,8 +29,11 @@ def test_shards_match_meta_and_locator(tmp_path):
     layout = BuildLayout(tmp_path)
     assert [p.name for p in layout.shards()] == ["cc4m-000000.tar", "cc4m-000001.tar", "cc4m-000002.tar"]
 
-    meta = pq.read_table(layout.meta_dir).sort_by("sample_id").to_pylist()
-    assert [m["sample_id"] for m in meta] == kept
+    meta = pq.read_table(layout.meta_dir).sort_by([("shard", "ascending"), ("position", "ascending")]).to_pylist()
+    assert sorted(m["sample_id"] for m in meta) == kept
+    # one growth round: a seeded permutation of the ids (curation.shard_order), not the source-row order
+    in_layout = [kept[i] for i in np.lexsort((np.array(kept), mix_ids(np.array(kept))))]
+    assert in_layout != kept
     partners = {}
     for p in fx["partners"]:
         entry = {"partner_id": p["partner_id"], "shared_class": p["shared_class"]}
@@ -55,10 +60,10 @@ def test_shards_match_meta_and_locator(tmp_path):
                 m = meta[len(seen)]
                 assert (m["sample_id"], m["shard"], m["position"]) == (sid, shard.name, pos)
                 seen.append(sid)
-    assert seen == kept  # sample_id order across shards
+    assert seen == in_layout  # layout order across shards
 
     locator = pq.read_table(layout.locator).to_pylist()
-    assert [r["sample_id"] for r in locator] == kept
+    assert [r["sample_id"] for r in locator] == in_layout
     for r in locator:  # O(1) fetch: seek + read gives exactly the JPEG
         with open(layout.shards_dir / r["shard"], "rb") as fh:
             fh.seek(r["offset"])
@@ -144,7 +149,7 @@ def test_webdataset_reads_the_shards(tmp_path):
     reshard(tmp_path, ShardConfig(samples_per_shard=8))
     urls = [str(p) for p in BuildLayout(tmp_path).shards()]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [sample_key(sid) for sid in fx["kept"]]
-    first = samples[0]
-    assert first["jpg"] == fx["images"][fx["kept"][0]]
-    assert json.loads(first["json"])["sample_id"] == fx["kept"][0]
+    assert sorted(s["__key__"] for s in samples) == [sample_key(sid) for sid in fx["kept"]]
+    for sample in samples:
+        sid = json.loads(sample["json"])["sample_id"]
+        assert sample["__key__"] == sample_key(sid) and sample["jpg"] == fx["images"][sid]

@@ -11,7 +11,8 @@ from flows.local import PREFECT_FILE
 from manifests.version import REPO_ROOT
 
 EXPECTED = {
-    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("build-cc4m", "cc12m-wds"), ("pretrain", "default"), ("evaluate", "default"),
+    ("build-cc4m", "sample"), ("build-cc4m", "cc12m"), ("build-cc4m", "cc12m-wds"), ("pretrain", "default"), ("pretrain", "paper"),
+    ("evaluate", "default"),
     ("retrain", "scheduled"),
 }
 
@@ -55,10 +56,11 @@ def test_retrain_is_scheduled_weekly_in_utc():
 
 
 def test_wds_deployment_names_webdataset_shards():
-    from curation.wds_source import is_wds_source
+    from curation.source import WebDatasetSource, open_source
 
     (dep,) = [d for d in _deployments() if d["name"] == "cc12m-wds"]
-    assert is_wds_source(dep["parameters"]["source"]) and dep.get("concurrency_limit") == 1
+    assert isinstance(open_source(dep["parameters"]["source"]), WebDatasetSource)
+    assert dep.get("concurrency_limit") == 1
 
 
 def test_pull_step_sets_the_working_directory_to_the_repo_root():

@@ -100,3 +100,36 @@ def test_update_metrics_and_cli(tmp_path, capsys):
     assert entry.entry_id in out and "eval_mIoU" in out and f"champion: {entry.entry_id}" in out
     assert cli_models(parser.parse_args(["--registry", str(registry.root), "--json"])) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["is_champion"] is True
+
+
+def _interval(low: float, high: float, miou: float = 0.03) -> dict:
+    return {"mIoU": miou, "delta": (low + high) / 2, "low": low, "high": high, "n_images": 80}
+
+
+def test_promotion_needs_every_lower_bound_above_zero(tmp_path):
+    from manifests.registry import decide_with_evidence
+
+    # the case: 0.0349 vs 0.0333 on 80 images, and both below all-background (0.037)
+    weak = {"candidate_mIoU": 0.0349, "comparisons": {
+        "champion": _interval(-0.004, 0.007, 0.0333), "all_background": _interval(-0.006, 0.001, 0.037),
+        "untrained": _interval(0.001, 0.02, 0.02)}}
+    decision = decide_with_evidence(weak, has_champion=True)
+    assert not decision.promote and "champion" in decision.reason and "all_background" in decision.reason
+    strong = {"candidate_mIoU": 0.2, "comparisons": {name: _interval(0.01, 0.05) for name in
+                                                     ("champion", "all_background", "untrained")}}
+    assert decide_with_evidence(strong, has_champion=True).promote
+    no_champion_evidence = {"candidate_mIoU": 0.2, "comparisons": {"untrained": _interval(0.01, 0.05)}}
+    assert not decide_with_evidence(no_champion_evidence, has_champion=True).promote  # champion not compared
+    assert decide_with_evidence(no_champion_evidence, has_champion=False).promote
+
+    reg = ModelRegistry(tmp_path / "reg")
+    first = reg.register(_ckpt(tmp_path, "a.pt"), preset="tiny", stage=1, steps=20)
+    second = reg.register(_ckpt(tmp_path, "b.pt"), preset="tiny", stage=2, steps=20, parent_id=first.entry_id)
+    assert reg.promote_with_evidence(first.entry_id, {**strong, "comparisons": {
+        k: v for k, v in strong["comparisons"].items() if k != "champion"}})
+    assert not reg.promote_with_evidence(second.entry_id, weak)
+    assert reg.champion().entry_id == first.entry_id and reg.get(second.entry_id).metrics["val_mIoU"] == 0.0349
+    log = reg.decisions()
+    assert [d["promote"] for d in log] == [True, False]
+    assert log[1]["evidence"]["comparisons"]["champion"]["low"] == -0.004  # numbers and interval recorded
+    assert log[1]["rule"] == "paired-bootstrap-lower-bound>0" and log[1]["champion_id"] == first.entry_id

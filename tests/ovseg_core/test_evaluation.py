@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,17 +19,14 @@ from torch import nn
 from ovseg_core.evaluation import (
     ConfusionMatrix,
     DatasetLayoutError,
-    add_eval_arguments,
-    cli_eval,
     evaluate,
     load_dataset,
     save_overlay,
 )
+from ovseg_core.evaluation import cli as eval_cli
+from ovseg_core.evaluation.cli import add_eval_arguments, cli_eval
 from ovseg_core.evaluation.overlay import voc_palette
 from ovseg_core.zero_shot.templates import sample_classes
-
-# The package re-exports the function evaluate(), which shadows the submodule of the same name as an attribute.
-evaluate_module = importlib.import_module("ovseg_core.evaluation.evaluate")
 
 # ------------------------------------------------------------------ metrics
 
@@ -314,7 +310,7 @@ def test_cli_eval_with_a_fake_checkpoint_loader(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"fake")
     loaded = []
-    monkeypatch.setattr(evaluate_module, "_load_model", lambda path: loaded.append(path) or CodeModel())
+    monkeypatch.setattr(eval_cli, "_load_model", lambda path: loaded.append(path) or CodeModel())
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     args = parser.parse_args(
@@ -389,3 +385,22 @@ def test_paired_bootstrap_separates_a_real_lead_from_noise():
     assert same["delta"] == 0.0 and same["low"] == 0.0 == same["high"] and same["p_not_better"] == 1.0
     with pytest.raises(ValueError):
         paired_bootstrap_miou_delta(np.stack(perfect), np.stack(perfect)[:, :2])
+
+
+def test_promotion_evidence_pairs_the_same_images_against_each_baseline(tmp_path):
+    from ovseg_core.evaluation.promotion import ALL_BACKGROUND, background_confusions, promotion_evidence
+
+    make_code_dataset(tmp_path / "data")
+    ds = load_dataset("sample", tmp_path / "data")
+    settings = {"window": 16, "stride": 8, "short_side": None, **CODE_NORM}
+    evidence = promotion_evidence(CodeModel(), ds, {"all_background": ALL_BACKGROUND, "itself": CodeModel()},
+                                  n_resamples=200, **settings)
+    assert evidence["n_images"] == 2 and evidence["candidate_mIoU"] == pytest.approx(1.0)
+    background = evidence["comparisons"]["all_background"]
+    # all-background: background IoU = 512 background px / 1,279 valid px, cat and dog 0, car never seen (not scored)
+    assert background["mIoU"] == pytest.approx(512 / 1279 / 3)
+    assert background["delta"] > 0 and background["low"] > 0  # a perfect model beats it on every resample
+    itself = evidence["comparisons"]["itself"]
+    assert itself["delta"] == 0 and itself["low"] == itself["high"] == 0  # same predictions: no difference
+    stack = background_confusions(ds, None)
+    assert stack.shape == (2, 4, 4) and stack[:, :, 1:].sum() == 0  # background predicted everywhere

@@ -11,8 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 import ovseg_core
 from ovseg_core import create_model
 from ovseg_core.layers.grouping import gumbel_noise, gumbel_softmax
+from ovseg_core.models.checkpoint import load_model_from_checkpoint, save_checkpoint
 from ovseg_core.models.group_vit import GroupViT, load_timm_vit_checkpoint
-from ovseg_core.train.checkpoint import load_model_from_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("name", ["vit_s", "vit_b"])

@@ -10,9 +10,9 @@ from flows.cli import main as cc4m
 from ovseg_core import create_model
 from ovseg_core.data.cc4m import BuildReader
 from ovseg_core.losses import contrastive_loss, mask_consistency_loss
+from ovseg_core.models.checkpoint import load_checkpoint
 from ovseg_core.models.visual_init import apply_visual_init, save_dino_shaped_checkpoint
 from ovseg_core.train import memory
-from ovseg_core.train.checkpoint import load_checkpoint
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.loop import train
 from ovseg_core.train.optim import param_groups
@@ -181,3 +181,36 @@ def test_a_per_device_batch_that_does_not_fit_is_refused_with_the_memory_it_need
     with pytest.raises(MemoryError, match=r"per-device batch of 512 needs about \d+ GiB"):
         memory.check_fits(vit_b, 512, 1, "tf32", torch.device("cpu"))
     assert memory.estimate_train_memory_gib(vit_b, 256, 1, "bf16") < fits
+
+
+def _tiny_voc_like(root):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        label = np.zeros((64, 64), np.uint8)
+        label[16:48, 16:48] = 1
+        Image.fromarray(label).save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+    (root / "classes.txt").write_text("background\ndog\ncat\n")
+
+
+def test_release_checkpoint_selection_chooses_on_voc_val_miou(fixture_build, tmp_path):
+    _tiny_voc_like(tmp_path / "voc")
+    with pytest.raises(ValueError, match="needs selection_layout and selection_root"):
+        TrainConfig(build_dir="b", out_dir="o", steps=1, checkpoint_selection="voc-val-miou")
+    cfg = TrainConfig(build_dir=str(fixture_build), out_dir=str(tmp_path / "run"), preset="tiny", steps=2,
+                      batch_size=4, augment="crop", max_text_len=24, val_percent=20.0, shuffle_buffer=8,
+                      save_every=0, eval_every=1, device="cpu", checkpoint_selection="voc-val-miou",
+                      selection_layout="sample", selection_root=str(tmp_path / "voc"), selection_max_images=2,
+                      model_overrides=(("text_pretrained", False),))
+    result = train(cfg)
+    assert [("val_miou" in v, v["step"]) for v in result.val_history] == [(True, 1), (True, 2)]
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["extra"]["checkpoint_selection"] == "voc-val-miou"
+    assert best["extra"]["best_val"] == max(v["val_miou"] for v in result.val_history)
+    assert result.best_val_itc is None  # not chosen on ITC

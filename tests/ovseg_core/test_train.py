@@ -8,7 +8,7 @@ import pytest
 import torch
 from c3_standin import StandInModel, standin_factory
 
-from ovseg_core.train.checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
+from ovseg_core.models.checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
 from ovseg_core.train.config import STAGE_PRESETS, TrainConfig
 from ovseg_core.train.loop import train
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, param_groups, scaled_lrs
@@ -231,7 +231,7 @@ def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path)
     from test_evaluation import CODE_NORM, CodeModel, make_code_dataset
 
     from ovseg_core.evaluation.datasets import load_dataset
-    from ovseg_core.train.selection import candidate_grid, select_eval_settings
+    from ovseg_core.evaluation.selection import candidate_grid, select_eval_settings
 
     make_code_dataset(tmp_path)
     split_dir = tmp_path / "ImageSets" / "Segmentation"
@@ -259,7 +259,7 @@ def test_selection_reuses_forwards_and_scores_exactly_like_plain_evaluation(tmp_
 
     from ovseg_core.evaluation.datasets import load_dataset
     from ovseg_core.evaluation.evaluate import evaluate
-    from ovseg_core.train.selection import evaluator_kwargs, select_eval_settings
+    from ovseg_core.evaluation.selection import evaluator_kwargs, select_eval_settings
 
     make_code_dataset(tmp_path)
     split_dir = tmp_path / "ImageSets" / "Segmentation"

@@ -16,6 +16,7 @@ from torch import nn
 
 from manifests.fileio import atomic_path
 from manifests.version import code_version
+from ovseg_core.models._factory import create_model
 
 CHECKPOINT_FORMAT = "cc4m-ovseg-checkpoint-v1"
 LAST_NAME = "last.pt"
@@ -116,26 +117,32 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], strict: bool = True
     model.load_state_dict(ckpt["model"], strict=strict)
 
 
-def load_model_from_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", factory: Any | None = None
-) -> nn.Module:
-    """Rebuild the OVSegmentor recorded in a checkpoint (its full model config) and load its weights (eval mode).
-
-    `factory(name, **config)` defaults to ovseg_core.create_model (tests pass stand-ins). The recorded
-    `visual_init` is not rerun: the checkpoint holds the trained weights, and the init file need not exist on the
-    machine that loads it (the train config in the checkpoint still names it, for lineage).
-    """
-    if factory is None:
-        from ovseg_core import create_model as factory  # late import: data/train do not need the model to import
-
-    ckpt = load_checkpoint(path, map_location)
+def recorded_model(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> tuple[str, dict[str, Any]]:
+    """(preset name, model config overrides) recorded in a loaded checkpoint, ready for create_model. The
+    `visual_init` is dropped (the checkpoint holds the trained weights; the init file need not exist here), and our
+    own checkpoints from before the rename get `entity_weight` as `entity_prompt_weight`."""
     cfg = dict(ckpt["model_config"])
     if not cfg:
         raise ValueError(f"{path} records no model config")
+    if "entity_weight" in cfg:  # there it was the entity-prompt weight (never the released MEC weight)
+        cfg["entity_prompt_weight"] = cfg.pop("entity_weight")
     name = cfg.pop("name", None) or ckpt["train_config"].get("preset", "tiny")
     if cfg.get("visual_init") is not None:
         cfg["visual_init"] = None
-    model = factory(name, **cfg)
+    return name, cfg
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", factory: Any | None = None
+) -> nn.Module:
+    """Rebuild the OVSegmentor recorded in a checkpoint (`recorded_model`) and load its weights (eval mode).
+
+    `factory(name, **config)` defaults to create_model (tests pass stand-ins). The train config in the checkpoint
+    still names the visual init, for lineage.
+    """
+    ckpt = load_checkpoint(path, map_location)
+    name, cfg = recorded_model(ckpt, path)
+    model = (factory or create_model)(name, **cfg)
     load_model_state(model, ckpt)
     return model.eval()
 

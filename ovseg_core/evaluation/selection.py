@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from ovseg_core.evaluation.evaluate import evaluate
+
 # bg_thresh 0.95 is the VOC protocol value: with 73 classes and a small model every class probability is far below
 # it, so the background rule degenerates to "only the most confident group of each crop is foreground"; lower
 # values let more groups through. Test sizes: 2x the training size is the paper's convention (224 -> 448).
@@ -96,8 +98,6 @@ def select_eval_settings(model: nn.Module, selection_dataset: Any,
         {"chosen": evaluate() kwargs, "chosen_candidate": the candidate, "selection_mIoU": float,
          "split": dataset split, "n_candidates": int, "scores": [{**candidate, "mIoU": ...}], "seconds": float}
     """
-    from ovseg_core.evaluation.evaluate import evaluate
-
     if getattr(selection_dataset, "split", None) == "val":
         raise ValueError("select_eval_settings got the 'val' split: settings must be chosen on the selection split")
     started = time.perf_counter()
