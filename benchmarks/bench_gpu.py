@@ -1,4 +1,9 @@
-"""GPU readiness: train `vit_s` and `vit_b` for a few hundred steps in bf16 with the real loader, under torchrun.
+"""GPU readiness: train `vit_s` and `vit_b` in bf16 with the real loader, under torchrun, eager vs compiled.
+
+Runs = presets x batch sizes x compile modes (`--compile-modes off on`: ovseg_core.train.compiled), plus, per
+preset, one run with the GPU-decode input path (`--gpu-decode-runs`: JPEG bytes decoded on the GPU, light
+augmentation) whose loader stall is the number to read. Each run also counts the CUDA kernels of one training step
+(benchmarks/bench_step.count_kernels on a synthetic batch of the same size and mode).
 
 For each preset the launcher runs `torchrun --nproc_per_node=<gpus> benchmarks/bench_gpu.py --worker ...`, which
 calls `ovseg_core.train.loop.train` (nccl, bf16 autocast, DataLoader workers over a webdataset build) and reports:
@@ -18,12 +23,18 @@ CPU smoke test of the same code path (gloo, tiny preset, a handful of steps; no 
         --build-samples 64 --out /tmp/gpu_smoke.json
 Training FLOPs per image without a GPU (CPU, synthetic inputs):
     .venv/bin/python benchmarks/bench_gpu.py --count-flops-only --out benchmarks/results/gpu_flops.json
-On a GPU:
-    .venv/bin/python benchmarks/bench_gpu.py            # -> benchmarks/results/gpu.json
+On a GPU, one preset per command (each run is capped by --max-seconds, compile time included; 5 runs per preset,
+~8-10 minutes; not yet run: no GPU was lent to the session that wrote it):
+    .venv/bin/python benchmarks/bench_gpu.py --presets vit_s --steps 80 --max-seconds 90 --out benchmarks/results/gpu_vit_s.json
+    .venv/bin/python benchmarks/bench_gpu.py --presets vit_b --steps 80 --max-seconds 90 --out benchmarks/results/gpu_vit_b.json
+CPU smoke of the launcher, both compile modes' wiring and the GPU-decode run (tiny, gloo, a few steps):
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --presets tiny --batch-sizes 8 --compile-modes off \
+        --steps 3 --nproc 1 --num-workers 0 --build-samples 64 --gpu-decode-runs --out /tmp/gpu_smoke.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -99,12 +110,14 @@ def worker(args: argparse.Namespace) -> int:
     out = Path(args.run_dir)
     base = {"build_dir": args.build, "preset": args.preset, "stage": 1, "batch_size": args.batch_size,
             "base_lr": 5e-4, "warmup_lr": 5e-6, "min_lr": 5e-5, "warmup_steps": 10, "scale_lr": False,
-            "augment": "deit", "device": args.device, "num_workers": args.num_workers, "val_percent": 0.0,
-            "eval_every": 0, "save_every": 0, "log_every": 25, "resume": False, "max_text_len": 32,
-            "model_overrides": overrides, "shuffle_buffer": 1024}
-    # 1) FLOPs of real training steps (flop_counter counts matmuls, convolutions and attention)
+            "augment": "light" if args.gpu_decode else "deit", "device": args.device,
+            "num_workers": args.num_workers, "val_percent": 0.0, "eval_every": 0, "save_every": 0, "log_every": 25,
+            "resume": False, "max_text_len": 32, "model_overrides": overrides, "shuffle_buffer": 1024,
+            "compile": args.compile, "gpu_decode": args.gpu_decode}
+    # 1) FLOPs of real training steps (flop_counter counts matmuls, convolutions and attention), eager: the
+    # dispatch-level counter does not see inside compiled kernels, and the math is the same
     with FlopCount() as counter:
-        train(TrainConfig(**base, out_dir=str(out / "flops"), steps=2))
+        train(TrainConfig(**{**base, "compile": "off"}, out_dir=str(out / "flops"), steps=2))
     flops_per_step = counter.flops / 2
     # 2) the timed run
     if cuda:
@@ -138,10 +151,31 @@ def worker(args: argparse.Namespace) -> int:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "loader_stall_fraction": data_wait / span, "num_workers": args.num_workers,
             "loss_first20_mean": first, "loss_last20_mean": last, "loss_falls": last < first,
-            "text_model": dict(overrides).get("text_model", "preset default"), "wall_s": wall}
+            "text_model": dict(overrides).get("text_model", "preset default"), "wall_s": wall,
+            "compile": args.compile, "gpu_decode": args.gpu_decode, "augment": base["augment"],
+            "kernels_per_step": step_kernels(args, overrides, world)}
         Path(args.worker_out).write_text(json.dumps(report, indent=1))
     D.cleanup()
     return 0
+
+
+def step_kernels(args: argparse.Namespace, overrides: list[list[Any]], world: int) -> dict[str, int] | None:
+    """Kernels of one training step of a fresh model in the run's compile mode, on a synthetic per-rank batch."""
+    import torch
+
+    from benchmarks.bench_step import count_kernels, one_step, synthetic_batch
+    from ovseg_core import create_model
+    from ovseg_core.train.compiled import build_train_step
+
+    device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    model = create_model(args.preset, **dict(overrides)).to(device).train()
+    step = build_train_step(model, args.compile, device, world_size=1)
+    batch = synthetic_batch(model, max(1, args.batch_size // world), 32, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        for _ in range(3):  # compile, record CUDA graphs, warm up
+            one_step(model, step, batch)
+        return count_kernels(model, step, batch, device)
 
 
 def count_flops(args: argparse.Namespace) -> int:
@@ -173,6 +207,17 @@ def count_flops(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- launcher
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int, str, bool]]:
+    """(name, preset, global batch, compile mode, gpu decode) of every run, in order."""
+    runs = [(f"{p}/b{b}/compile-{m}", p, b, m, False)
+            for p in args.presets for b in args.batch_sizes for m in args.compile_modes]
+    if args.gpu_decode_runs:
+        mode = args.compile_modes[-1]
+        runs += [(f"{p}/b{args.batch_sizes[0]}/compile-{mode}/gpu-decode", p, args.batch_sizes[0], mode, True)
+                 for p in args.presets]
+    return runs
+
+
 def launch(args: argparse.Namespace) -> int:
     import torch
 
@@ -190,23 +235,29 @@ def launch(args: argparse.Namespace) -> int:
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 1)
     results: dict[str, Any] = {"benchmark": "gpu", **stamp(), "build_seconds": round(time.time() - t0, 1),
                                "nproc": nproc, "presets": {}}
-    for preset in args.presets:
-        worker_out = work / f"{preset}.json"
+    for name, preset, batch, mode, gpu_decode in planned_runs(args):
+        worker_out = work / f"{name.replace('/', '_')}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(Path(__file__).resolve()), "--worker", "--preset", preset, "--build", str(build),
-               "--run-dir", str(work / preset), "--worker-out", str(worker_out), "--device", args.device,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--num-workers",
-               str(args.num_workers), "--max-seconds", str(args.max_seconds)]
+               "--run-dir", str(work / name.replace("/", "_")), "--worker-out", str(worker_out), "--device",
+               args.device, "--steps", str(args.steps), "--batch-size", str(batch), "--num-workers",
+               str(args.num_workers), "--max-seconds", str(args.max_seconds), "--compile", mode]
+        cmd += ["--gpu-decode"] if gpu_decode else []
         if args.vit_b_text:
             cmd += ["--vit-b-text", args.vit_b_text]
         print("[bench_gpu] " + " ".join(cmd), flush=True)
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
-        proc = subprocess.run(cmd, cwd=REPO, env=env, check=False, timeout=args.max_seconds + 240)
-        results["presets"][preset] = (json.loads(worker_out.read_text()) if proc.returncode == 0 and
-                                      worker_out.exists() else {"failed": f"torchrun exited with {proc.returncode}"})
-        print(json.dumps(results["presets"][preset], indent=1), flush=True)
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, check=False, timeout=args.max_seconds + 240)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        results["presets"][name] = (json.loads(worker_out.read_text()) if code == 0 and worker_out.exists()
+                                    else {"failed": f"torchrun exited with {code}"})
+        print(json.dumps(results["presets"][name], indent=1), flush=True)
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
     results["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -219,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--nproc", type=int, default=0, help="ranks (default: all visible GPUs; 1 on CPU)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch")
+    p.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)  # worker: this run's batch
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256], help="GLOBAL batches to run")
+    p.add_argument("--compile-modes", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--gpu-decode-runs", action="store_true", default=True,
+                   help="also one run per preset with the GPU-decode input path (default on)")
+    p.add_argument("--no-gpu-decode-runs", dest="gpu_decode_runs", action="store_false")
+    p.add_argument("--compile", choices=("off", "on"), default="off", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-decode", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     p.add_argument("--max-seconds", type=float, default=150.0, help="training time cap per preset")
     p.add_argument("--build-samples", type=int, default=1024)

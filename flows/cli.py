@@ -35,6 +35,8 @@ COMMANDS: dict[str, Command] = {
                       "render the embedded sample (captions, images, masks, evaluation set) into a folder"),
     "train": Command("ovseg_core.train.cli", "add_train_arguments", "cli_train",
                      "train OVSegmentor on a CC4M build (CPU in-process; torchrun for several GPUs)"),
+    "loader": Command("ovseg_core.data.loader_cli", "add_loader_arguments", "cli_loader",
+                      "iterate a stage's training input pipeline (no training); print samples/s and CPU-s per sample"),
     "eval": Command("ovseg_core.evaluation.cli", "add_eval_arguments", "cli_eval",
                     "zero-shot segmentation mIoU of a checkpoint on a VOC/Context/COCO-Object/ADE20K/sample folder"),
     "models": Command("manifests.registry", "add_models_arguments", "cli_models",

@@ -66,6 +66,24 @@ def global_row_mean(row_losses: torch.Tensor) -> torch.Tensor:
     return scaled + (stats[0] / count - scaled).detach().to(scaled.dtype)
 
 
+def global_masked_mean(row_losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`global_row_mean` of the rows where `valid` is True, with fixed shapes and no host sync (compile-friendly).
+
+    Invalid rows enter through `torch.where`, so neither their values nor their gradients reach the result, even
+    when they are huge (their label column may be masked out). No valid row anywhere: 0, still on the graph.
+    """
+    local_sum = torch.where(valid, row_losses, torch.zeros_like(row_losses)).sum()
+    local_count = valid.sum().to(local_sum.dtype)
+    if not _dist_ready():
+        return local_sum / local_count.clamp(min=1.0)
+    total = at_least_float32(local_sum.detach())
+    stats = torch.stack([total, local_count.to(total.dtype)])
+    dist.all_reduce(stats)
+    count = stats[1].clamp(min=1.0)
+    scaled = local_sum * (dist.get_world_size() / count)
+    return scaled + (stats[0] / count - scaled).detach().to(scaled.dtype)
+
+
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised a (B, D) and b (B, D); row i of a matches row i of b.
@@ -105,13 +123,11 @@ def _contrastive(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
     neg_inf = torch.finfo(logits_a.dtype).min
     logits_a = logits_a.masked_fill(~all_valid[None, :], neg_inf)
     logits_b = logits_b.masked_fill(~all_valid[None, :], neg_inf)
-    if not bool(valid.any()):
-        # keeps every parameter on the graph; global_row_mean still joins the other ranks' all_reduce
-        anchor = 0.0 * (logits_a.sum() + logits_b.sum()).clamp(-1.0, 1.0).nan_to_num(0.0)
-        return global_row_mean(anchor.reshape(1)[:0]) + anchor
-    rows = 0.5 * (F.cross_entropy(logits_a[valid], labels[valid], reduction="none")
-                  + F.cross_entropy(logits_b[valid], labels[valid], reduction="none"))
-    return global_row_mean(rows)
+    # Every row is scored and the invalid ones are dropped by the masked mean: no boolean indexing, so the shapes
+    # do not depend on how many captions have an entity (a compiled step would recompile, and sync, every batch).
+    rows = 0.5 * (F.cross_entropy(logits_a, labels, reduction="none")
+                  + F.cross_entropy(logits_b, labels, reduction="none"))
+    return global_masked_mean(rows, valid)
 
 
 def soft_target_nll(log_probs: torch.Tensor, targets: torch.Tensor,

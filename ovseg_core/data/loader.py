@@ -23,6 +23,7 @@ pure function of the config and resuming at step N (skipping N batches' raw samp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,9 +37,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ovseg_core.batch import ENTITY_TARGETS_KEY, TEXT_KEYS, TEXT_PAIRS
-from ovseg_core.data.cc4m import BuildReader, decode_image, is_val_sample, shard_samples
-from ovseg_core.data.text import build_mec_inputs, build_shared_inputs
+from ovseg_core.data.cc4m import BuildReader, is_val_sample, shard_samples
+from ovseg_core.data.device_decode import crop_draw, jpeg_tensor
+from ovseg_core.data.text import TextPlan, encode_mec_batch, plan_mec_text, shared_prompt
+from ovseg_core.data.transforms import ALL_RNGS, apply_to_jpeg, global_rngs
 
+LIST_KEYS = ("jpeg", "partner_jpeg")  # variable-length JPEG bytes (device decode): collated as lists
 
 def sample_seed(seed: int, epoch: int, sample_id: int, repeat: int = 0) -> int:
     """Seed of one sample's augmentation draw; `repeat` > 0 distinguishes the extra copies of repeat-factor sampling."""
@@ -93,23 +97,40 @@ def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 @contextlib.contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with python/numpy/torch RNGs seeded, restoring the caller's states after (no global side effect)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+def seeded_rng(seed: int, rngs: Sequence[str] = ALL_RNGS) -> Iterator[None]:
+    """Run a block with the global RNGs named in `rngs` ("python", "numpy", "torch") seeded, restoring the caller's
+    states after (no global side effect). Name only those the block draws from (`transforms.global_rngs`):
+    saving and restoring numpy's state costs ~1 ms, more than decoding a small JPEG."""
+    py_state = random.getstate() if "python" in rngs else None
+    np_state = np.random.get_state() if "numpy" in rngs else None
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
+        if py_state is not None:
+            random.seed(seed)
+        if np_state is not None:
+            np.random.seed(seed % (2**32))
+        # the CPU generator only (what the transforms draw from): torch.manual_seed also queues a lazy CUDA seeding
+        # that formats a stack trace on every call in a process without CUDA, ~2 ms per sample
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            if py_state is not None:
+                random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
 
 
 @dataclass
 class SampleProcessor:
-    """Turns one sample (jpeg bytes + its json fields) into tensors; stage 2 adds the partner fetched by id."""
+    """Turns one sample (jpeg bytes + its json fields) into tensors; stage 2 adds the partner fetched by id.
+
+    batch_text: leave the text untokenized in the sample ("text": a TextPlan, the answer already drawn) and
+    tokenize the whole batch in the collate (`collate_fn()`): one tokenizer call per text kind and batch instead
+    of three or four per sample, which cost more than the image decode. The tensors are identical.
+    device_decode: ship the JPEG bytes and the drawn crop rows instead of decoded images ("jpeg"/"crop", stage 2
+    also "partner_jpeg"/"partner_crop"); `ovseg_core.data.device_decode.decode_on_device` decodes the batch on
+    the training device. Crop/light augmentations only.
+    """
 
     reader: BuildReader
     tokenizer: Any
@@ -119,6 +140,8 @@ class SampleProcessor:
     partner_transform: Callable | None = None
     val_percent: float = 0.0
     entity_classes: tuple[str, ...] = ()  # non-empty: add "entity_targets", a multi-hot over these classes
+    batch_text: bool = False
+    device_decode: bool = False
     counters: dict[str, int] = field(default_factory=lambda: {"no_partner": 0, "self_partner_dropped": 0,
                                                               "partner_from_buffer": 0, "partner_from_locator": 0})
 
@@ -153,38 +176,85 @@ class SampleProcessor:
         its shuffle buffer; without it, stage 2 fetches a partner from the build's partner list via the locator."""
         sample_id = int(info["sample_id"])
         rng = random.Random(seed)
-        text = build_mec_inputs(
-            info["caption"], info.get("entity_words") or [], self.tokenizer, self.max_len, rng=rng,
-            entities=info.get("entities"),
-        )
-        with seeded_rng(seed):
-            image = self.image_transform(decode_image(jpeg))
-        out = {"image": image, "sample_id": sample_id, **{k: text[k] for k in TEXT_KEYS}, "has_entity": text["has_entity"]}
+        plan = plan_mec_text(info["caption"], info.get("entity_words") or [], rng=rng, entities=info.get("entities"))
+        out: dict[str, Any] = {"sample_id": sample_id}
+        self._add_image(out, "", self.image_transform, jpeg, seed)
         if self.entity_classes:
             out[ENTITY_TARGETS_KEY] = self.entity_targets(info.get("entities"))
+        shared_class = self._add_partner(out, sample_id, info, seed, rng, partner) if self.stage == 2 else None
         if self.stage == 2:
-            candidates = [] if partner is not None else self.partner_candidates(sample_id, info)
-            if partner is not None or candidates:
-                if partner is not None:
-                    partner_id, shared_class, partner_jpeg = partner
-                    self.counters["partner_from_buffer"] += 1
-                else:
-                    partner_id, shared_class = rng.choice(candidates)
-                    partner_jpeg = self.reader.read_jpeg(partner_id)
-                    self.counters["partner_from_locator"] += 1
-                with seeded_rng(seed ^ 0x5EED):
-                    transform = self.partner_transform or self.image_transform
-                    out["partner_image"] = transform(decode_image(partner_jpeg))
-                out["partner_valid"] = True
-                out["partner_id"] = partner_id
-            else:
-                self.counters["no_partner"] += 1
-                shared_class = None
-                out["partner_image"] = torch.zeros_like(image)
-                out["partner_valid"] = False
-                out["partner_id"] = -1
-            out["shared_ids"], out["shared_mask"] = build_shared_inputs(shared_class, self.tokenizer, self.max_len)
+            plan = dataclasses.replace(plan, shared=shared_prompt(shared_class))
+        if self.batch_text:
+            out["text"] = plan
+        else:
+            out.update(_text_tensors([plan], self.tokenizer, self.max_len, unbatch=True))
         return out
+
+    def _add_partner(self, out: dict[str, Any], sample_id: int, info: dict[str, Any], seed: int,
+                     rng: random.Random, partner: tuple[int, str, bytes] | None) -> str | None:
+        """Stage 2: the partner image (from the buffer, else via the locator) into `out`; returns the shared class."""
+        candidates = [] if partner is not None else self.partner_candidates(sample_id, info)
+        if partner is None and not candidates:
+            self.counters["no_partner"] += 1
+            if self.device_decode:  # a placeholder decode; decode_on_device zeroes it (partner_valid False)
+                out["partner_jpeg"], out["partner_crop"] = out["jpeg"], out["crop"]
+            else:
+                out["partner_image"] = torch.zeros_like(out["image"])
+            out["partner_valid"] = False
+            out["partner_id"] = -1
+            return None
+        if partner is not None:
+            partner_id, shared_class, partner_jpeg = partner
+            self.counters["partner_from_buffer"] += 1
+        else:
+            partner_id, shared_class = rng.choice(candidates)
+            partner_jpeg = self.reader.read_jpeg(partner_id)
+            self.counters["partner_from_locator"] += 1
+        self._add_image(out, "partner_", self.partner_transform or self.image_transform, partner_jpeg, seed ^ 0x5EED)
+        out["partner_valid"] = True
+        out["partner_id"] = partner_id
+        return shared_class
+
+    def _add_image(self, out: dict[str, Any], prefix: str, transform: Callable, jpeg: bytes, seed: int) -> None:
+        """out[prefix + "image"] decoded and augmented, or (device_decode) the bytes and the crop row drawn with
+        the same seed, for the device to decode."""
+        with seeded_rng(seed, global_rngs(transform)):
+            if self.device_decode:
+                out[prefix + "crop"] = crop_draw(transform, jpeg)
+                out[prefix + "jpeg"] = jpeg_tensor(jpeg)
+            else:
+                out[prefix + "image"] = apply_to_jpeg(transform, jpeg)
+
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The DataLoader collate for this processor's samples (batched tokenization when `batch_text`)."""
+        return TextCollate(self.tokenizer, self.max_len) if self.batch_text else collate
+
+
+_TEXT_OUTPUT = TEXT_KEYS + ("has_entity", "shared_ids", "shared_mask")
+
+
+def _text_tensors(plans: Sequence[TextPlan], tokenizer: Any, max_len: int, unbatch: bool = False) -> dict[str, Any]:
+    """The batch's text keys from its plans (`unbatch`: the single sample's tensors, has_entity a bool)."""
+    batch = {k: v for k, v in encode_mec_batch(plans, tokenizer, max_len).items() if k in _TEXT_OUTPUT}
+    if not unbatch:
+        return batch
+    out: dict[str, Any] = {k: v[0] for k, v in batch.items()}
+    out["has_entity"] = bool(out["has_entity"])
+    return out
+
+
+@dataclass(frozen=True)
+class TextCollate:
+    """Collate of samples carrying a TextPlan under "text": tokenizes the batch's texts together, then `collate`."""
+
+    tokenizer: Any
+    max_len: int
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        plans = [s["text"] for s in samples]
+        batch = collate([{k: v for k, v in s.items() if k != "text"} for s in samples])
+        batch.update(_text_tensors(plans, self.tokenizer, self.max_len))
+        return batch
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -192,7 +262,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch: dict[str, torch.Tensor] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if key in LIST_KEYS:  # variable-length JPEG bytes: decode_jpeg takes the list
+            batch[key] = values
+        elif isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)
         elif isinstance(values[0], bool):
             batch[key] = torch.tensor(values, dtype=torch.bool)
@@ -405,11 +477,13 @@ def make_train_loader(
     stream: CC4MTrainStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     return DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, drop_last=True,
+        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=stream.processor.collate_fn(),
+        drop_last=True,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )
 
 
 def make_val_loader(dataset: CC4MMapDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=dataset.processor.collate_fn())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,28 +64,29 @@ def entity_spans(caption: str, entity_words: Sequence[Mapping[str, Any]]) -> lis
     return merged
 
 
-def _pad(ids: list[int], max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(ids)
-    out = torch.full((max_len,), pad_id, dtype=torch.long)
-    out[:n] = torch.tensor(ids, dtype=torch.long)
-    mask = torch.zeros(max_len, dtype=torch.long)
-    mask[:n] = 1
-    return out, mask
-
-
-def _encode_with_spans(
-    text: str, tokenizer: Any, max_len: int, spans: Sequence[tuple[int, int]]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token ids of `text` with every span collapsed to one mask token, truncated to max_len (specials kept), padded.
-
-    Returns (ids, attention_mask, number of masks in the output).
-    """
+def _check_tokenizer(tokenizer: Any, max_len: int) -> None:
     if not getattr(tokenizer, "is_fast", True):
         raise ValueError("build_mec_inputs needs a fast tokenizer (offset mapping)")
     if max_len < tokenizer.num_special_tokens_to_add() + 1:
         raise ValueError(f"max_len={max_len} leaves no room for text")
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
-    ids, offsets, special = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+
+
+def _encode_many(texts: Sequence[str], tokenizer: Any) -> list[tuple[list[int], list, list[int]]]:
+    """(ids, offsets, special mask) of each text, from ONE tokenizer call (the fast tokenizer batches in Rust)."""
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True,
+                    return_special_tokens_mask=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], strict=True))
+
+
+def _collapse_spans(encoding: tuple[list[int], list, list[int]], tokenizer: Any, max_len: int,
+                    spans: Sequence[tuple[int, int]]) -> tuple[list[int], int]:
+    """Token ids of one encoding with every span collapsed to one mask token, truncated to max_len (specials kept).
+
+    Returns (ids, number of masks in the output).
+    """
+    ids, offsets, special = encoding
     # Specials sit only at the ends for BERT/RoBERTa-style single sequences.
     lead = 0
     while lead < len(ids) and special[lead]:
@@ -109,16 +111,28 @@ def _encode_with_spans(
         masked_span_of_last = None
         content.append(tok_id)
     room = max_len - lead - (len(ids) - trail)
-    content = content[:room]
-    out_ids = ids[:lead] + content + ids[trail:]
-    tensor_ids, tensor_mask = _pad(out_ids, max_len, tokenizer.pad_token_id)
-    return tensor_ids, tensor_mask, sum(1 for p in n_masks_at if p < room)
+    return list(ids[:lead]) + content[:room] + list(ids[trail:]), sum(1 for p in n_masks_at if p < room)
+
+
+def _pad_rows(rows: Sequence[list[int]], max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows to (N, max_len) ids and attention mask, built as two tensors in one go."""
+    ids = torch.tensor([row + [pad_id] * (max_len - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (max_len - len(row)) for row in rows], dtype=torch.long)
+    return ids.reshape(len(rows), max_len), mask.reshape(len(rows), max_len)
+
+
+def tokenize_many(texts: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, max_len) ids and mask of N texts from one tokenizer call: truncated with the closing special token
+    kept, right-padded (row i equals `tokenize(texts[i], ...)`)."""
+    _check_tokenizer(tokenizer, max_len)
+    rows = [_collapse_spans(enc, tokenizer, max_len, ())[0] for enc in _encode_many(texts, tokenizer)]
+    return _pad_rows(rows, max_len, tokenizer.pad_token_id)
 
 
 def tokenize(text: str, tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), each (max_len,), truncated with the closing special token kept, right-padded."""
-    ids, mask, _ = _encode_with_spans(text, tokenizer, max_len, ())
-    return ids, mask
+    ids, mask = tokenize_many([text], tokenizer, max_len)
+    return ids[0], mask[0]
 
 
 def answer_text(entities: Sequence[str], rng: random.Random, templates_prefixes: Sequence[str] = TEMPLATE_PREFIXES) -> str:
@@ -137,6 +151,55 @@ def question_text(caption: str, entity_words: Sequence[Mapping[str, Any]], mask_
         last = end
     out.append(caption[last:])
     return "".join(out)
+
+
+@dataclass(frozen=True)
+class TextPlan:
+    """The text of one sample before tokenization (what the loader's workers pass to the batched collate).
+
+    caption: as curation stored it; spans: merged entity character spans; answer: the drawn answer string;
+    has_entity: whether MEC scores this row; shared: the stage-2 shared-class prompt (None: no stage-2 text).
+    """
+
+    caption: str
+    spans: tuple[tuple[int, int], ...]
+    answer: str
+    has_entity: bool
+    shared: str | None = None
+
+
+def plan_mec_text(caption: str, entity_words: Sequence[Mapping[str, Any]], rng: random.Random | None = None,
+                  entities: Sequence[str] | None = None) -> TextPlan:
+    """Validate the entity offsets and draw the answer's template prefix (see `build_mec_inputs` for the args)."""
+    rng = rng or random.Random(0)
+    spans = entity_spans(caption, entity_words)
+    classes = list(entities) if entities is not None else [str(ew["class"]) for ew in entity_words]
+    return TextPlan(caption=caption, spans=tuple(spans), answer=answer_text(classes, rng),
+                    has_entity=bool(classes) and bool(spans))
+
+
+def encode_mec_batch(plans: Sequence[TextPlan], tokenizer: Any, max_len: int) -> dict[str, torch.Tensor]:
+    """Batch tensors of N plans with two tokenizer calls (captions with offsets; answers), three with stage-2
+    prompts: input_ids/attention_mask, question_ids/question_mask, answer_ids/answer_mask (N, max_len) long,
+    has_entity (N,) bool, num_masks (N,) long, and shared_ids/shared_mask when every plan has `shared` set.
+
+    The caption is tokenized once: its ids are the caption input, and the same encoding with the entity spans
+    collapsed is the question.
+    """
+    _check_tokenizer(tokenizer, max_len)
+    captions = _encode_many([p.caption for p in plans], tokenizer)
+    caption_rows = [_collapse_spans(enc, tokenizer, max_len, ())[0] for enc in captions]
+    questions = [_collapse_spans(enc, tokenizer, max_len, p.spans) for enc, p in zip(captions, plans, strict=True)]
+    pad = tokenizer.pad_token_id
+    out: dict[str, torch.Tensor] = {}
+    out["input_ids"], out["attention_mask"] = _pad_rows(caption_rows, max_len, pad)
+    out["question_ids"], out["question_mask"] = _pad_rows([q for q, _ in questions], max_len, pad)
+    out["answer_ids"], out["answer_mask"] = tokenize_many([p.answer for p in plans], tokenizer, max_len)
+    out["has_entity"] = torch.tensor([p.has_entity for p in plans], dtype=torch.bool)
+    out["num_masks"] = torch.tensor([n for _, n in questions], dtype=torch.long)
+    if plans and all(p.shared is not None for p in plans):
+        out["shared_ids"], out["shared_mask"] = tokenize_many([p.shared for p in plans], tokenizer, max_len)
+    return out
 
 
 def build_mec_inputs(
@@ -161,26 +224,18 @@ def build_mec_inputs(
         dict with input_ids/attention_mask (caption), question_ids/question_mask, answer_ids/answer_mask (each a
         (max_len,) long tensor), has_entity (bool), num_masks (int), answer (str).
     """
-    rng = rng or random.Random(0)
-    spans = entity_spans(caption, entity_words)
-    classes = list(entities) if entities is not None else [str(ew["class"]) for ew in entity_words]
-    input_ids, attention_mask = tokenize(caption, tokenizer, max_len)
-    question_ids, question_mask, num_masks = _encode_with_spans(caption, tokenizer, max_len, spans)
-    answer = answer_text(classes, rng)
-    answer_ids, answer_mask = tokenize(answer, tokenizer, max_len)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "question_ids": question_ids,
-        "question_mask": question_mask,
-        "answer_ids": answer_ids,
-        "answer_mask": answer_mask,
-        "has_entity": bool(classes) and bool(spans),
-        "num_masks": num_masks,
-        "answer": answer,
-    }
+    plan = plan_mec_text(caption, entity_words, rng, entities)
+    batch = encode_mec_batch([plan], tokenizer, max_len)
+    out: dict[str, Any] = {k: v[0] for k, v in batch.items() if k not in ("has_entity", "num_masks")}
+    out.update(has_entity=plan.has_entity, num_masks=int(batch["num_masks"][0]), answer=plan.answer)
+    return out
+
+
+def shared_prompt(shared_class: str | None) -> str:
+    """'a photo of a {shared_class}.' (the stage-2 partner prompt; an empty class when there is no partner)."""
+    return SHARED_CLASS_TEMPLATE.format(shared_class or "")
 
 
 def build_shared_inputs(shared_class: str | None, tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """'a photo of a {shared_class}.' for the stage-2 partner (an all-padding prompt when there is no partner)."""
-    return tokenize(SHARED_CLASS_TEMPLATE.format(shared_class or ""), tokenizer, max_len)
+    return tokenize(shared_prompt(shared_class), tokenizer, max_len)

@@ -9,13 +9,23 @@
            and ColorJitter / RandAugment's colour ops (Color, Solarize, Posterize, ...) would destroy it.
 - "none"  : the eval transform (resize short side + center crop), for deterministic tests.
 All end with ToTensor + ImageNet mean/std normalisation (GroupViT/OVSegmentor convention; the evaluator must match).
+JPEG draft decoding (`draft=True`, the default of the random-crop augmentations): the random crop's box is drawn
+from the JPEG header's size alone, then the JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still
+leaves the box at least as large as the output, and the box is resized from there (PIL `Image.draft`). A 64 px
+crop of a 256 px image decodes a quarter or a sixteenth of the pixels. The crop boxes and flips are the same
+draws as without draft; the pixels differ slightly, because the DCT scaling pre-filters instead of bicubic alone
+(tests/ovseg_core/test_decode.py bounds the difference). `apply_to_jpeg` feeds such transforms the undecoded image.
 """
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,11 +58,92 @@ def describe_augment(augment: str, interpolation: str = "bicubic") -> dict[str, 
     return {"name": augment, "interpolation": "bicubic", "eval_transform": True}
 
 
-def build_train_transform(image_size: int, augment: str, interpolation: str = "bicubic") -> ImageTransform:
+class DraftResizedCrop:
+    """A random resized crop (torchvision's RandomResizedCrop or timm's RandomResizedCropAndInterpolation, whose
+    draws it reuses) that decodes a not-yet-loaded JPEG at the smallest DCT scale the drawn box allows.
+
+    Given an already decoded image, or when the box needs full resolution, it is exactly the wrapped crop.
+    """
+
+    accepts_lazy_jpeg = True
+
+    def __init__(self, crop: Any) -> None:
+        self.crop = crop
+        self.size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
+        self.interpolation = crop.interpolation
+        if isinstance(self.interpolation, (tuple, list)):
+            raise TypeError("DraftResizedCrop needs one interpolation mode, not a random choice")
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        out_h, out_w = self.size
+        shrink = min(h / out_h, w / out_w)  # how far the box is scaled down anyway
+        full_w, full_h = img.size
+        if getattr(img, "format", None) == "JPEG" and shrink >= 2:
+            img.draft("RGB", (math.ceil(full_w / shrink), math.ceil(full_h / shrink)))
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        if img.size == (full_w, full_h):
+            return TF.resized_crop(img, top, left, h, w, list(self.size), self.interpolation)
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return img.resize((out_w, out_h), _PIL_RESAMPLE[self.interpolation], box=box)
+
+    def __repr__(self) -> str:
+        return f"DraftResizedCrop({self.crop!r})"
+
+
+_PIL_RESAMPLE = {T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+                 T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR}
+
+
+def with_draft(transform: T.Compose) -> T.Compose:
+    """`transform` with its first op (a random resized crop) decoding JPEGs at the scale it needs."""
+    first = transform.transforms[0]
+    if not hasattr(first, "get_params") or not hasattr(first, "scale"):
+        raise ValueError(f"draft decoding needs a random resized crop first, got {first!r}")
+    return T.Compose([DraftResizedCrop(first), *transform.transforms[1:]])
+
+
+ALL_RNGS = ("python", "numpy", "torch")
+
+
+def global_rngs(transform: Callable) -> tuple[str, ...]:
+    """The global RNGs `transform` draws from: torchvision's ops use torch's only; timm's (DeiT: crop, RandAugment,
+    RandomErasing) also Python's `random` and numpy's."""
+    ops = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    ops = [getattr(op, "crop", op) for op in ops]  # DraftResizedCrop draws with the crop it wraps
+    if all(type(op).__module__.startswith("torchvision.") for op in ops):
+        return ("torch",)
+    return ALL_RNGS
+
+
+def accepts_lazy_jpeg(transform: Callable) -> bool:
+    """Whether `transform` takes an undecoded (lazily opened) JPEG and decodes it itself."""
+    first = transform.transforms[0] if isinstance(transform, T.Compose) else transform
+    return bool(getattr(first, "accepts_lazy_jpeg", False))
+
+
+def apply_to_jpeg(transform: Callable, data: bytes) -> Any:
+    """Run `transform` on the image in `data`: opened lazily for draft-aware transforms, else decoded to RGB."""
+    if accepts_lazy_jpeg(transform):
+        return transform(Image.open(io.BytesIO(data)))
+    with Image.open(io.BytesIO(data)) as im:
+        return transform(im.convert("RGB"))
+
+
+def build_train_transform(image_size: int, augment: str, interpolation: str = "bicubic",
+                          draft: bool = True) -> ImageTransform:
     """The training transform named `augment` (see module docstring), resizing with `interpolation`
-    ("bicubic", ours; "bilinear", the release's)."""
+    ("bicubic", ours; "bilinear", the release's); `draft`: JPEG draft decoding of the random crop."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}")
+    if augment == "none":
+        return build_eval_transform(image_size)
+    transform = _plain_train_transform(image_size, augment, interpolation)
+    return with_draft(transform) if draft else transform
+
+
+def _plain_train_transform(image_size: int, augment: str, interpolation: str) -> T.Compose:
     if augment == "deit":
         from timm.data import create_transform
 
@@ -68,6 +159,4 @@ def build_train_transform(image_size: int, augment: str, interpolation: str = "b
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
-    if augment == "none":
-        return build_eval_transform(image_size)
     raise ValueError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")

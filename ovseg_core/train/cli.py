@@ -36,6 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int,
                    help="GLOBAL batch (default: the recipe's; paper: 2048 / 1024; custom: 32); rescales the lrs")
+    p.add_argument("--text-model", help="text encoder: a local folder or HF-cache name (default: the preset's; "
+                                        "vit_b: bert-base-uncased, never downloaded)")
     p.add_argument("--visual-init", help="image-encoder init: timm name, local state-dict file, or 'none' "
                                          "(paper default: vit_base_patch16_224.dino)")
     p.add_argument("--init-checkpoint", help="stage 2: the stage-1 checkpoint to start from")
@@ -84,6 +86,10 @@ def _add_tuning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-in-flight", type=int, default=16)
     p.add_argument("--time-limit", type=float, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the forward + losses (auto: on CUDA only; ovseg_core.train.compiled)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode and crop the JPEGs on the training device (light/crop augmentations)")
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, object]:
@@ -108,10 +114,12 @@ def _common(args: argparse.Namespace) -> dict[str, object]:
         "repeat_threshold": args.repeat_threshold, "cache_frozen_text": args.cache_frozen_text,
         "shard_base_url": args.shard_base_url, "partner_source": args.partner_source,
         "shuffle_buffer": args.shuffle_buffer, "shards_in_flight": args.shards_in_flight,
+        "compile": args.compile, "gpu_decode": args.gpu_decode,
         **_given(args, {"base_lr": "lr", "warmup_lr": "warmup_lr", "min_lr": "min_lr", "augment": "augment",
                         "warmup_steps": "warmup_steps", "max_text_len": "max_text_len", "steps": "steps",
                         "epochs": "epochs", "init_checkpoint": "init_checkpoint", "preset": "preset"}),
         **_fidelity(args),
+        **({"model_overrides": (("text_model", args.text_model),)} if args.text_model else {}),
     }
 
 
@@ -159,9 +167,17 @@ def _launch_torchrun(cfg: TrainConfig, devices: int, nodes: int) -> int:
 
 
 def dry_run(cfg: TrainConfig, world_size: int) -> dict[str, object]:
+    """The run plan (stdout, exactly the plan's keys); the memory estimate per device goes to stderr."""
+    from ovseg_core.models._registry import get_model_config
+    from ovseg_core.train.memory import estimate_train_memory_gib
     from ovseg_core.train.recipe import count_train_samples, run_plan
 
-    return run_plan(cfg, world_size, count_train_samples(cfg))
+    plan = run_plan(cfg, world_size, count_train_samples(cfg))
+    need = estimate_train_memory_gib(get_model_config(cfg.preset, **cfg.model_create_kwargs),
+                                     int(plan["per_device_batch"]), cfg.stage, cfg.precision, cfg.max_text_len)
+    print(f"cc4m train: about {need:.0f} GiB per device at {plan['per_device_batch']} per device ({cfg.precision}); "
+          f"a device with less is refused at start", file=sys.stderr)
+    return plan
 
 
 def cli_train(args: argparse.Namespace) -> int:

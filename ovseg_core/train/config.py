@@ -55,6 +55,10 @@ class TrainConfig:
         buffered sample shares a class) or always via the locator ("locator", one random read per sample).
     shard_base_url: read the shards from http(s) or an fsspec URL (folder holding the manifest's shard names)
         instead of build_dir/shards; meta and index stay in build_dir.
+    compile: torch.compile the forward and the losses ("auto" = on CUDA only; "on"; "off"); see
+        ovseg_core.train.compiled (fixed text-length buckets, CUDA graphs on one GPU).
+    gpu_decode: the loader ships JPEG bytes and crop draws; the training device decodes and crops the batch
+        (ovseg_core.data.device_decode; light/crop augmentations only).
     recipe: the named recipe this config came from ("paper", "sample"), recorded; None = hand-made.
     visual_init: image-encoder init: a timm model name (e.g. "vit_base_patch16_224.dino") or a local state-dict
         file, mapped by ovseg_core.models.visual_init; None = from scratch. Not applied when resuming or starting
@@ -112,6 +116,8 @@ class TrainConfig:
     repeat_threshold: float | None = None
     lr_scales: tuple[tuple[str, float], ...] = ()
     cache_frozen_text: bool = False
+    compile: str = "auto"
+    gpu_decode: bool = False
     recipe: str | None = None
     visual_init: str | None = None
     precision: str = "bf16"
@@ -166,6 +172,11 @@ class TrainConfig:
             raise ValueError("time_limit_s must be positive")
         if self.repeat_threshold is not None and not 0 < self.repeat_threshold <= 1:
             raise ValueError(f"repeat_threshold must be None or in (0, 1], got {self.repeat_threshold}")
+        if self.gpu_decode and self.augment not in ("light", "crop"):
+            raise ValueError(f"gpu_decode supports the light and crop augmentations, not {self.augment!r} (DeiT's "
+                             f"ColorJitter/RandAugment/RandomErasing run on the CPU path)")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         refuse_released_names(dict(self.model_overrides))
         self._check_fidelity()
         if any(float(scale) < 0 for _, scale in self.lr_scales):

@@ -32,6 +32,7 @@ from torch import nn
 
 from manifests.fileio import atomic_path, write_text_atomic
 from ovseg_core.data.cc4m import BuildReader, check_build
+from ovseg_core.data.device_decode import decode_on_device
 from ovseg_core.data.loader import (
     CC4MMapDataset,
     CC4MTrainStream,
@@ -56,6 +57,7 @@ from ovseg_core.models.checkpoint import (
 )
 from ovseg_core.models.visual_init import VISUAL_INIT_REPORT, apply_visual_init, load_init_state
 from ovseg_core.train import distributed as D
+from ovseg_core.train.compiled import build_train_step
 from ovseg_core.train.config import TrainConfig
 from ovseg_core.train.memory import check_fits
 from ovseg_core.train.optim import CosineWarmupSchedule, build_optimizer, scaled_lrs
@@ -311,6 +313,7 @@ class TrainingRun:
             reader, tokenizer, cfg.max_text_len, augment, stage=cfg.stage,
             partner_transform=build_train_transform(image_size, cfg.augment, cfg.interpolation),
             val_percent=cfg.val_percent, entity_classes=tuple(getattr(model, "entity_classes", ())),
+            batch_text=True, device_decode=cfg.gpu_decode,
         )
         repeat_factors = None
         if cfg.repeat_threshold is not None:
@@ -329,7 +332,7 @@ class TrainingRun:
         val_ids = reader.split_ids("val", cfg.val_percent)[: cfg.val_max_samples]
         if self.info.is_main and val_ids:
             val_processor = SampleProcessor(reader, tokenizer, cfg.max_text_len, build_eval_transform(image_size),
-                                            stage=1)
+                                            stage=1, batch_text=True)
             self.val_loader = make_val_loader(CC4MMapDataset(reader, val_processor, val_ids, seed=cfg.seed),
                                               cfg.val_batch_size)
         self.selection_dataset = None
@@ -346,13 +349,16 @@ class TrainingRun:
         self.ddp_model.train()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # bn_stats="release": the text projector's statistics run over the padded token states, so keep the padding
-        self.prepare_batch = (lambda b: b) if cfg.bn_stats == "release" else trim_text_padding
+        trim = (lambda b: b) if cfg.bn_stats == "release" else trim_text_padding
+        # gpu_decode: the batch holds JPEG bytes + crop draws, decoded here on the training device
+        self.prepare_batch = lambda b: decode_on_device(trim(b), self.device)
+        self.train_step = build_train_step(self.ddp_model, cfg.compile, self.device, self.info.world_size)
         self.forward_and_losses = self._forward_and_losses
 
     # -------------------------------------------------------------------------------------------------- step
     def _forward_and_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(self.cfg.precision, self.device):
-            return self.ddp_model(batch, self.cfg.stage)
+            return self.train_step(batch, self.cfg.stage)
 
     def step(self, step: int, raw_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on `raw_batch`; returns its log record (losses, lr, grad norm, timings)."""

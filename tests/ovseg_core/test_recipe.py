@@ -21,7 +21,9 @@ from ovseg_core.train.recipe import PLAN_KEYS, paper_config
 
 def dry_run(capsys, build, out, *extra: str) -> dict:
     assert cc4m(["train", "--recipe", "paper", "--build", str(build), "--out", str(out), "--dry-run", *extra]) == 0
-    return json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "GiB per device" in captured.err  # the memory estimate, beside the plan
+    return json.loads(captured.out)
 
 
 @pytest.mark.parametrize("gpus", [8, 16])
@@ -214,3 +216,21 @@ def test_release_checkpoint_selection_chooses_on_voc_val_miou(fixture_build, tmp
     assert best["extra"]["checkpoint_selection"] == "voc-val-miou"
     assert best["extra"]["best_val"] == max(v["val_miou"] for v in result.val_history)
     assert result.best_val_itc is None  # not chosen on ITC
+
+
+def test_several_gpus_go_through_torchrun(fixture_build, tmp_path, capsys, monkeypatch):
+    from ovseg_core.train import cli as train_cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    launched = []
+    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd, env: launched.append(cmd) or 0)
+    args = ["train", "--recipe", "paper", "--build", str(fixture_build), "--visual-init", "none", "--gpus", "4"]
+    assert cc4m([*args, "--out", str(tmp_path / "one")]) == 0
+    (cmd,) = launched
+    assert "--nproc_per_node=4" in cmd and cmd[-4:] == ["-m", "ovseg_core.train.cli", "--config",
+                                                         str(tmp_path / "one" / "train_config.json")]
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "one" / "train_config.json").read_text()))
+    assert (saved.recipe, saved.batch_size, saved.visual_init) == ("paper", 2048, "none")
+    assert cc4m([*args, "--nodes", "2", "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "run on each node (node_rank 0..1" in err and "--nnodes=2" in err and len(err.strip().splitlines()) == 1
