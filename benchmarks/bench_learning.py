@@ -12,8 +12,8 @@ stage 2, the checkpoint are chosen on the SELECTION split (ImageSets/Segmentatio
 Writes the JSON (config, loss curves per step, validation history, selection scores, per-class IoU, pixel accuracy)
 and a PNG of the curves next to it.
 
-    python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 10 --fresh-eval-seed 101 \
-        --out benchmarks/results/learning.json
+    python benchmarks/bench_learning.py --build DIR --eval-root DIR --minutes 4 --fresh-eval-seed S --seed K
+        # -> benchmarks/results/learning-seedK-<UTC time>.json (the demo's budget and recipe are the defaults)
 
 On a shared CPU prefer a fixed STEP budget (`--steps N [--steps2 M]`): wall-clock budgets give other runs other
 lengths when other jobs load the machine. `--model-override mec_weight=0` makes the ablation rows (ITC only);
@@ -49,10 +49,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
+from benchmarks.common import default_output, stamp
 from manifests.fileio import write_text_atomic
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report MFU as null.
 LEARNED_MARGIN = 0.01
+# The demo's training budget (cc4m demo --minutes default): the benchmark's default, so it measures what the demo does.
+DEMO_MINUTES = 4.0
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -280,6 +283,7 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
         fresh_results, fresh_intervals = score_against_baselines(trained, untrained, fresh_set, chosen,
                                                                  args.max_eval_images, args.seed)
         fresh = {"eval_root": str(fresh_root), "render_seed": args.fresh_eval_seed,
+                 "world": read_json(Path(fresh_root) / "eval.json").get("world"),
                  "miou": {k: v["mIoU"] for k, v in fresh_results.items()}, "bootstrap_95": fresh_intervals,
                  "eval": {k: json_ready(v) for k, v in fresh_results.items()}}
     # Ablation rows: every checkpoint (stage 1, stage 2) on the test split and the fresh set, each with the settings
@@ -446,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="split that picks the checkpoint and the evaluator settings (train.txt of the eval folder)")
     p.add_argument("--fresh-eval-seed", type=int, default=None,
                    help="also render a second eval set (same classes and size) with this seed and score it the same way")
-    p.add_argument("--minutes", type=float, default=10.0,
+    p.add_argument("--minutes", type=float, default=DEMO_MINUTES,
                    help="wall-clock budget for training (both stages); ignored with --steps")
     p.add_argument("--steps", type=int, help="fixed stage-1 step budget (comparable under a shared CPU)")
     p.add_argument("--steps2", type=int, help="fixed stage-2 step budget (0/absent: no stage 2 with --steps)")
@@ -454,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the supplementary evaluations (untrained with its own settings, paper protocol)")
     p.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                    help="change a model setting of the recipe, e.g. mec_weight=0 (ablation rows)")
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "learning.json"))
+    p.add_argument("--out", default=None,
+                   help="result JSON (default: a new benchmarks/results/learning-seed<K>-<UTC time>.json, never "
+                        "overwritten)")
     p.add_argument("--work-dir", help="where the runs go (default: a fresh temp folder)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--lr", type=float, default=None, help="stage-1 peak lr (default: the recipe's; not batch-scaled)")
@@ -473,13 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.gpu_throughput:
         result = run_gpu_throughput(args)
-        out = Path(args.out) if args.out != p.get_default("out") else REPO_ROOT / "benchmarks/results/gpu_throughput.json"
+        out = Path(args.out) if args.out else default_output("gpu_throughput")
         atomic_write_json(out, result)
         return 0
     if not args.build or not args.eval_root:
         p.error("--build and --eval-root are required (or use --gpu-throughput)")
+    args.out = str(args.out or default_output(f"learning-seed{args.seed}"))  # the plot goes next to it
+    started = stamp()  # the code that trains is the code at the start: a commit during a long run must not relabel it
     result = run_learning(args)
-    atomic_write_json(Path(args.out), result)
+    atomic_write_json(Path(args.out), {**result, **started})
     keys = ("miou", "pixel_acc", "miou_delta_trained_vs_untrained", "miou_delta_trained_vs_background", "learned",
             "train_wall_seconds")
     print(json.dumps({**{k: result[k] for k in keys}, "selection": result["selection"]["chosen_settings"]}, indent=1))

@@ -36,6 +36,7 @@ from curation.imagehash import (
 )
 from curation.io import parquet_digest, read_parquet, write_parquet_atomic
 from curation.progress import Progress, ProgressCallback
+from curation.sortedsets import unique
 from curation.staging import DOWNLOAD_CONTENT_COLUMNS, STORED_HASH_COLUMNS, iter_staged_images, with_stored_hashes
 from manifests.layout import BuildLayout
 from manifests.version import code_version
@@ -134,7 +135,7 @@ def _read_successes(layout: BuildLayout) -> pa.Table:
     ok = downloads.filter(pc.equal(downloads["status"], "success")).select(["sample_id", "sha256",
                                                                             *STORED_HASH_COLUMNS])
     ids = ok["sample_id"].to_numpy()
-    if len(np.unique(ids)) != len(ids):
+    if len(unique(ids)) != len(ids):
         raise ValueError(f"{layout.downloads}: duplicate sample_id rows among successful downloads")
     return ok.sort_by("sample_id")
 

@@ -18,15 +18,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from curation.diskspace import NEARLY_FULL_BYTES, disk_full, free_bytes, is_disk_full
+from curation.download_config import DISK_FULL_EXIT, DISK_FULL_SIGNAL, DRIVER_PID_ENV, DownloadConfig
 from curation.fetch import FetchPolicy
 from curation.import_standins import leave_unused_packages_unloaded
 from curation.lifetime import exit_with_parent, group_alive, kill_process_group
-
-if TYPE_CHECKING:
-    from curation.download import DownloadConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +32,6 @@ log = logging.getLogger(__name__)
 # raises that one line instead of a log tail.
 UNSUPPORTED_EXIT = 3
 UNSUPPORTED_MARK = "cc4m-unsupported: "
-# A write of the driver or of a worker failed with ENOSPC/EDQUOT: the worker signals the driver (DISK_FULL_SIGNAL,
-# pid in DRIVER_PID_ENV), which exits with DISK_FULL_EXIT at once; the parent says so in one line (curation.diskspace).
-DISK_FULL_EXIT = 28
-DISK_FULL_SIGNAL = signal.SIGUSR1
-DRIVER_PID_ENV = "CC4M_DOWNLOAD_DRIVER_PID"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

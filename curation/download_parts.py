@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curation.download_config import DownloadConfig
 from curation.download_driver import driver_payload, run_img2dataset
 from curation.io import read_parquet, write_parquet_atomic
 from curation.staging import URLS_NAME, staging_shards
@@ -61,7 +62,6 @@ def plan_parts(folder: Path, rows: int, cfg: Any) -> list[DownloadPart]:
 def download_part(part: DownloadPart) -> dict[str, Any]:
     """Download one part (wherever this runs) and move its finished shards into the round folder. Returns
     {"part", "host", "pid"}: who did it."""
-    from curation.download import DownloadConfig  # here: the stage module imports this one
 
     cfg = DownloadConfig(**part.cfg)
     folder = Path(part.round_folder)

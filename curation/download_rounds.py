@@ -8,21 +8,19 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.download_config import DownloadConfig
 from curation.download_driver import Progress, driver_payload, run_img2dataset
 from curation.download_parts import PartRunner, plan_parts
 from curation.fetch import OWN_FAILURE_REASONS
 from curation.io import read_parquet, write_parquet_atomic
 from curation.staging import DOWNLOADS_META_KEY, LOG_NAME, RETRY_PREFIX, URLS_NAME, staging_rounds, staging_shards
 from manifests.layout import BuildLayout
-
-if TYPE_CHECKING:
-    from curation.download import DownloadConfig
 
 log = logging.getLogger(__name__)
 

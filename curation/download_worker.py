@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from curation import tario
 from curation.diskspace import is_disk_full
-from curation.download_driver import DISK_FULL_SIGNAL, DRIVER_PID_ENV
+from curation.download_config import DISK_FULL_SIGNAL, DRIVER_PID_ENV
 from curation.fetch import FetchError, FetchPolicy, fetch
 from curation.imagehash import STORED_HASH_FIELDS, stored_hashes
 from curation.imaging import ImageRejected, ImageSpec, to_stored_jpeg

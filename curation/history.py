@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet, sha256_file, write_json_atomic, write_parquet_atomic
+from curation.sortedsets import setdiff
 from manifests.layout import BuildLayout
 
 PREVIOUS_IDS = "previous_written.parquet"
@@ -64,5 +65,5 @@ def changes_since_previous(layout: BuildLayout) -> dict[str, Any]:
     else:  # the shards were not rewritten since that manifest: the same ids
         before = now
     return {"previous_manifest_sha256": manifest_sha, "source": source,
-            "samples_added": int(np.setdiff1d(now, before).size),
-            "samples_removed": int(np.setdiff1d(before, now).size)}
+            "samples_added": int(setdiff(now, before).size),
+            "samples_removed": int(setdiff(before, now).size)}

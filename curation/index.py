@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import fingerprint_of, parquet_digest, read_parquet, unit_content, write_parquet_atomic
+from curation.sortedsets import unique
 from manifests.layout import BuildLayout
 from manifests.version import code_version
 
@@ -299,7 +300,7 @@ def embedding_partners(
         for i, row in enumerate(rows.tolist()):
             neighbours[(c, row)] = [int(rows[j]) for j in found[i] if j >= 0 and rows[j] != row][:k]
     classes_of = np.split(t.entry_class, np.flatnonzero(np.diff(t.entry_row)) + 1) if len(t.entry_row) else []
-    rows_with_classes = np.unique(t.entry_row)
+    rows_with_classes = unique(t.entry_row)
     per_row: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     for row, classes in zip(rows_with_classes.tolist(), classes_of, strict=True):
         eligible = [int(c) for c in classes if class_size[c] >= 2]

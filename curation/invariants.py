@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from curation import tario
 from curation.ingest import DONE_MARKER
 from curation.io import read_json, read_parquet
+from curation.sortedsets import setdiff, unique
 from curation.staging import STATUSES
 from manifests.layout import BuildLayout
 
@@ -41,8 +42,8 @@ def _same_ids(name: str, left: np.ndarray, right: np.ndarray, left_label: str, r
         values, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             problems.append(f"{name}: {label} holds {_describe(values[counts > 1])} more than once")
-    only_left = np.setdiff1d(left, right)
-    only_right = np.setdiff1d(right, left)
+    only_left = setdiff(left, right)
+    only_right = setdiff(right, left)
     if len(only_left):
         problems.append(f"{name}: {_describe(only_left)} in {left_label} but not in {right_label}")
     if len(only_right):
@@ -83,7 +84,7 @@ def _decisions(layout: BuildLayout, ingested: np.ndarray) -> tuple[list[str], np
     captions = _ids(layout.parts(layout.captions_dir))
     problems = _same_ids("parse: every ingested row is parsed", captions, ingested, "captions/", "ingest/")
     selected = _ids(layout.parts(layout.selected_dir))
-    outside = np.setdiff1d(selected, captions)
+    outside = setdiff(selected, captions)
     if len(outside):
         problems.append(f"select: selected rows are parsed rows: {_describe(outside)} in selected/ only")
     downloads = read_parquet(layout.downloads, columns=["sample_id", "status"])
@@ -100,7 +101,7 @@ def _decisions(layout: BuildLayout, ingested: np.ndarray) -> tuple[list[str], np
     removed = duplicates["sample_id"].to_numpy()
     problems += _same_ids("dedup: kept + duplicates = successful downloads", np.concatenate([kept, removed]),
                           success, "kept.parquet + duplicates.parquet", "successful downloads")
-    orphans = np.setdiff1d(duplicates["duplicate_of"].to_numpy(), kept)
+    orphans = setdiff(duplicates["duplicate_of"].to_numpy(), kept)
     if len(orphans):
         problems.append(f"dedup: a duplicate points at a kept sample: duplicate_of {_describe(orphans)} not kept")
     return problems, kept
@@ -110,11 +111,11 @@ def _index(layout: BuildLayout, kept: np.ndarray) -> list[str]:
     problems = []
     if layout.entity_index.exists():
         lists = read_parquet(layout.entity_index, columns=["sample_ids"])["sample_ids"]
-        indexed = np.unique(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(np.int64)
-        problems += _same_ids("index: entity_index covers the kept samples", indexed, np.unique(kept),
+        indexed = unique(pc.list_flatten(lists).to_numpy(zero_copy_only=False)).astype(np.int64)
+        problems += _same_ids("index: entity_index covers the kept samples", indexed, unique(kept),
                               "index/entity_index.parquet", "kept.parquet")
     partners = read_parquet(layout.partners, columns=["sample_id", "partner_id"])
-    strays = np.setdiff1d(np.concatenate([partners["sample_id"].to_numpy(), partners["partner_id"].to_numpy()]),
+    strays = setdiff(np.concatenate([partners["sample_id"].to_numpy(), partners["partner_id"].to_numpy()]),
                           kept)
     if len(strays):
         problems.append(f"index: partners are kept samples: {_describe(strays)} are not kept")

@@ -55,6 +55,8 @@ def evaluate(checkpoint: str, datasets: list[dict[str, Any]], out_dir: str | Non
     Writes <out_dir>/<name>/per_class_iou.csv, metrics.json and overlay PNGs; publishes a table artifact per dataset
     and one Markdown artifact; with `registry_dir` + `entry_id` records "<metric_prefix>_mIoU" on that entry.
     """
+    from ovseg_core.evaluation.overlay import contact_sheet  # lazily, like the rest of ovseg_core (torch is heavy)
+
     logger = get_run_logger()
     out_path = Path(out_dir).resolve() if out_dir else Path(checkpoint).resolve().parent / "eval"
     results: dict[str, Any] = {}
@@ -69,10 +71,13 @@ def evaluate(checkpoint: str, datasets: list[dict[str, Any]], out_dir: str | Non
         miou = metrics["mIoU"] if metrics["mIoU"] is not None else float("nan")  # None: nothing could be scored
         create_table_artifact(table=per_class_rows(metrics["per_class"]), key=f"evaluate-{_slug(name)}"[:60],
                               description=f"Per-class IoU on {name} ({ds_split}): mIoU {miou:.4f}")
+        sheet = str(contact_sheet(metrics["overlays"], ds_dir / "contact_sheet.png")) if metrics["overlays"] else None
         results[name] = {"mIoU": metrics["mIoU"], "split": ds_split, "n_images": metrics["n_images"],
-                         "per_class_csv": metrics["outputs"].get("per_class_iou"),
-                         "metrics_json": metrics["outputs"].get("metrics"), "overlays": metrics["overlays"]}
+                         "per_class_csv": metrics["outputs"].get("per_class_iou"), "per_class": metrics["per_class"],
+                         "metrics_json": metrics["outputs"].get("metrics"), "overlays": metrics["overlays"],
+                         "contact_sheet": sheet}
         lines.append(f"| {name} | {ds_split} | {miou:.4f} | {metrics['n_images']} |")
+        overlay_lines += [f"- {name}: contact sheet (first 16 overlays, 4 x 4) `{sheet}`"] if sheet else []
         overlay_lines += [f"- {name}: `{p}`" for p in metrics["overlays"]]
         logger.info("%s (%s): mIoU %.4f over %d images", name, ds_split, miou, metrics["n_images"])
     markdown = "\n".join(lines + ["", "## Overlays (files)", *overlay_lines]) + "\n"

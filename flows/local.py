@@ -36,6 +36,7 @@ from typing import Any, Self
 from manifests.version import REPO_ROOT
 
 POOL_NAME = "cc4m-process"
+DEMO_OVERLAYS = 16  # the evaluation report's 4 x 4 contact sheet
 PREFECT_FILE = REPO_ROOT / "flows" / "prefect.yaml"
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
 
@@ -358,9 +359,20 @@ def cli_demo(args: argparse.Namespace) -> int:
 def _eval_params(built: dict[str, Any], trained: dict[str, Any], out: Path, registry: Path,
                  max_images: int | None) -> dict[str, Any]:
     return {"checkpoint": trained["checkpoint"], "out_dir": str(out / "eval"), "registry_dir": str(registry),
-            "entry_id": trained["entry_id"], "max_images": max_images,
+            "entry_id": trained["entry_id"], "max_images": max_images, "overlays": DEMO_OVERLAYS,
             "datasets": [{"layout": "sample", "root": built["sample"]["eval_dir"], "split": "val",
                           "select_split": "train", "name": "sample-eval"}]}
+
+
+def _class_ranking_lines(per_class: dict[str, float | None]) -> list[str]:
+    """'best 5' and 'worst 5' lines of per-class IoU (background left out): where the model works, where not."""
+    if not per_class:
+        return []
+    from ovseg_core.evaluation.metrics import best_and_worst_classes  # lazily: torch is heavy
+
+    best, worst = best_and_worst_classes(per_class, 5)
+    return [f"  best 5      : {', '.join(f'{name} {iou:.2f}' for name, iou in best)}",
+            f"  worst 5     : {', '.join(f'{name} {iou:.2f}' for name, iou in worst)}"]
 
 
 def _print_summary(built: dict[str, Any], trained: dict[str, Any] | None, evaluated: dict[str, Any] | None,
@@ -387,6 +399,10 @@ def _print_summary(built: dict[str, Any], trained: dict[str, Any] | None, evalua
             lines.append(f"  mIoU        : {result['mIoU']:.4f} on {name} ({result['split']}); per-class IoU "
                          f"{result['per_class_csv']}")
             if result["overlays"]:
-                lines.append(f"  overlays    : {Path(result['overlays'][0]).parent} ({len(result['overlays'])} PNG)")
+                lines.append(f"  overlays    : {Path(result['overlays'][0]).parent} ({len(result['overlays'])} PNG: "
+                             f"image | prediction | ground truth, with a legend)")
+            if result.get("contact_sheet"):
+                lines.append(f"  contact     : {result['contact_sheet']} (4 x 4 overlays)")
+            lines += _class_ranking_lines(result.get("per_class") or {})
     print("\n".join(lines))
 

@@ -29,7 +29,15 @@ import pyarrow as pa
 
 from curation.io import read_json, sha256_file, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from curation.sample.lock import making, replacing
-from curation.sample.render import IGNORE_LABEL, RENDER_VERSION, encode_jpeg, encode_mask_png, render_sample
+from curation.sample.render import (
+    IGNORE_LABEL,
+    MAX_OBJECTS,
+    RENDER_VERSION,
+    TRAIN_SCENE_VERSION,
+    encode_jpeg,
+    encode_mask_png,
+    render_sample,
+)
 from manifests.version import code_version
 from manifests.vocabulary import load_vocabulary
 
@@ -56,7 +64,7 @@ FORCED_FAILS_START = 2
 # The eval set scores the classes drawn in at least this many servable training images (see make_sample).
 EVAL_MIN_IMAGES = 15
 
-_TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM = 0, 1, 2
+_TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM, _TRAIN_SCENE_STREAM = 0, 1, 2, 3
 
 
 class ClassExtractor(Protocol):
@@ -257,6 +265,7 @@ def make_sample(
     eval_images: int = 160,
     eval_selection_images: int = 80,
     eval_min_images: int = EVAL_MIN_IMAGES,
+    eval_like_scenes: bool = True,
 ) -> SampleInfo:
     """Render the sample into `out_dir` (see module docstring); returns at once when it is already complete.
 
@@ -267,6 +276,10 @@ def make_sample(
     (`frequent_classes`), the way PASCAL VOC scores 20 classes that CC4M shows thousands of times each: a class
     the sample shows a handful of times cannot be learned from it, and 73 classes scored evenly would measure
     the long tail, not the method. When no class is that frequent (tiny test samples), every class is scored.
+
+    `eval_like_scenes` (TRAIN_SCENE_VERSION): a training image shows 1-3 objects (uniform, like an eval image): its
+    caption's classes, then further instances of them. Without it, each class is drawn once, so ~85% of the
+    training images showed one large object while eval images show 2.1 smaller ones on average.
     """
     if n_rows is not None and n_rows <= 0:
         raise ValueError(f"n_rows must be positive or None, got {n_rows}")
@@ -284,6 +297,7 @@ def make_sample(
         "render_version": RENDER_VERSION, "extractor": extractor_id, "vocabulary": load_vocabulary().version,
         "eval_images": eval_images, "eval_selection_images": eval_selection_images,
         "eval_min_images": eval_min_images,
+        "train_scenes": TRAIN_SCENE_VERSION if eval_like_scenes else "one-instance-per-class",
     }
     inputs_hash = _inputs_hash(params)
     if _is_done(marker, inputs_hash):
@@ -308,7 +322,8 @@ def _render(info: SampleInfo, params: dict[str, Any], inputs_hash: str, n_rows: 
     marker.unlink(missing_ok=True)
     rows = _write_source(info, n_rows)
     classes_by_row = _classes_by_row(rows, extractor if extractor is not None else _default_extractor())
-    drawn_by_row = _render_training_images(info, rows, classes_by_row)
+    drawn_by_row = _render_training_images(info, rows, classes_by_row,
+                                           eval_like_scenes=params["train_scenes"] == TRAIN_SCENE_VERSION)
     _write_classes_per_row(info, rows, classes_by_row, drawn_by_row)
     servable = {r.sample_id for r in rows if r.kind == "image"}
     eval_classes = frequent_classes(
@@ -346,9 +361,10 @@ def _classes_by_row(rows: list[CaptionRow], extractor: ClassExtractor) -> dict[i
     return {r.sample_id: sorted(set(cls)) for r, cls in zip(captioned, found)}
 
 
-def _render_training_images(info: SampleInfo, rows: list[CaptionRow],
-                            classes_by_row: dict[int, list[str]]) -> dict[int, list[str]]:
-    """An image and a mask per row with a URL (staged, then swapped in whole); returns the classes drawn per row."""
+def _render_training_images(info: SampleInfo, rows: list[CaptionRow], classes_by_row: dict[int, list[str]], *,
+                            eval_like_scenes: bool) -> dict[int, list[str]]:
+    """An image and a mask per row with a URL (staged, then swapped in whole); returns the classes drawn per row.
+    `eval_like_scenes`: 1-3 objects per image (see make_sample)."""
     staging = info.root / ".staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -359,7 +375,9 @@ def _render_training_images(info: SampleInfo, rows: list[CaptionRow],
         if row.url is None:
             continue  # no URL, nothing to serve
         classes = classes_by_row.get(row.sample_id, [])
-        rendered = render_sample(classes, _row_seed(info.seed, _TRAIN_STREAM, row.sample_id), info.image_size)
+        n_objects = _scene_objects(info.seed, row.sample_id) if eval_like_scenes else None
+        rendered = render_sample(classes, _row_seed(info.seed, _TRAIN_STREAM, row.sample_id), info.image_size,
+                                 n_objects=n_objects)
         (staging / "images" / f"{row.sample_id}.jpg").write_bytes(encode_jpeg(rendered.image))
         (staging / "masks" / f"{row.sample_id}.png").write_bytes(encode_mask_png(rendered.mask))
         drawn_by_row[row.sample_id] = list(rendered.classes)
@@ -378,6 +396,11 @@ def _write_classes_per_row(info: SampleInfo, rows: list[CaptionRow], classes_by_
         "classes": pa.array([classes_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
         "drawn": pa.array([drawn_by_row.get(r.sample_id, []) for r in rows], pa.list_(pa.string())),
     }))
+
+
+def _scene_objects(seed: int, sample_id: int) -> int:
+    """Objects in a training image, 1..MAX_OBJECTS uniform as in the eval set, from a stream of its own."""
+    return int(np.random.default_rng([seed, _TRAIN_SCENE_STREAM, sample_id]).integers(1, MAX_OBJECTS + 1))
 
 
 def _with_rows(info: SampleInfo, n_rows: int) -> SampleInfo:
@@ -412,6 +435,24 @@ def _assign_eval_classes(rng: np.random.Generator, n_images: int, n_classes: int
         pool = deferred + pool
         out.append(picked)
     return out
+
+
+def _add_hardness(acc: dict[str, list[float]], mask: np.ndarray, n_classes_drawn: int) -> None:
+    acc["foreground"].append(float(np.mean(mask != 0)))  # objects incl. their ignore rim
+    acc["labelled_foreground"].append(float(np.mean((mask != 0) & (mask != IGNORE_LABEL))))
+    acc["objects"].append(float(n_classes_drawn))
+
+
+def _world_summary(acc: dict[str, list[float]], n_classes: int) -> dict[str, Any]:
+    """How hard the val split is (issue 19 keeps these from getting easier): classes scored, mean share of object
+    pixels (with and without the ignore rim), mean objects (= classes, one instance each) per image, background."""
+    def mean(key: str) -> float | None:
+        return round(float(np.mean(acc[key])), 4) if acc[key] else None
+
+    return {"classes_scored": n_classes, "foreground_fraction_mean": mean("foreground"),
+            "labelled_foreground_fraction_mean": mean("labelled_foreground"),
+            "objects_per_image_mean": mean("objects"), "instances_per_class": 1,
+            "background": f"noisy low-saturation grey gradient ({RENDER_VERSION})"}
 
 
 def make_eval_set(
@@ -460,8 +501,10 @@ def make_eval_set(
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (staging / sub).mkdir(parents=True)
     per_class = {c: 0 for c in classes}
+    hardness: dict[str, list[float]] = {"foreground": [], "labelled_foreground": [], "objects": []}
     splits = {
-        split: _render_eval_split(staging, split, prefix, stream, count, classes, seed, image_size, per_class)
+        split: _render_eval_split(staging, split, prefix, stream, count, classes, seed, image_size, per_class,
+                                  hardness)
         for split, prefix, stream, count in (("val", "val", _EVAL_VAL_STREAM, n_images),
                                              ("train", "sel", _EVAL_SELECTION_STREAM, n_selection))
     }
@@ -473,7 +516,7 @@ def make_eval_set(
     write_json_atomic(marker, {
         "inputs_hash": inputs_hash, "params": params, "val_ids": splits["val"], "selection_ids": splits["train"],
         "val_images_per_class": per_class, "classes_missing_from_val": [c for c, n in per_class.items() if n == 0],
-        "code_version": code_version(),
+        "world": _world_summary(hardness, len(classes)), "code_version": code_version(),
     })
     return EvalSetInfo(out, tuple(splits["val"]), tuple(splits["train"]), image_size, seed)
 
@@ -491,8 +534,10 @@ def _eval_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _render_eval_split(staging: Path, split: str, prefix: str, stream: int, count: int, classes: tuple[str, ...],
-                       seed: int, image_size: int, per_class: dict[str, int]) -> list[str]:
-    """`count` images and masks of one split into `staging` and its ImageSets list; counts val images per class."""
+                       seed: int, image_size: int, per_class: dict[str, int],
+                       hardness: dict[str, list[float]]) -> list[str]:
+    """`count` images and masks of one split into `staging` and its ImageSets list; counts val images per class and
+    adds each val image to `hardness` (see _world_summary)."""
     # Masks are rendered with vocabulary labels (i + 1); the eval set's labels are positions in classes.txt.
     vocabulary = load_vocabulary().classes
     to_eval_label = np.zeros(256, dtype=np.uint8)
@@ -505,10 +550,12 @@ def _render_eval_split(staging: Path, split: str, prefix: str, stream: int, coun
         image_id = f"{prefix}_{i:04d}"
         rendered = render_sample([classes[c] for c in class_ids], _row_seed(seed, stream, i), image_size)
         (staging / "JPEGImages" / f"{image_id}.jpg").write_bytes(encode_jpeg(rendered.image, quality=95))
-        (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(to_eval_label[rendered.mask]))
+        mask = to_eval_label[rendered.mask]
+        (staging / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_mask_png(mask))
         if split == "val":
             for c in rendered.classes:
                 per_class[c] += 1
+            _add_hardness(hardness, mask, len(rendered.classes))
         ids.append(image_id)
     (staging / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
     return ids

@@ -26,6 +26,10 @@ MAX_OBJECTS = 3
 IGNORE_LABEL = 255
 # Bump when the rendering changes: it is part of the sample's done-marker hash, so old samples get rebuilt.
 RENDER_VERSION = "render-v1"
+# The training images' scene rule (make_sample): a caption's classes plus more instances of them until the image
+# holds as many objects as an eval image would (1-3, uniform), so training objects have the eval objects' sizes.
+# Part of the sample's done-marker; eval images never take this path, so their renders stay render-v1's.
+TRAIN_SCENE_VERSION = "scenes-v2"
 
 SHAPES: tuple[str, ...] = (
     "circle",
@@ -186,11 +190,15 @@ def render_sample(
     *,
     ignore_border: bool = True,
     vocabulary: str = "v1",
+    n_objects: int | None = None,
 ) -> RenderedSample:
     """Render an image showing `classes` (at most MAX_OBJECTS drawn) and its mask; same inputs -> same arrays.
 
     When more than MAX_OBJECTS classes are given, a seeded choice of MAX_OBJECTS is drawn (reported in
-    `.classes`). An empty list gives a background-only image.
+    `.classes`). An empty list gives a background-only image. `n_objects` (1..MAX_OBJECTS): when the classes are
+    fewer, further instances of them are drawn (cycling through the classes) so the image shows `n_objects`
+    objects of the sizes an image with that many objects gets; None (eval images) draws each class once and makes
+    no extra random draw, so those renders do not change.
     """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
@@ -206,9 +214,10 @@ def render_sample(
         unique = [unique[i] for i in picked]
     image = _background(rng, image_size)
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
-    if unique:
+    objects = _instances(unique, n_objects)
+    if objects:
         grid = np.arange(image_size, dtype=np.float32) + 0.5
-        for cls, (cx, cy, r) in zip(unique, _place_objects(rng, len(unique), image_size)):
+        for cls, (cx, cy, r) in zip(objects, _place_objects(rng, len(objects), image_size)):
             look = class_look(index_of[cls])
             # Small rotation and stretch vary instances without changing the shape family.
             angle = rng.uniform(-0.25, 0.25)
@@ -228,6 +237,15 @@ def render_sample(
     image = np.clip(image + rng.normal(0.0, 3.0, size=image.shape), 0, 255).astype(np.uint8)
     drawn = tuple(c for c in unique if np.any(mask == index_of[c] + 1))
     return RenderedSample(image=image, mask=mask, classes=drawn)
+
+
+def _instances(classes: list[str], n_objects: int | None) -> list[str]:
+    """The objects to draw: each class once, then further instances of the classes in turn up to `n_objects`."""
+    if n_objects is None or not classes:
+        return classes
+    if not 1 <= n_objects <= MAX_OBJECTS:
+        raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
+    return [classes[i % len(classes)] for i in range(max(n_objects, len(classes)))]
 
 
 def _mark_edges(mask: np.ndarray) -> np.ndarray:

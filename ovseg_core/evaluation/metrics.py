@@ -120,3 +120,14 @@ def paired_bootstrap_miou_delta(per_image_a: np.ndarray, per_image_b: np.ndarray
             "low": float(np.percentile(deltas, tail)), "high": float(np.percentile(deltas, 100 - tail)),
             "p_not_better": float(np.mean(deltas <= 0)), "n_images": n, "n_resamples": n_resamples,
             "confidence": confidence}
+
+
+def best_and_worst_classes(per_class: dict[str, float | None], n: int = 5, skip: tuple[str, ...] = ("background",),
+                           ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The `n` highest and `n` lowest (class, IoU) of an evaluation's per-class IoU, best first and worst first;
+    classes without a score (None/NaN: absent everywhere) and `skip` (background) are left out. With fewer than
+    2n scored classes the two lists share classes."""
+    scored = [(name, float(iou)) for name, iou in per_class.items()
+              if name not in skip and iou is not None and not np.isnan(iou)]
+    ranked = sorted(scored, key=lambda item: (-item[1], item[0]))
+    return ranked[:n], ranked[::-1][:n]

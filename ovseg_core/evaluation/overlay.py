@@ -1,5 +1,6 @@
 """Side-by-side PNG overlays for eyeballing predictions: image | prediction over image | ground truth over image,
-with a legend strip below naming the classes that appear (their colour swatch and name) when class names are given."""
+with a legend strip below naming the panels and the classes that appear (their colour swatch and name) when class
+names are given; `contact_sheet` tiles overlays into one 4 x 4 picture for a report."""
 
 from __future__ import annotations
 
@@ -71,15 +72,21 @@ LEGEND_FONT_SIZE = 13
 LEGEND_PAD = 4
 
 
-def legend_strip(width: int, entries: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+PANEL_TITLES = ("image", "prediction", "ground truth")
+
+
+def legend_strip(width: int, entries: list[tuple[str, tuple[int, int, int]]],
+                 panel_width: int | None = None) -> np.ndarray:
     """(H, width, 3) uint8 white strip with one ``[swatch] name`` entry per class, flowing left to right and
-    wrapping onto further lines. The strip is widened when a single entry does not fit."""
+    wrapping onto further lines. The strip is widened when a single entry does not fit. With `panel_width`, a first
+    line names the three panels above it (PANEL_TITLES), centred under each."""
     font = ImageFont.load_default(size=LEGEND_FONT_SIZE)
     swatch = LEGEND_FONT_SIZE
     line_h = swatch + LEGEND_PAD
     sizes = [swatch + LEGEND_PAD + int(font.getlength(name)) + 3 * LEGEND_PAD for name, _ in entries]
     width = max([width, *(s + LEGEND_PAD for s in sizes)])
-    positions, x, y = [], LEGEND_PAD, LEGEND_PAD
+    top = LEGEND_PAD + (line_h if panel_width else 0)
+    positions, x, y = [], LEGEND_PAD, top
     for size in sizes:
         if x + size > width and x > LEGEND_PAD:
             x, y = LEGEND_PAD, y + line_h
@@ -87,6 +94,9 @@ def legend_strip(width: int, entries: list[tuple[str, tuple[int, int, int]]]) ->
         x += size
     strip = Image.new("RGB", (width, y + line_h + LEGEND_PAD), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
+    for index, title in enumerate(PANEL_TITLES if panel_width else ()):
+        draw.text((index * panel_width + panel_width // 2, LEGEND_PAD + swatch // 2), title, fill=(0, 0, 0),
+                  font=font, anchor="mm")
     for (name, colour), (x, y) in zip(entries, positions):
         draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
         draw.text((x + swatch + LEGEND_PAD, y + swatch // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
@@ -140,7 +150,7 @@ def save_overlay(
     canvas = np.concatenate(panels, axis=1)
     if class_names is not None:
         entries = legend_entries([pred, gt], class_names, palette, background_index, ignore_index)
-        strip = legend_strip(canvas.shape[1], entries)
+        strip = legend_strip(canvas.shape[1], entries, panel_width=rgb.shape[1])
         if strip.shape[1] > canvas.shape[1]:  # a long name widens the picture; the panels keep their pixels
             pad = np.full((canvas.shape[0], strip.shape[1] - canvas.shape[1], 3), 255, np.uint8)
             canvas = np.concatenate([canvas, pad], axis=1)
@@ -150,3 +160,27 @@ def save_overlay(
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def contact_sheet(paths: list[str | Path], out_path: str | Path, columns: int = 4, rows: int = 4,
+                  pad: int = 6) -> Path:
+    """Tile the first ``columns x rows`` images of ``paths`` (overlays) into one PNG, row by row, on white; cells are
+    as large as the largest image, so no picture is scaled. Returns the written path (atomically written)."""
+    if not paths:
+        raise ValueError("contact_sheet needs at least one image")
+    images = []
+    for path in list(paths)[: columns * rows]:
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    cell_h = max(a.shape[0] for a in images) + pad
+    cell_w = max(a.shape[1] for a in images) + pad
+    used_rows = -(-len(images) // columns)
+    sheet = np.full((used_rows * cell_h + pad, min(columns, len(images)) * cell_w + pad, 3), 255, np.uint8)
+    for index, array in enumerate(images):
+        y, x = pad + (index // columns) * cell_h, pad + (index % columns) * cell_w
+        sheet[y : y + array.shape[0], x : x + array.shape[1]] = array
+    buffer = io.BytesIO()
+    Image.fromarray(sheet).save(buffer, format="PNG")
+    out = Path(out_path)
+    atomic_write_bytes(out, buffer.getvalue())
+    return out

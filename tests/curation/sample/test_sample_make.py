@@ -151,3 +151,31 @@ def test_cli_makes_the_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["--out", str(tmp_path / "s"), "--rows", "12", "--image-size", "32"]) == 0
     assert '"n_rows": 12' in capsys.readouterr().out
     assert (tmp_path / "s" / "sample.json").exists()
+
+
+def test_eval_json_records_how_hard_the_eval_world_is(tmp_path: Path) -> None:
+    info = make_eval_set(tmp_path / "eval", n_images=12, image_size=64, seed=3, n_selection=2,
+                         classes=["dog", "car", "cat"])
+    world = read_json(info.root / "eval.json")["world"]
+    masks = [np.asarray(Image.open(info.root / "SegmentationClass" / f"{i}.png")) for i in info.val_ids]
+    assert world["classes_scored"] == 3
+    assert world["foreground_fraction_mean"] == pytest.approx(np.mean([(m != 0).mean() for m in masks]), abs=1e-4)
+    labelled = np.mean([((m != 0) & (m != 255)).mean() for m in masks])
+    assert world["labelled_foreground_fraction_mean"] == pytest.approx(labelled, abs=1e-4)
+    objects = np.mean([len(set(np.unique(m).tolist()) - {0, 255}) for m in masks])
+    assert world["objects_per_image_mean"] == pytest.approx(objects, abs=1e-4)
+    assert "noisy" in world["background"]
+
+
+def test_training_scenes_show_one_to_three_objects_of_the_caption_classes(small_sample: SampleInfo) -> None:
+    table = [r for r in pq.read_table(small_sample.classes_per_row).to_pylist() if r["drawn"]]
+    counts = []
+    for r in table:
+        mask = np.asarray(Image.open(small_sample.masks_dir / f"{r['sample_id']}.png"))
+        labels = {CLASSES.index(c) + 1 for c in r["drawn"]}
+        assert set(np.unique(mask).tolist()) - {0, 255} == labels
+        from scipy import ndimage
+
+        counts.append(sum(ndimage.label(mask == label)[1] for label in labels))
+    assert min(counts) >= 1 and max(counts) <= 3
+    assert sum(c > len(r["drawn"]) for c, r in zip(counts, table)) > 0  # some images got further instances

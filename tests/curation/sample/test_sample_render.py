@@ -116,3 +116,22 @@ def test_object_colours_stay_out_of_the_background() -> None:
     saturation = pixels.max(axis=1) - pixels.min(axis=1)
     min_class_saturation = min(max(c) - min(c) for c in COLOURS)
     assert np.percentile(saturation, 99) < min_class_saturation / 2
+
+
+def test_n_objects_draws_more_instances_of_the_caption_classes_and_none_keeps_old_renders() -> None:
+    from scipy import ndimage
+
+    plain = render_sample(["dog"], seed=[0, 0, 3])
+    assert np.array_equal(plain.image, render_sample(["dog"], seed=[0, 0, 3], n_objects=None).image)
+    label = CLASSES.index("dog") + 1
+    three = render_sample(["dog"], seed=[0, 0, 3], n_objects=3)
+    assert three.classes == ("dog",)
+    components, instances = ndimage.label(three.mask == label)
+    assert instances == 3  # three separate dogs (placement limits overlap; this seed has none)
+    # Each instance is sized for a 3-object image: each is smaller than the dog of a 1-object image.
+    assert max((components == i).sum() for i in (1, 2, 3)) < (plain.mask == label).sum()
+    two_classes = render_sample(["dog", "car"], seed=[0, 0, 5], n_objects=3)
+    assert set(np.unique(two_classes.mask)) - {0, IGNORE_LABEL} == {label, CLASSES.index("car") + 1}
+    assert render_sample(["dog", "car", "cat"], seed=1, n_objects=1).classes == ("dog", "car", "cat")
+    with pytest.raises(ValueError, match="n_objects"):
+        render_sample(["dog"], seed=1, n_objects=MAX_OBJECTS + 1)

@@ -1,0 +1,59 @@
+"""The ablation table's regression check: a row that stops beating the one below it (a broken MEC or mask loss) is
+reported as lost and fails --check."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.ablation_table import check, collect, main, markdown
+
+
+def _scores(miou: float) -> dict:
+    interval = {"delta": miou - 0.04, "low": miou - 0.06, "high": miou - 0.02}
+    split = {"miou": miou, "untrained_miou": 0.03, "background_miou": 0.04,
+             "bootstrap_95": {"trained_vs_untrained_same_init": interval, "trained_vs_all_background": interval}}
+    return {"test": split, "fresh": split}
+
+
+def _result(seed: int, overrides: dict, stage1: float, stage2: float | None = None) -> dict:
+    per_checkpoint = {"stage1": _scores(stage1)}
+    if stage2 is not None:
+        per_checkpoint["stage2"] = _scores(stage2)
+    return {"model_overrides": overrides, "stage1": {"config": {"seed": seed}}, "per_checkpoint_scores": per_checkpoint}
+
+
+def _runs(mec_gain: float, mask_gain: float) -> list[dict]:
+    runs = []
+    for seed in range(3):
+        base = 0.2 + 0.01 * seed
+        runs.append(_result(seed, {"mec_weight": 0, "entity_prompt_weight": 0}, base))
+        runs.append(_result(seed, {"entity_prompt_weight": 0}, base + mec_gain, base + mec_gain + mask_gain))
+    return runs
+
+
+def test_rows_that_hold_pass_the_check():
+    table = collect(_runs(mec_gain=0.03, mask_gain=0.02))
+    assert set(table) == {"ITC only", "ITC + MEC", "+ mask (stage 2)"}
+    assert check(table, ["ITC + MEC > ITC only", "+ mask (stage 2) > ITC + MEC"]) == []
+    assert "**ITC + MEC > ITC only** holds" in markdown(table)
+
+
+@pytest.mark.parametrize(("mec_gain", "mask_gain", "lost"), [
+    (-0.01, 0.02, ["ITC + MEC > ITC only"]),  # a broken MEC: ITC + MEC no better than ITC alone
+    (0.03, 0.0, ["+ mask (stage 2) > ITC + MEC"]),  # a broken mask loss: stage 2 adds nothing
+])
+def test_a_broken_loss_shows_up_as_a_lost_row(tmp_path, mec_gain, mask_gain, lost):
+    runs = _runs(mec_gain, mask_gain)
+    assert check(collect(runs), ["ITC + MEC > ITC only", "+ mask (stage 2) > ITC + MEC"]) == lost
+    paths = []
+    for index, run in enumerate(runs):
+        path = tmp_path / f"r{index}.json"
+        path.write_text(json.dumps(run))
+        paths.append(str(path))
+    assert main([*paths, "--markdown", str(tmp_path / "t.md"), "--check"]) == 1
+    assert "does NOT hold" in (tmp_path / "t.md").read_text()
+    good = collect(_runs(0.03, 0.02))
+    # One seed reversing is enough to lose the row.
+    good["ITC + MEC"][1]["fresh"] = dict(good["ITC + MEC"][1]["fresh"], miou=0.0)
+    assert check(good, ["ITC + MEC > ITC only"]) == ["ITC + MEC > ITC only"]
