@@ -132,7 +132,30 @@ def _step(body: dict[str, Any]) -> str:
     return f"{body.get('preset')} kernels/step eager {eager}, compiled {compiled}" if eager else "see file"
 
 
+def _scale(body: dict[str, Any]) -> str:
+    parts = []
+    for side in ("before_download", "after_download"):
+        stages = (body.get(side) or {}).get("stages") or {}
+        if stages:
+            worst = max(stages, key=lambda name: stages[name].get("time_exponent") or 0)
+            rss = max(stage.get("extrapolated_peak_rss_gb") or 0 for stage in stages.values())
+            parts.append(f"{side.replace('_', ' ')}: largest time exponent {stages[worst].get('time_exponent')} "
+                         f"({worst}), peak RSS at {body[side].get('target_rows'):,} rows {rss} GB")
+    return "; ".join(parts) or "see file"
+
+
+def _mixing(body: dict[str, Any]) -> str:
+    runs = body.get("mixing") or {}
+    ideal = _get(runs, "ideal uniform batches", "class_tvd")
+    ours = [v["class_tvd"] for k, v in runs.items() if k.startswith("reshard layout, one growth round")]
+    if ideal is None or not ours:
+        return "see file"
+    return f"class-mix distance {ours[0]:.3f} vs uniform ideal {ideal:.3f} ({ours[0] / ideal:.2f}x)"
+
+
 HEADLINES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "scale": _scale,
+    "loader_mixing": _mixing,
     "loader_costs": _loader_costs,
     "step": _step,
     "learning": _learning,
@@ -155,7 +178,8 @@ def headline(result: Result) -> str:
     if isinstance(result.body.get("headline"), str):
         return result.body["headline"]
     family = result.group.split("-")[0]
-    family = {"gpu-profile": "gpu_profile", "gpu-flops": "gpu_flops"}.get(result.group, family)
+    family = {"gpu-profile": "gpu_profile", "gpu-flops": "gpu_flops", "loader-mixing": "loader_mixing"}.get(
+        result.group, family)
     try:
         return HEADLINES[family](result.body) if family in HEADLINES else "see file"
     except (AttributeError, TypeError, KeyError):
