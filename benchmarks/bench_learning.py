@@ -78,19 +78,15 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, settings: dict[str, Any
 
 def all_background(dataset: Any, max_images: int | None) -> dict[str, Any]:
     """Scores of predicting label 0 everywhere (same confusion-matrix metric as the evaluator)."""
-    from ovseg_core.evaluation.metrics import ConfusionMatrix
+    from ovseg_core.evaluation.metrics import scores_of
+    from ovseg_core.evaluation.promotion import background_confusions
 
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    matrix = ConfusionMatrix(dataset.num_classes)
-    per_image = []
-    for i in range(n):
-        label = np.asarray(dataset[i].label)
-        per_image.append(matrix.update(np.zeros_like(label), label))
-    scores = matrix.compute()
+    per_image = background_confusions(dataset, max_images)
+    scores = scores_of(per_image.sum(axis=0))
     per_class = {name: (None if np.isnan(v) else float(v)) for name, v in zip(dataset.classnames, scores.per_class_iou)}
-    return {"mIoU": float(scores.miou), "pixel_acc": float(scores.pixel_acc), "n_images": n,
+    return {"mIoU": float(scores.miou), "pixel_acc": float(scores.pixel_acc), "n_images": len(per_image),
             "n_classes_scored": int(np.count_nonzero(~np.isnan(scores.per_class_iou))), "per_class": per_class,
-            "per_image_confusion": np.stack(per_image)}
+            "per_image_confusion": per_image}
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
