@@ -5,9 +5,9 @@
 (b) the `img2dataset` command itself on the same selected URLs (the urls.parquet of (a)) with the same settings
     (processes, threads, image size, resize mode, shard size, timeout, proxy).
 Repetitions alternate a, b, a, b, ... so drift on the noisy 2-core box hits both alike; medians and their ratio go to
-benchmarks/results/build.json. Target: ratio <= 1.10 (the curation around the download costs at most 10 %).
+benchmarks/results/build-sample-<time>.json. Target: ratio <= 1.10 (the curation around the download costs at most 10 %).
 
-`--mode fast` (results/build_fast.json) measures the guarded download itself: >= 10,000 distinct JPEGs (320x240,
+`--mode fast` (results/build-fast-<time>.json) measures the guarded download itself: >= 10,000 distinct JPEGs (320x240,
 rendered once) served by a fast local server in its own process, no slow or failing URLs. Each repetition runs the
 pair (a) and (b) back to back, in alternating order (a,b / b,a / ...), and the result is the median of the paired
 ratios a/b with their spread, for the whole build and for the download stage alone; the stages after the download
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from benchmarks.common import stamp
+from benchmarks.common import default_output, stamp
 from curation.build import run_build
 from curation.config import BuildConfig
 from curation.download import DownloadConfig
@@ -55,8 +55,6 @@ from curation.verify import VerifyConfig
 from manifests.layout import BuildLayout
 from manifests.stages import STAGE_NAMES
 
-RESULTS = REPO / "benchmarks" / "results" / "build.json"
-FAST_RESULTS = REPO / "benchmarks" / "results" / "build_fast.json"
 AFTER_DOWNLOAD = STAGE_NAMES[STAGE_NAMES.index("download") + 1:]  # the stages of the plan after the download
 
 
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/build-sample-<time>.json (build-fast-… with --mode fast)")
     parser.add_argument("--make-raw-venv", action="store_true", help="make the minimal img2dataset venv and stop")
     parser.add_argument("--raw-venv", type=Path, default=RAW_VENV, help="fast mode: the minimal img2dataset venv")
     parser.add_argument("--child-build", nargs=3, metavar=("SOURCE", "BUILD_DIR", "OUT_JSON"),
@@ -176,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         **stamp(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or default_output("build-sample")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_build_s", "median_raw_img2dataset_s", "ratio", "meets_target")}))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -300,7 +299,7 @@ def fast_main(args: argparse.Namespace) -> int:
                     "load_avg_at_end": os.getloadavg()},
         **stamped,
     }
-    out = args.out if args.out != RESULTS else FAST_RESULTS
+    out = args.out or default_output("build-fast")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result.get(k) for k in ("ratio_build_vs_raw", "ratio_download_stage_vs_raw",

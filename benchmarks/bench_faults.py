@@ -15,7 +15,7 @@ records processes of the killed build still alive after the kill (orphans) and w
 one attempt. Every trial must show its kill happened (the build ended with -9, or the failpoint's half-written
 temporary is there); a trial whose build finished or failed before the kill fails the benchmark. Each trial records
 the stage running at the kill: the failpoint's stage, or for a timed kill the stage of the last write the killed
-build completed (its CC4M_WRITE_LOG) and that write. Results: benchmarks/results/faults.json.
+build completed (its CC4M_WRITE_LOG) and that write. Results: benchmarks/results/faults-<time>.json.
 
     .venv/bin/python benchmarks/bench_faults.py [--trials 21] [--rows 300] [--seed 0]
 """
@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from benchmarks.common import default_output
 from manifests.fileio import FAILPOINT_ENV, WRITE_LOG_ENV, write_json_atomic
 from manifests.layout import BuildLayout
 from manifests.version import code_version
 
-RESULTS = REPO / "benchmarks" / "results" / "faults.json"
 STAGE_OF_PATH = (  # first match wins: which stage wrote a file, by its place in the build folder
     ("ingest/", "ingest"), ("rejects/", "ingest"), ("captions/", "parse"), ("selected/", "select"),
     ("staging/", "download"), ("downloads.parquet", "download"), ("duplicates.parquet", "dedup"),
@@ -214,8 +214,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="default: a new results/faults-<time>.json")
     args = parser.parse_args()
+    args.out = args.out or str(default_output("faults"))
     if args.child:
         return child_main(*args.child)
 

@@ -22,11 +22,11 @@ CPU smoke test of the same code path (gloo, tiny preset, a handful of steps; no 
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --presets tiny --steps 4 --batch-size 8 --nproc 2 \
         --build-samples 64 --out /tmp/gpu_smoke.json
 Training FLOPs per image without a GPU (CPU, synthetic inputs):
-    .venv/bin/python benchmarks/bench_gpu.py --count-flops-only --out benchmarks/results/gpu_flops.json
+    .venv/bin/python benchmarks/bench_gpu.py --count-flops-only
 On a GPU, one preset per command (each run is capped by --max-seconds, compile time included; 5 runs per preset,
 ~8-10 minutes; not yet run: no GPU was lent to the session that wrote it):
-    .venv/bin/python benchmarks/bench_gpu.py --presets vit_s --steps 80 --max-seconds 90 --out benchmarks/results/gpu_vit_s.json
-    .venv/bin/python benchmarks/bench_gpu.py --presets vit_b --steps 80 --max-seconds 90 --out benchmarks/results/gpu_vit_b.json
+    .venv/bin/python benchmarks/bench_gpu.py --presets vit_s --steps 80 --max-seconds 90
+    .venv/bin/python benchmarks/bench_gpu.py --presets vit_b --steps 80 --max-seconds 90
 CPU smoke of the launcher, both compile modes' wiring and the GPU-decode run (tiny, gloo, a few steps):
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --presets tiny --batch-sizes 8 --compile-modes off \
         --steps 3 --nproc 1 --num-workers 0 --build-samples 64 --gpu-decode-runs --out /tmp/gpu_smoke.json
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=150.0, help="training time cap per preset")
     p.add_argument("--build-samples", type=int, default=1024)
     p.add_argument("--vit-b-text", help="local folder of bert-base-uncased for vit_b (default: bundled MiniLM)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.json"))
+    p.add_argument("--out", default=None, help="default: a new results/gpu-<time>.json")
     p.add_argument("--count-flops-only", action="store_true",
                    help="on CPU: count the training FLOPs per image of each preset and stop (no timing)")
     # worker-only
@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from benchmarks.common import default_output
+
+    args.out = args.out or str(default_output("gpu"))
     if args.count_flops_only:
         return count_flops(args)
     return worker(args) if args.worker else launch(args)

@@ -17,7 +17,7 @@ data does); per batch of 128 on one of 8 ranks: the spread of sample ids (std / 
 a batch touches, and the total-variation distance of its class histogram from the global one (vs an ideal uniform
 batch). "before" = the previous loader settings (1 shard at a time, 256-sample buffer); "after" = the defaults.
 
-    .venv/bin/python benchmarks/bench_loader.py [--samples 256] [--repeats 3] [--out benchmarks/results/loader.json]
+    .venv/bin/python benchmarks/bench_loader.py [--samples 256] [--repeats 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--mix-samples", type=int, default=40_000)
     p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loader.json"))
+    p.add_argument("--out", default=None, help="default: a new results/loader[_costs]-<time>.json (loader-mixing-… with --skip-throughput)")
     p.add_argument("--build", help="costs only: CPU-s per sample of the plain, matched and our pipelines on this "
                                    "build (the sample build: cc4m build --sample ... --sample-format wds)")
     p.add_argument("--cost-presets", nargs="+", default=["tiny"], help="image size (and tokenizer) of the costs")
@@ -433,11 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.build:
         from benchmarks.common import write_result
 
-        out = None if args.out.endswith("loader.json") else args.out
+        out = args.out
         path = write_result("loader_costs", {"args": vars(args), "machine": {"cpu_count": os.cpu_count(),
                             "load_average_at_start": list(os.getloadavg())}, "costs": costs(args)}, out)
         print(path)
         return 0
+    from benchmarks.common import default_output
+
+    args.out = args.out or str(default_output("loader-mixing" if args.skip_throughput else "loader"))
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     started = time.time()
     result: dict[str, Any] = {"benchmark": "loader", **stamp(), "args": vars(args),
