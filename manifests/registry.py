@@ -221,10 +221,7 @@ class ModelRegistry:
         are recorded in the decision log, and the candidate's `metric` (evidence["candidate_mIoU"]) on its entry."""
         with self._locked():
             rows = self._read_jsonl(self.registry_path)
-            candidate = next((r for r in rows if r["entry_id"] == entry_id), None)
-            if candidate is None:
-                raise KeyError(f"no registry entry {entry_id!r}")
-            champion = next((r for r in rows if r.get("is_champion")), None)
+            candidate, champion = _candidate_and_champion(rows, entry_id)
             if champion is not None and champion["entry_id"] == entry_id:
                 raise ValueError(f"{entry_id} is already the champion: there is nothing to compare it with")
             decision = decide_with_evidence(evidence, has_champion=champion is not None)
@@ -241,10 +238,7 @@ class ModelRegistry:
         """Make `entry_id` champion iff its `metric` strictly beats the champion's; the decision is recorded."""
         with self._locked():
             rows = self._read_jsonl(self.registry_path)
-            candidate = next((r for r in rows if r["entry_id"] == entry_id), None)
-            if candidate is None:
-                raise KeyError(f"no registry entry {entry_id!r}")
-            champion = next((r for r in rows if r.get("is_champion")), None)
+            candidate, champion = _candidate_and_champion(rows, entry_id)
             if champion is not None and champion["entry_id"] == entry_id:
                 decision = PromotionDecision(False, "already champion", candidate["metrics"].get(metric),
                                              champion["metrics"].get(metric))
@@ -258,14 +252,16 @@ class ModelRegistry:
                 for row in rows:
                     row["is_champion"] = row["entry_id"] == entry_id
                 self._write_jsonl(self.registry_path, rows)
-            log = self._read_jsonl(self.decisions_path)
-            log.append({
-                "decided_at": _now(), "candidate_id": entry_id,
-                "champion_id": None if champion is None else champion["entry_id"], "metric": metric,
-                "higher_is_better": higher_is_better, **dataclasses.asdict(decision),
-            })
-            self._write_jsonl(self.decisions_path, log)
+            _record_decision(self, entry_id, champion, metric, decision, higher_is_better=higher_is_better)
         return decision.promote
+
+
+def _candidate_and_champion(rows: list[dict[str, Any]], entry_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The registry row of `entry_id` (KeyError when absent) and the current champion's row (None when none)."""
+    candidate = next((r for r in rows if r["entry_id"] == entry_id), None)
+    if candidate is None:
+        raise KeyError(f"no registry entry {entry_id!r}")
+    return candidate, next((r for r in rows if r.get("is_champion")), None)
 
 
 def _record_decision(self: ModelRegistry, entry_id: str, champion: dict[str, Any] | None, metric: str,
