@@ -51,6 +51,18 @@ def _assert_one_line(err: BaseException, folder: Path) -> None:
     assert " free" in message and isinstance(err, OSError) and err.errno == errno.ENOSPC
 
 
+def _download_ends_with_disk_full(tmp_path):
+    """Download the selected rows; the download must stop with DiskFull within a minute. (layout, the error)"""
+    with ImageServer(_routes()) as server:
+        layout = _selected(tmp_path / "build")
+        started = time.monotonic()
+        with pytest.raises(DiskFull) as err:
+            download_selected(layout.root, _cfg(server))
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, elapsed
+    return layout, err.value
+
+
 def test_enospc_in_a_workers_staging_writer_stops_the_download_at_once(tmp_path, monkeypatch):
     # The third image member a worker writes fails as a full disk would (half of it written first).
     _inject_in_every_process(tmp_path, monkeypatch, (
@@ -64,17 +76,11 @@ def test_enospc_in_a_workers_staging_writer_stops_the_download_at_once(tmp_path,
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "    return _add(self, name, data)\n"
         "t.ShardWriter.add = add\n"))
-    with ImageServer(_routes()) as server:
-        layout = _selected(tmp_path / "build")
-        started = time.monotonic()
-        with pytest.raises(DiskFull) as err:
-            download_selected(layout.root, _cfg(server))
-        elapsed = time.monotonic() - started
-    assert elapsed < 60, elapsed
-    _assert_one_line(err.value, layout.staging_dir)
-    assert "a write of the download failed" in str(err.value)
+    layout, err = _download_ends_with_disk_full(tmp_path)
+    _assert_one_line(err, layout.staging_dir)
+    assert "a write of the download failed" in str(err)
     assert not layout.downloads.exists()  # nothing claims the download finished
-    assert user_error_message(err.value, None, str(layout.root)) == str(err.value)  # the CLI's line
+    assert user_error_message(err, None, str(layout.root)) == str(err)  # the CLI's line
 
 
 def test_enospc_in_the_drivers_writes_stops_the_download_at_once(tmp_path, monkeypatch):
@@ -88,27 +94,17 @@ def test_enospc_in_the_drivers_writes_stops_the_download_at_once(tmp_path, monke
         "        pass\n"
         "if sys.argv[1:2] and sys.argv[1].startswith('{\"img2dataset\"'):  # the driver: -m <payload>\n"
         "    sys.stdout = _FullDisk()\n"))
-    with ImageServer(_routes()) as server:
-        layout = _selected(tmp_path / "build")
-        started = time.monotonic()
-        with pytest.raises(DiskFull) as err:
-            download_selected(layout.root, _cfg(server))
-    assert time.monotonic() - started < 60
-    _assert_one_line(err.value, layout.staging_dir)
+    layout, err = _download_ends_with_disk_full(tmp_path)
+    _assert_one_line(err, layout.staging_dir)
 
 
 def test_a_disk_that_fills_up_under_a_quiet_retry_is_caught_by_the_watcher(tmp_path, monkeypatch):
     """img2dataset's reader retries a failing write 100 times, silently: the watcher sees the disk is full."""
     monkeypatch.setattr(download_driver, "free_bytes", lambda folder: 100_000)
     monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 100_000)
-    with ImageServer(_routes()) as server:
-        layout = _selected(tmp_path / "build")
-        started = time.monotonic()
-        with pytest.raises(DiskFull) as err:
-            download_selected(layout.root, _cfg(server))
-    assert time.monotonic() - started < 60
-    _assert_one_line(err.value, layout.staging_dir)
-    assert "97.7 KB free" in str(err.value)
+    layout, err = _download_ends_with_disk_full(tmp_path)
+    _assert_one_line(err, layout.staging_dir)
+    assert "97.7 KB free" in str(err)
 
 
 def test_enospc_in_the_build_process_writes_is_one_line(tmp_path, monkeypatch):
