@@ -84,6 +84,9 @@ class OVSegConfig:
             is classified against the prompts "a photo of a {class}." of every class of `entity_vocabulary`, with
             its caption's entities (curation's parse, the same labels MEC's answers use) as soft targets: once on
             the image embedding and once on the best-matching group per class (see `OVSegmentor.entity_loss`).
+        unclaimed_group_weight: within the entity-prompt loss (not in the paper), weight of the term that pushes the
+            groups no caption entity claims towards a flat class distribution (`losses.unclaimed_group_loss`), so
+            that background groups stay below zero-shot's background threshold. 0 = off.
         entity_vocabulary: curation vocabulary version whose classes the entity-prompt loss scores (manifests).
         bn_stats: which features train the projectors' BatchNorm. "pooled" (ours): the image projector's statistics
             come from the pooled image feature only and the text projector's from the [CLS] state only; the group
@@ -123,6 +126,7 @@ class OVSegConfig:
     logit_scale_max: float = 100.0
     visual_init: str | None = None
     entity_prompt_weight: float = 0.0
+    unclaimed_group_weight: float = 0.0
     entity_vocabulary: str = "v1"
     bn_stats: str = "pooled"
 
@@ -169,6 +173,11 @@ class OVSegConfig:
                              f"mask_weight={self.mask_weight})")
         if self.entity_prompt_weight < 0:
             raise ValueError(f"entity_prompt_weight must be >= 0, got {self.entity_prompt_weight}")
+        if self.unclaimed_group_weight < 0:
+            raise ValueError(f"unclaimed_group_weight must be >= 0, got {self.unclaimed_group_weight}")
+        if self.unclaimed_group_weight > 0 and self.entity_prompt_weight == 0:
+            raise ValueError("unclaimed_group_weight is a term of the entity-prompt loss: it needs "
+                             "entity_prompt_weight > 0")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if not 0.0 <= self.group_ratio < 1.0:

@@ -158,6 +158,29 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return soft_target_nll(F.log_softmax(logits, dim=-1), targets, valid)
 
 
+def unclaimed_group_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Push the groups that no caption entity claims towards "no class": KL(uniform || p) over the classes.
+
+    Args:
+        log_probs: (B, G, V) each group's log-softmax over the V class prompts.
+        targets: (B, V) multi-hot caption entities.
+
+    A group is claimed when it is the most sure group of one of its row's entities (what the entity-prompt loss's
+    group term trains). The others cover background or repeat an object, and zero-shot segmentation thresholds a
+    group's best class probability to call it background: a flat distribution is what lets it. Rows without an
+    entity are left out; the mean runs over the unclaimed groups of all ranks (`global_masked_mean`).
+    """
+    if log_probs.dim() != 3 or targets.shape != (log_probs.shape[0], log_probs.shape[2]):
+        raise ValueError(f"expected (B, G, V) log-probs and (B, V) targets, got {log_probs.shape} and {targets.shape}")
+    num_groups, num_classes = log_probs.shape[1], log_probs.shape[2]
+    with torch.no_grad():
+        best = F.one_hot(log_probs.argmax(dim=1), num_groups)  # (B, V, G): each class's most sure group
+        claimed = (best * (targets > 0)[..., None]).amax(dim=1) > 0  # (B, G)
+        keep = (targets > 0).any(dim=1, keepdim=True) & ~claimed
+    kl_from_uniform = -log_probs.mean(dim=-1) - float(np.log(num_classes))  # (B, G), >= 0
+    return global_masked_mean(kl_from_uniform.flatten(), keep.flatten())
+
+
 @torch.no_grad()
 def hungarian_match(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-to-one matching of the G masks of a with the G masks of b, per batch row.

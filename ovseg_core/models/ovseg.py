@@ -45,7 +45,8 @@ from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
-from ovseg_core.losses import contrastive_loss, mask_consistency_loss, soft_target_cross_entropy, soft_target_nll
+from ovseg_core.losses import (contrastive_loss, mask_consistency_loss, soft_target_cross_entropy, soft_target_nll,
+                               unclaimed_group_loss)
 from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
 from ovseg_core.models.text import TextEncoder
@@ -311,8 +312,11 @@ class OVSegmentor(nn.Module):
             prompts = F.normalize(self.text_proj(self.text(self.entity_prompt_ids, self.entity_prompt_mask)[:, 0]),
                                   dim=-1)  # (V, D)
         image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t(), targets)
-        best_group = F.log_softmax(scale * image_out.group_emb @ prompts.t(), dim=-1).amax(dim=1)  # (B, V)
-        return 0.5 * (image_term + soft_target_nll(best_group, targets))
+        group_log_probs = F.log_softmax(scale * image_out.group_emb @ prompts.t(), dim=-1)  # (B, G, V)
+        loss = 0.5 * (image_term + soft_target_nll(group_log_probs.amax(dim=1), targets))
+        if self.cfg.unclaimed_group_weight > 0:
+            loss = loss + self.cfg.unclaimed_group_weight * unclaimed_group_loss(group_log_probs, targets)
+        return loss
 
     def cross_image_masks(self, feats: VisionFeatures, partner_image: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor]:

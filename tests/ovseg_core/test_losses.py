@@ -167,3 +167,23 @@ def test_soft_target_cross_entropy_hand_computed_and_skips_rows_without_positive
     assert empty.item() == 0.0 and empty.requires_grad
     with pytest.raises(ValueError, match="same|one shape"):
         soft_target_cross_entropy(logits, targets[:, :2])
+
+
+def test_unclaimed_group_loss_flattens_only_the_groups_no_entity_claims():
+    from ovseg_core.losses import unclaimed_group_loss
+
+    # row 0: entity class 1; group 0 is most sure of it (claimed), groups 1 and 2 are not.
+    # row 1: no entity -> left out entirely.
+    logits = torch.tensor([[[0.0, 3.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                           [[5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    targets = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    log_probs = F.log_softmax(logits, dim=-1)
+    loss = unclaimed_group_loss(log_probs, targets)
+    kl = -log_probs[0, 1].mean() - math.log(4)  # group 2 is uniform: its KL is 0
+    assert torch.allclose(loss, kl / 2)
+    loss.backward()
+    assert logits.grad[0, 0].abs().sum() == 0  # the claimed group is left alone
+    assert logits.grad[1].abs().sum() == 0  # the row without an entity too
+    assert logits.grad[0, 1].abs().sum() > 0
+    with pytest.raises(ValueError, match="expected"):
+        unclaimed_group_loss(log_probs[0], targets)

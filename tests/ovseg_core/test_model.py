@@ -7,11 +7,13 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 import ovseg_core
 from ovseg_core import OVSegConfig, create_model, list_models
+from ovseg_core.losses import unclaimed_group_loss
 from ovseg_core.models.text import TextModelNotFoundError, load_text_backbone
 
 B = 4
@@ -334,3 +336,28 @@ def test_entity_prompt_loss_trains_groups_image_and_text_projectors():
     with pytest.raises(ValueError, match="entity_targets has 5 classes"):
         model.entity_loss(model.encode_image(batch["image"]), torch.zeros(B, 5), model.scale())
 
+
+
+def test_unclaimed_group_term_adds_to_the_entity_loss_and_needs_it():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0).eval()
+    batch = make_batch(model)
+    targets = torch.zeros(B, len(model.entity_classes))
+    targets[0, model.entity_classes.index("dog")] = 1.0
+    image_out = model.encode_image(batch["image"])
+    plain = model.entity_loss(image_out, targets, model.scale())
+    object.__setattr__(model.cfg, "unclaimed_group_weight", 2.0)
+    with_term = model.entity_loss(image_out, targets, model.scale())
+    group_log_probs = F.log_softmax(model.scale() * image_out.group_emb @ _prompt_embeddings(model).t(), dim=-1)
+    expected = plain + 2.0 * unclaimed_group_loss(group_log_probs, targets)
+    assert with_term > plain and torch.allclose(with_term, expected)
+    with pytest.raises(ValueError, match="needs entity_prompt_weight"):
+        create_model("tiny", text_pretrained=False, unclaimed_group_weight=1.0)
+
+
+def _prompt_embeddings(model):
+    from ovseg_core.layers.mlp import batchnorm_frozen
+
+    with torch.no_grad(), batchnorm_frozen(model.text_proj):
+        states = model.text(model.entity_prompt_ids, model.entity_prompt_mask)[:, 0]
+        return F.normalize(model.text_proj(states), dim=-1)
