@@ -57,3 +57,14 @@ def test_a_broken_loss_shows_up_as_a_lost_row(tmp_path, mec_gain, mask_gain, los
     # One seed reversing is enough to lose the row.
     good["ITC + MEC"][1]["fresh"] = dict(good["ITC + MEC"][1]["fresh"], miou=0.0)
     assert check(good, ["ITC + MEC > ITC only"]) == ["ITC + MEC > ITC only"]
+
+
+def test_the_recipe_rows_carry_the_same_two_claims():
+    runs = []
+    for seed in range(3):
+        runs.append(_result(seed, {"mec_weight": 0, "entity_prompt_weight": 1.0}, 0.25))
+        runs.append(_result(seed, {"entity_prompt_weight": 1.0}, 0.30, 0.29 if seed == 2 else 0.32))
+    table = collect(runs)
+    assert set(table) == {"recipe without MEC", "recipe (+ entity prompts)", "recipe + stage 2"}
+    # seed 2's stage 2 is worse than its stage 1: the stage-2 claim is lost, the MEC claim holds
+    assert check(table, ["recipe > recipe without MEC", "recipe + stage 2 > recipe"]) == ["recipe + stage 2 > recipe"]
