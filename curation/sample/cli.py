@@ -1,6 +1,6 @@
 """`cc4m sample`: render the embedded sample (and optionally serve it) from the command line.
 
-    cc4m sample --out DIR [--rows N] [--image-size 128] [--seed 0] [--serve [--port-file F] [--slow-seconds 6]]
+    cc4m sample --out DIR [--rows N] [--image-size 64] [--seed 0] [--serve [--port-file F] [--slow-seconds 6]]
 
 Prints the SampleInfo as JSON. With --serve, then serves DIR as the sample proxy until SIGTERM/SIGINT; point the
 download stage at it with DownloadConfig(http_proxy=<printed proxy_url>).
@@ -12,14 +12,14 @@ import argparse
 import json
 from dataclasses import asdict
 
-from curation.sample.make import make_sample
+from curation.sample.make import SAMPLE_IMAGE_SIZE, make_sample
 from curation.sample.server import serve_until_signalled
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="sample folder to create (reused when already complete)")
     p.add_argument("--rows", type=int, default=None, help="only the first N bundled rows (default: all 4000)")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=SAMPLE_IMAGE_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve", action="store_true", help="then serve the sample as an HTTP proxy until stopped")
     p.add_argument("--port", type=int, default=0, help="with --serve: port (0 = a free one)")

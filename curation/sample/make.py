@@ -63,6 +63,10 @@ INGEST_ROWS: tuple[tuple[int, str], ...] = (
 FORCED_FAILS_START = 2
 # The eval set scores the classes drawn in at least this many servable training images (see make_sample).
 EVAL_MIN_IMAGES = 15
+# Side of the rendered training and eval images. The textures (3-px stripes, 2-px dots) and shapes are drawn in
+# render pixels, so the tiny model's 64-px input sees them as drawn; rendered at 128 and shrunk to 64 they blurred
+# into flat colours and 7 of the 22 eval classes (all cyan) differed only by a 2-3 patch wide shape (issue 19).
+SAMPLE_IMAGE_SIZE = 64
 
 _TRAIN_STREAM, _EVAL_VAL_STREAM, _EVAL_SELECTION_STREAM, _TRAIN_SCENE_STREAM = 0, 1, 2, 3
 
@@ -259,7 +263,7 @@ def make_sample(
     out_dir: str | Path,
     *,
     n_rows: int | None = None,
-    image_size: int = 128,
+    image_size: int = SAMPLE_IMAGE_SIZE,
     seed: int = 0,
     extractor: ClassExtractor | None = None,
     eval_images: int = 160,
@@ -377,7 +381,7 @@ def _render_training_images(info: SampleInfo, rows: list[CaptionRow], classes_by
         classes = classes_by_row.get(row.sample_id, [])
         n_objects = _scene_objects(info.seed, row.sample_id) if eval_like_scenes else None
         rendered = render_sample(classes, _row_seed(info.seed, _TRAIN_STREAM, row.sample_id), info.image_size,
-                                 n_objects=n_objects)
+                                 n_objects=n_objects, repeat_instances=False)
         (staging / "images" / f"{row.sample_id}.jpg").write_bytes(encode_jpeg(rendered.image))
         (staging / "masks" / f"{row.sample_id}.png").write_bytes(encode_mask_png(rendered.mask))
         drawn_by_row[row.sample_id] = list(rendered.classes)
@@ -458,7 +462,7 @@ def _world_summary(acc: dict[str, list[float]], n_classes: int) -> dict[str, Any
 def make_eval_set(
     out_dir: str | Path,
     n_images: int = 80,
-    image_size: int = 128,
+    image_size: int = SAMPLE_IMAGE_SIZE,
     seed: int = 1,
     *,
     n_selection: int = 40,

@@ -26,10 +26,12 @@ MAX_OBJECTS = 3
 IGNORE_LABEL = 255
 # Bump when the rendering changes: it is part of the sample's done-marker hash, so old samples get rebuilt.
 RENDER_VERSION = "render-v1"
-# The training images' scene rule (make_sample): a caption's classes plus more instances of them until the image
-# holds as many objects as an eval image would (1-3, uniform), so training objects have the eval objects' sizes.
+# The training images' scene rule (make_sample): each caption class drawn once, at the sizes of an image with as
+# many objects as an eval image would hold (1-3, uniform), so training objects have the eval objects' sizes.
+# scenes-v2 filled the remaining places with more instances of the caption's classes; v3 leaves them empty, since
+# an eval image never repeats a class and the unclaimed-group term (ovseg_core) treats a repeat as background.
 # Part of the sample's done-marker; eval images never take this path, so their renders stay render-v1's.
-TRAIN_SCENE_VERSION = "scenes-v2"
+TRAIN_SCENE_VERSION = "scenes-v3"
 
 SHAPES: tuple[str, ...] = (
     "circle",
@@ -191,6 +193,7 @@ def render_sample(
     ignore_border: bool = True,
     vocabulary: str = "v1",
     n_objects: int | None = None,
+    repeat_instances: bool = True,
 ) -> RenderedSample:
     """Render an image showing `classes` (at most MAX_OBJECTS drawn) and its mask; same inputs -> same arrays.
 
@@ -198,7 +201,8 @@ def render_sample(
     `.classes`). An empty list gives a background-only image. `n_objects` (1..MAX_OBJECTS): when the classes are
     fewer, further instances of them are drawn (cycling through the classes) so the image shows `n_objects`
     objects of the sizes an image with that many objects gets; None (eval images) draws each class once and makes
-    no extra random draw, so those renders do not change.
+    no extra random draw, so those renders do not change. `repeat_instances=False` (with `n_objects`): each class is
+    still drawn once, at the sizes and places of an image with `n_objects` objects (the remaining places stay empty).
     """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
@@ -215,9 +219,12 @@ def render_sample(
     image = _background(rng, image_size)
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
     objects = _instances(unique, n_objects)
+    layout = len(objects)
+    if not repeat_instances:
+        objects = unique
     if objects:
         grid = np.arange(image_size, dtype=np.float32) + 0.5
-        for cls, (cx, cy, r) in zip(objects, _place_objects(rng, len(objects), image_size)):
+        for cls, (cx, cy, r) in zip(objects, _place_objects(rng, layout, image_size)):
             look = class_look(index_of[cls])
             # Small rotation and stretch vary instances without changing the shape family.
             angle = rng.uniform(-0.25, 0.25)

@@ -316,9 +316,10 @@ def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
 
     cfg = sample_recipe("b", "o", minutes=2.0, step_seconds=0.5)
     assert cfg.steps == 240 and cfg.time_limit_s == 120.0 and cfg.warmup_steps == 16
-    assert not cfg.scale_lr and cfg.augment == "crop" and cfg.cache_frozen_text and cfg.stage == 1
-    assert dict(cfg.model_overrides)["text_trainable_layers"] == 0 and cfg.repeat_threshold == SAMPLE_RECIPE[
-        "repeat_threshold"]
+    assert not cfg.scale_lr and cfg.augment == "none" and cfg.cache_frozen_text and cfg.stage == 1
+    model = dict(cfg.model_overrides)
+    assert model["text_trainable_layers"] == 0 and model["unclaimed_group_weight"] == 1.0
+    assert cfg.repeat_threshold == SAMPLE_RECIPE["repeat_threshold"]
     assert sample_recipe("b", "o", steps=7, seed=3).steps == 7 and sample_recipe("b", "o", seed=3).seed == 3
     assert sample_recipe("b", "o", epochs=2.0).epochs == 2.0
     with pytest.raises(ValueError, match="minutes"):

@@ -135,3 +135,18 @@ def test_n_objects_draws_more_instances_of_the_caption_classes_and_none_keeps_ol
     assert render_sample(["dog", "car", "cat"], seed=1, n_objects=1).classes == ("dog", "car", "cat")
     with pytest.raises(ValueError, match="n_objects"):
         render_sample(["dog"], seed=1, n_objects=MAX_OBJECTS + 1)
+
+
+def test_without_repeats_each_class_is_drawn_once_at_the_sizes_of_a_fuller_image() -> None:
+    from scipy import ndimage
+
+    label = CLASSES.index("dog") + 1
+    alone = render_sample(["dog"], seed=[0, 0, 3])
+    once = render_sample(["dog"], seed=[0, 0, 3], n_objects=3, repeat_instances=False)
+    assert once.classes == ("dog",)
+    components, instances = ndimage.label(once.mask == label)
+    assert instances == 1
+    # sized for a 3-object image: smaller than the dog of a 1-object image
+    assert (components == 1).sum() < (alone.mask == label).sum()
+    # the eval path (n_objects=None) is not touched by the flag
+    assert np.array_equal(alone.image, render_sample(["dog"], seed=[0, 0, 3], repeat_instances=False).image)
