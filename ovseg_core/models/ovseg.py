@@ -45,8 +45,13 @@ from ovseg_core.config import MINILM_TEXT_MODEL, OVSegConfig
 from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
-from ovseg_core.losses import (contrastive_loss, mask_consistency_loss, soft_target_cross_entropy, soft_target_nll,
-                               unclaimed_group_loss)
+from ovseg_core.losses import (
+    contrastive_loss,
+    mask_consistency_loss,
+    soft_target_cross_entropy,
+    soft_target_nll,
+    unclaimed_group_loss,
+)
 from ovseg_core.models._registry import register_model
 from ovseg_core.models.group_vit import GroupViT, VisionFeatures, load_timm_vit_checkpoint
 from ovseg_core.models.text import TextEncoder
