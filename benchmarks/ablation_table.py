@@ -10,8 +10,8 @@ Each cell is a seed's mIoU on the test split and on the fresh render, with the 9
 images resampled) of its lead over the better baseline (untrained same init, all background).
 
 The claims (issue 19 item 3): "ITC + MEC > ITC only" and "+ mask (stage 2) > ITC + MEC", and the same two inside
-the sample recipe, where the model learns to segment: "recipe > recipe without MEC", "recipe + stage 2 > recipe". A claim HOLDS when the row
-beats the other for every seed both have, on the test split and on the fresh render. `--check` exits 1 when a claim that
+the sample recipe, where the model learns to segment: "recipe > recipe without MEC", "recipe + stage 2 > recipe".
+A claim HOLDS when the row beats the other for every seed both have, on the test split and on the fresh render. `--check` exits 1 when a claim that
 holds in `--expect` (a JSON list of claim names, e.g. the ones the committed table showed holding) is lost, so a
 broken MEC or mask loss shows up as a lost row:
 
@@ -40,9 +40,10 @@ ENTITY_KEYS = ("entity_prompt_weight", "entity_weight")  # the second: results w
 def stage1_row(result: dict[str, Any]) -> str:
     overrides = result.get("model_overrides") or {}
     entity = next((float(overrides[k]) for k in ENTITY_KEYS if k in overrides), 0.0)
+    without_mec = float(overrides.get("mec_weight", 1.0)) == 0
     if entity > 0:
-        return "recipe without MEC" if float(overrides.get("mec_weight", 1.0)) == 0 else "recipe (+ entity prompts)"
-    return "ITC only" if float(overrides.get("mec_weight", 1.0)) == 0 else "ITC + MEC"
+        return "recipe without MEC" if without_mec else "recipe (+ entity prompts)"
+    return "ITC only" if without_mec else "ITC + MEC"
 
 
 def seed_of(result: dict[str, Any]) -> int:
