@@ -285,7 +285,8 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
       - no augmentation ("none": the eval transform): the DeiT colour ops destroy the colour that tells classes
         apart, and a random resized crop (0.4-1) cut whole objects out of an image whose caption still names them,
         which made the entity targets wrong; without it the share of selection objects whose group gets the right
-        class rose from 0.26 to 0.42 in equal time (one seed, docs/demo.md "Screening"; the 3-seed runs showed 0.20-0.26);
+        class rose from 0.26 to 0.42 in equal time (one seed, docs/demo.md "Screening"; the 3-seed runs showed
+        0.20-0.26);
       - frozen text => each distinct text is encoded once (cache_frozen_text, eval mode): ~2x faster steps;
       - repeat-factor sampling over the caption classes (repeat_threshold=0.1, LVIS-style): "people" is in 43% of
         the sample's captions and most classes in < 5, so without it the rare classes are almost never seen;
