@@ -56,6 +56,8 @@ class OVSegConfig:
         patch_norm: LayerNorm after the patch embedding. OVSegmentor sets it false (`vit_s`, `vit_b`): it starts from
             DINO, whose blocks never saw normed patch tokens, and an init file has no weights for that norm.
         gumbel_tau: Gumbel-softmax temperature of the hard assignment in training.
+        gumbel_noise: Gumbel noise on that assignment in training (GroupViT's `gumbel` flag, on in the paper); off, a
+            patch goes to the arg-max group of the clean softmax in training too (straight-through gradients).
         assign_eps: added to the per-group sum over patches when normalising the assignment (GroupViT: 1).
         eval_hard_pooling: in eval mode, pool patches into groups with the deterministic arg-max assignment
             (GroupViT/OVSegmentor behaviour); the exposed `assign` map is the soft one either way.
@@ -108,6 +110,7 @@ class OVSegConfig:
     drop_path_rate: float = 0.1
     patch_norm: bool = True
     gumbel_tau: float = 1.0
+    gumbel_noise: bool = True
     assign_eps: float = 1.0
     eval_hard_pooling: bool = True
     embed_dim_out: int = 256

@@ -50,6 +50,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default="hard",
         help="hard = argmax group per pixel (paper); soft = weight groups by soft assignment",
     )
+    p.add_argument(
+        "--refine",
+        choices=["none", "pamr"],
+        default="none",
+        help="none = the paper's protocol; pamr = refine the scores along image edges (ovseg_core.zero_shot.refine)",
+    )
     p.add_argument("--n-overlays", type=int, default=4)
     p.add_argument("--device", default=None, help="e.g. cpu or cuda; default: where the checkpoint loads")
 
@@ -84,6 +90,7 @@ def cli_eval(args: argparse.Namespace) -> int:
         stride=min(stride, window) if window else None,
         short_side=short_side,
         assignment=args.assignment,
+        refine=args.refine,
         max_images=args.max_images,
         out_dir=out,
         n_overlays=args.n_overlays,

@@ -68,6 +68,7 @@ def evaluate(
     short_side: int | None = 448,
     max_long_side: int | None = 2048,
     assignment: str = "hard",
+    refine: str = "none",
     max_images: int | None = None,
     out_dir: str | Path | None = None,
     overlay_dir: str | Path | None = None,
@@ -120,6 +121,7 @@ def evaluate(
         max_long_side=max_long_side,
         assignment=assignment,
         has_background=dataset.has_background,
+        refine=refine,
     )
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
     matrix, overlays = _score_images(segmenter, dataset, n_images, mean, std, _model_device(model),

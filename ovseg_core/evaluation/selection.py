@@ -27,6 +27,8 @@ DEFAULT_CANDIDATES: dict[str, Sequence[Any]] = {
     "topk": (1, 3, 5),
     "assignment": ("hard", "soft"),
     "scale": (1.0, 2.0),  # test short side / window = scale x model.image_size (stride = half the window)
+    # PAMR (ovseg_core.zero_shot.refine) is not in the paper's protocol: opt in with candidates={"refine": (...)}.
+    "refine": ("none",),
 }
 
 
@@ -41,11 +43,12 @@ def candidate_grid(candidates: dict[str, Sequence[Any]] | None = None) -> list[d
 
 
 def evaluator_kwargs(model: nn.Module, setting: dict[str, Any]) -> dict[str, Any]:
-    """Turn one candidate (bg_thresh, topk, assignment, scale) into `ovseg_core.evaluation.evaluate` kwargs."""
+    """Turn one candidate (bg_thresh, topk, assignment, scale, refine) into `ovseg_core.evaluation.evaluate` kwargs."""
     size = max(int(model.patch_size), round(float(setting["scale"]) * int(model.image_size)))
     size -= size % int(model.patch_size)
     return {"bg_thresh": float(setting["bg_thresh"]), "topk": setting["topk"], "assignment": setting["assignment"],
-            "short_side": size, "window": size, "stride": max(1, size // 2)}
+            "short_side": size, "window": size, "stride": max(1, size // 2),
+            "refine": setting.get("refine", "none")}
 
 
 class ReusedForwards:
@@ -90,7 +93,8 @@ def select_eval_settings(model: nn.Module, selection_dataset: Any,
     Args:
         model: the (trained) model, any mode (evaluation switches to eval mode itself).
         selection_dataset: an `ovseg_core.evaluation` dataset that is NOT the test split (sample: split="train").
-        candidates: {"bg_thresh": [...], "topk": [...], "assignment": [...], "scale": [...]} overrides.
+        candidates: {"bg_thresh": [...], "topk": [...], "assignment": [...], "scale": [...], "refine": [...]}
+            overrides.
         max_images: score only the first N selection images.
         **evaluate_kwargs: passed to every `evaluate` call (e.g. templates, mean/std).
 

@@ -91,13 +91,15 @@ class AssignAttention(nn.Module):
         dim: token width.
         qkv_bias: bias in the q/k/v projections.
         gumbel_tau: Gumbel temperature in training.
+        gumbel_noise: add Gumbel noise to the training assignment (GroupViT's `gumbel` flag); False keeps the hard
+            straight-through arg-max of the clean softmax, the assignment inference uses.
         assign_eps: added to the per-group number of assigned patches before normalising (avoids 0/0 for empty
             groups; GroupViT: 1).
         eval_hard: pool with the arg-max assignment in eval mode (GroupViT) instead of the soft one.
     """
 
     def __init__(self, dim: int, qkv_bias: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0,
-                 eval_hard: bool = True) -> None:
+                 eval_hard: bool = True, gumbel_noise: bool = True) -> None:
         super().__init__()
         self.scale = dim ** -0.5
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -107,15 +109,16 @@ class AssignAttention(nn.Module):
         self.gumbel_tau = gumbel_tau
         self.assign_eps = assign_eps
         self.eval_hard = eval_hard
+        self.gumbel_noise = gumbel_noise
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, GroupingOutput]:
         """query (B, G, C) group tokens, key (B, N, C) patch tokens -> pooled (B, G, C) and the assignment."""
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(key)
         logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, G, N)
         soft = logits.softmax(dim=-2)
-        if self.training:
+        if self.training and self.gumbel_noise:
             assign = gumbel_softmax(logits, tau=self.gumbel_tau, hard=True, dim=-2)
-        elif self.eval_hard:
+        elif self.training or self.eval_hard:
             assign = straight_through_one_hot(soft, dim=-2)
         else:
             assign = soft
@@ -137,11 +140,12 @@ class GroupingBlock(nn.Module):
         gumbel_tau: Gumbel temperature of the hard assignment in training.
         assign_eps: see AssignAttention.
         eval_hard: see AssignAttention.
+        gumbel_noise: see AssignAttention.
     """
 
     def __init__(self, dim: int, num_heads: int, num_group_tokens: int, num_output_groups: int,
                  mlp_ratio: tuple[float, float] = (0.5, 4.0), gumbel_tau: float = 1.0, assign_eps: float = 1.0,
-                 eval_hard: bool = True) -> None:
+                 eval_hard: bool = True, gumbel_noise: bool = True) -> None:
         super().__init__()
         tokens_hidden, channels_hidden = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.num_output_groups = num_output_groups
@@ -151,7 +155,7 @@ class GroupingBlock(nn.Module):
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign_attn = CrossAttnBlock(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, post_norm=True)
         self.assign = AssignAttention(dim, qkv_bias=True, gumbel_tau=gumbel_tau, assign_eps=assign_eps,
-                                      eval_hard=eval_hard)
+                                      eval_hard=eval_hard, gumbel_noise=gumbel_noise)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_hidden, dim)
 

@@ -59,13 +59,14 @@ class GroupViT(nn.Module):
         gumbel_tau: Gumbel temperature of the hard assignment.
         assign_eps: assignment normaliser epsilon.
         eval_hard_pooling: arg-max pooling in eval mode.
+        gumbel_noise: Gumbel noise on the training assignment (see AssignAttention).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depths: tuple[int, int] = (6, 6), num_heads: int = 6, mlp_ratio: float = 4.0,
                  num_group_tokens: int = 64, num_groups: int = 8, drop_path_rate: float = 0.0,
                  patch_norm: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0,
-                 eval_hard_pooling: bool = True) -> None:
+                 eval_hard_pooling: bool = True, gumbel_noise: bool = True) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = patch_size
@@ -81,7 +82,8 @@ class GroupViT(nn.Module):
         self.blocks1 = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i]) for i in range(depths[0]))
         self.grouping = GroupingBlock(embed_dim, num_heads, num_group_tokens, num_groups, gumbel_tau=gumbel_tau,
-                                      assign_eps=assign_eps, eval_hard=eval_hard_pooling)
+                                      assign_eps=assign_eps, eval_hard=eval_hard_pooling,
+                                      gumbel_noise=gumbel_noise)
         self.blocks2 = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[depths[0] + i])
             for i in range(depths[1]))

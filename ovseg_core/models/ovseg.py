@@ -129,7 +129,7 @@ class OVSegmentor(nn.Module):
                                depths=cfg.depths, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                                num_group_tokens=cfg.num_group_tokens, num_groups=cfg.num_groups,
                                drop_path_rate=cfg.drop_path_rate, patch_norm=cfg.patch_norm,
-                               gumbel_tau=cfg.gumbel_tau, assign_eps=cfg.assign_eps,
+                               gumbel_tau=cfg.gumbel_tau, gumbel_noise=cfg.gumbel_noise, assign_eps=cfg.assign_eps,
                                eval_hard_pooling=cfg.eval_hard_pooling)
         self.text = TextEncoder(cfg.text_model, pretrained=cfg.text_pretrained,
                                 trainable_layers=cfg.text_trainable_layers, num_layers=cfg.text_num_layers)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg_core.zero_shot.classifier import build_zero_shot_classifier, eval_mode
+from ovseg_core.zero_shot.refine import REFINE_MODES, pamr
 from ovseg_core.zero_shot.templates import BACKGROUND, SEGMENTATION_TEMPLATES
 
 MAX_LOGIT_SCALE = 100.0
@@ -60,6 +61,7 @@ class SegmenterConfig:
     max_long_side: int | None = 2048
     assignment: str = "hard"
     window_batch_size: int = 8
+    refine: str = "none"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.bg_thresh <= 1.0:
@@ -82,6 +84,8 @@ class SegmenterConfig:
             raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {self.assignment!r}")
         if self.window_batch_size < 1:
             raise ValueError(f"window_batch_size must be >= 1, got {self.window_batch_size}")
+        if self.refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {REFINE_MODES}, got {self.refine!r}")
 
     @property
     def effective_stride(self) -> int | None:
@@ -131,6 +135,8 @@ class ZeroShotSegmenter:
         templates: prompt templates (default: the single "a photo of a {}." used for segmentation).
         bg_thresh, topk, window, stride, short_side, max_long_side, assignment, window_batch_size:
             see ``SegmenterConfig`` and the module docstring.
+        refine: "none" (the paper's protocol) or "pamr": the scores at the original size are refined along the
+            image's edges (``ovseg_core.zero_shot.refine``) before the arg-max.
         has_background: whether label 0 is a thresholded background class; ``None`` infers it from
             ``classnames[0] == "background"`` (GroupViT's rule).
         text_batch_size: prompts per text-encoder call when building the classifier.
@@ -154,6 +160,7 @@ class ZeroShotSegmenter:
         has_background: bool | None = None,
         window_batch_size: int = 8,
         text_batch_size: int = 256,
+        refine: str = "none",
     ) -> None:
         self.config = SegmenterConfig(
             bg_thresh=bg_thresh,
@@ -164,6 +171,7 @@ class ZeroShotSegmenter:
             max_long_side=max_long_side,
             assignment=assignment,
             window_batch_size=window_batch_size,
+            refine=refine,
         )
         self.model = model
         self.classnames = tuple(classnames)
@@ -217,6 +225,8 @@ class ZeroShotSegmenter:
             logits = self._slide(x) if cfg.window is not None else self._score_crops(x[None])[0]
         if size != (height, width):
             logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        if cfg.refine == "pamr":
+            logits = pamr(image[None].to(logits.device), logits[None])[0]
         return logits.float().cpu()
 
     def _slide(self, image: Tensor) -> Tensor:

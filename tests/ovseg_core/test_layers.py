@@ -51,6 +51,21 @@ def test_assign_attention_soft_eval_pooling_option():
     assert torch.equal(info.assign, info.soft_assign)
 
 
+def test_assign_attention_without_gumbel_noise_trains_on_the_clean_arg_max():
+    torch.manual_seed(0)
+    groups, patches = torch.randn(2, 4, 16), torch.randn(2, 30, 16)
+    clean = AssignAttention(16, gumbel_noise=False).train()
+    noisy = AssignAttention(16).train()
+    noisy.load_state_dict(clean.state_dict())
+    _, info = clean(groups, patches)
+    arg_max = torch.zeros_like(info.soft_assign).scatter_(1, info.soft_assign.argmax(1, keepdim=True), 1.0)
+    assert torch.equal(info.assign.detach(), arg_max)  # every call, no noise
+    info.assign.mul(torch.randn_like(info.assign)).sum().backward()
+    assert clean.q_proj.weight.grad.abs().sum() > 0  # straight-through gradients still reach the assignment
+    draws = [noisy(groups, patches)[1].assign.detach() for _ in range(5)]
+    assert any(not torch.equal(d, arg_max) for d in draws)  # the paper's default keeps the Gumbel noise
+
+
 def test_grouping_block_shapes_and_group_count():
     block = GroupingBlock(dim=32, num_heads=4, num_group_tokens=16, num_output_groups=4).eval()
     info = block(torch.randn(3, 25, 32), torch.randn(3, 16, 32))

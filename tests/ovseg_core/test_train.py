@@ -237,8 +237,9 @@ def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path)
     split_dir = tmp_path / "ImageSets" / "Segmentation"
     shutil.copyfile(split_dir / "val.txt", split_dir / "train.txt")
     selection = load_dataset("sample", tmp_path, split="train")
-    cands = {"bg_thresh": (0.0, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,)}
+    cands = {"bg_thresh": (0.0, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,), "refine": ("none",)}
     assert len(candidate_grid(cands)) == 4
+    assert len(candidate_grid({**cands, "refine": ("none", "pamr")})) == 8
     with pytest.raises(ValueError, match="unknown candidate"):
         candidate_grid({"window": (3,)})
     out = select_eval_settings(CodeModel(), selection, cands, **CODE_NORM)
@@ -246,7 +247,7 @@ def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path)
     # bg_thresh 0 leaves no background, so only 0.95 segments the code images perfectly; topk=1 keeps one class
     assert out["selection_mIoU"] == pytest.approx(1.0)
     assert out["chosen"] == {"bg_thresh": 0.95, "topk": None, "assignment": "hard", "short_side": 16, "window": 16,
-                             "stride": 8}
+                             "stride": 8, "refine": "none"}
     assert max(s["mIoU"] for s in out["scores"] if s["bg_thresh"] == 0.0) < 1.0
     with pytest.raises(ValueError, match="selection split"):
         select_eval_settings(CodeModel(), load_dataset("sample", tmp_path, split="val"), cands, **CODE_NORM)
@@ -275,18 +276,18 @@ def test_selection_reuses_forwards_and_scores_exactly_like_plain_evaluation(tmp_
             self.image_calls += 1
             return super().encode_image(images)
 
-    cands = {"bg_thresh": (0.0, 0.5, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,)}
+    cands = {"bg_thresh": (0.0, 0.5, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,),
+             "refine": ("none", "pamr")}
     model = CountingModel()
     out = select_eval_settings(model, selection, cands, **CODE_NORM)
     swept = model.image_calls
-    for cand, score in zip(
-            [dict(zip(("bg_thresh", "topk"), bt)) for bt in ((0.0, 1), (0.0, None), (0.5, 1), (0.5, None),
-                                                              (0.95, 1), (0.95, None))], out["scores"]):
+    assert [(s["bg_thresh"], s["topk"], s["refine"]) for s in out["scores"]] == [
+        (b, t, r) for b in (0.0, 0.5, 0.95) for t in (1, None) for r in ("none", "pamr")]
+    for score in out["scores"]:
         model.image_calls = 0
-        plain = evaluate(model, selection, n_overlays=0, **CODE_NORM,
-                         **evaluator_kwargs(model, {**cand, "assignment": "hard", "scale": 1.0}))
-        assert plain["mIoU"] == pytest.approx(score["mIoU"]) and score["bg_thresh"] == cand["bg_thresh"]
-    # six candidates share one forward per crop
+        plain = evaluate(model, selection, n_overlays=0, **CODE_NORM, **evaluator_kwargs(model, score))
+        assert plain["mIoU"] == pytest.approx(score["mIoU"])
+    # twelve candidates share one forward per crop
     assert swept == model.image_calls
 
 

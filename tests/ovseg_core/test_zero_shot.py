@@ -278,3 +278,55 @@ def test_invalid_settings_are_rejected():
         ZeroShotSegmenter(model, ("background",))
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         ZeroShotSegmenter(model, CLASSES).predict(torch.zeros(1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------ PAMR refinement (ovseg_core.zero_shot.refine)
+
+
+def edge_image(width: int = 32, edge: int = 13, seed: int = 0) -> torch.Tensor:
+    """(1, 3, W, W): dark left of column `edge`, bright from it on, with a little pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(1, 3, width, width)
+    image[..., edge:] = 1.0
+    return image + 0.02 * torch.randn(image.shape, generator=g)
+
+
+def test_pamr_affinity_is_a_distribution_that_ignores_the_other_side_of_an_edge():
+    from ovseg_core.zero_shot.refine import pixel_affinity
+
+    image = edge_image()
+    weights = pixel_affinity(image, dilations=(1, 2))
+    assert weights.shape == (1, 16, 32, 32)
+    torch.testing.assert_close(weights.sum(1), torch.ones(1, 32, 32))
+    # Pixel (5, 12) sits left of the edge; its right neighbours at dilations 1 and 2 (columns 13, 14) are bright.
+    right = [2, 4, 7, 8 + 2, 8 + 4, 8 + 7]  # offsets (-1, +1), (0, +1), (+1, +1) at each dilation
+    assert weights[0, right, 5, 12].sum() < 1e-3 and weights[0, :, 5, 12].max() > 0.05
+
+
+def test_pamr_snaps_blurred_scores_to_the_image_edge_and_keeps_flat_scores():
+    from ovseg_core.zero_shot.refine import pamr
+
+    image = edge_image()
+    # Class 1's score ramps up over columns 9..20 (a bilinearly upsampled patch grid): its 0.5 crossing is at
+    # column 15 (a tie, which arg-max gives class 0): columns 13-15 start on the wrong side of the edge at 13.
+    ramp = ((torch.arange(32, dtype=torch.float32) - 9) / 12).clamp(0, 1).expand(1, 1, 32, 32)
+    scores = torch.cat([1 - ramp, ramp], dim=1)
+    before = scores.argmax(1)
+    after = pamr(image, scores, iterations=10, dilations=(1, 2, 4, 8)).argmax(1)
+    truth = (torch.arange(32) >= 13).long().expand(1, 32, 32)
+    assert (before != truth).sum() == 3 * 32 and torch.equal(after, truth)
+    flat = torch.full((1, 2, 32, 32), 0.25)
+    torch.testing.assert_close(pamr(image, flat), flat)
+    with pytest.raises(ValueError, match="share"):
+        pamr(image, scores[..., :16])
+
+
+def test_segmenter_refine_option_is_validated_recorded_and_keeps_aligned_regions():
+    model = make_stripe_model()
+    image = stripes_image([0, 1, 2], stripe=16, height=16)
+    plain = ZeroShotSegmenter(model, CLASSES, topk=None).predict(image)
+    seg = ZeroShotSegmenter(model, CLASSES, topk=None, refine="pamr")
+    assert seg.settings()["refine"] == "pamr"
+    assert torch.equal(seg.predict(image), plain)  # the stripes already follow the image's edges
+    with pytest.raises(ValueError, match="refine"):
+        ZeroShotSegmenter(model, CLASSES, refine="crf")
