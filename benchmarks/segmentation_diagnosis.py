@@ -5,8 +5,12 @@ For a checkpoint and an eval split (use the SELECTION split, `train`, to decide 
                           label of its pixels: what perfect classification of these groups would score;
   object_group_top1_acc   share of ground-truth objects whose majority group's best class (group embedding against
                           the "a photo of a {class}." prompts) is the object's class;
+  object_group_purity     mean over objects of the share of their majority group's labelled pixels that are the
+                          object: how much of what the classifier sees of an object is the object;
   image_top3_recall       share of objects whose class is among the image embedding's top 3;
   groups_used             distinct groups per image.
+`--untrained-seed S` also diagnoses the checkpoint's model untrained (same preset and overrides, weights as
+`train()` builds them with seed S): whether training moved the grouping at all.
 
     python benchmarks/segmentation_diagnosis.py CHECKPOINT EVAL_ROOT --split train --images 40 --sizes 64,128
 """
@@ -35,7 +39,7 @@ def diagnose(model, dataset, size: int, n_images: int) -> dict[str, float]:
     with torch.no_grad():
         text = build_zero_shot_classifier(model, dataset.classnames[1:], SEGMENTATION_TEMPLATES)
     scale = model.logit_scale.exp().clamp(max=100).item()
-    oracle, recall, group_right, used = ConfusionMatrix(dataset.num_classes), [], [], []
+    oracle, recall, group_right, used, purity = ConfusionMatrix(dataset.num_classes), [], [], [], []
     for index in range(min(n_images, len(dataset))):
         sample = dataset[index]
         label = np.asarray(sample.label)
@@ -55,9 +59,12 @@ def diagnose(model, dataset, size: int, n_images: int) -> dict[str, float]:
         top3 = set(((scale * F.normalize(out.image_emb[0], dim=-1) @ text.T).topk(3).indices + 1).tolist())
         for cls in set(np.unique(label).tolist()) - {0, 255}:
             recall.append(cls in top3)
-            group_right.append(group_class[np.bincount(group[label == cls]).argmax()] == cls)
+            majority = np.bincount(group[label == cls]).argmax()
+            group_right.append(group_class[majority] == cls)
+            purity.append(float(np.mean(label[(group == majority) & (label != 255)] == cls)))
     return {"size": size, "grouping_oracle_mIoU": round(float(oracle.compute().miou), 4),
             "object_group_top1_acc": round(float(np.mean(group_right)), 3),
+            "object_group_purity": round(float(np.mean(purity)), 3),
             "image_top3_recall": round(float(np.mean(recall)), 3), "groups_used": round(float(np.mean(used)), 2)}
 
 
@@ -69,16 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=40)
     p.add_argument("--sizes", default="64,128", help="input sizes, multiples of the patch size")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--untrained-seed", type=int, default=None,
+                   help="also diagnose the same model untrained, initialised as train() does with this seed")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ovseg_core.evaluation.datasets import load_dataset
     from ovseg_core.models.checkpoint import load_model_from_checkpoint
 
-    model = load_model_from_checkpoint(args.checkpoint).eval()
+    models = {"trained": load_model_from_checkpoint(args.checkpoint).eval()}
+    if args.untrained_seed is not None:
+        models["untrained"] = untrained_like(args.checkpoint, args.untrained_seed).eval()
     dataset = load_dataset("sample", args.eval_root, split=args.split)
-    for size in (int(s) for s in args.sizes.split(",")):
-        print(json.dumps(diagnose(model, dataset, size, args.images)))
+    for name, model in models.items():
+        for size in (int(s) for s in args.sizes.split(",")):
+            print(json.dumps({"model": name, **diagnose(model, dataset, size, args.images)}))
     return 0
+
+
+def untrained_like(checkpoint: str, seed: int) -> torch.nn.Module:
+    """The checkpoint's preset and model overrides, freshly initialised exactly as train() does with `seed`."""
+    from ovseg_core import create_model
+
+    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["train_config"]
+    torch.manual_seed(seed)
+    return create_model(config.get("preset", "tiny"), **dict(config.get("model_overrides", ())))
 
 
 if __name__ == "__main__":
