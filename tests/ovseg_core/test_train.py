@@ -312,6 +312,25 @@ def test_lr_scales_split_groups_and_scale_the_schedule():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_sample_recipe_trains_the_grouping_assignment_at_full_lr_and_the_rest_of_the_front_end_slower():
+    from ovseg_core import create_model
+    from ovseg_core.train.config import sample_recipe
+
+    cfg = sample_recipe("b", "o", minutes=1.0)
+    model = create_model(cfg.preset, text_pretrained=False, **dict(cfg.model_overrides))
+    opt = build_optimizer(model, cfg)
+    CosineWarmupSchedule(opt, total_steps=10, warmup_steps=0, lrs=scaled_lrs(cfg))
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assign = [n for n in named if n.startswith("visual.grouping.assign.")]
+    front = [n for n in named if n.startswith(("visual.patch_embed.", "visual.blocks1.", "visual.grouping."))
+             and n not in assign]
+    assert {"visual.grouping.assign.q_proj.weight", "visual.grouping.assign.k_proj.weight"} <= set(assign) and front
+    assert all(by_param[id(named[n])] == pytest.approx(cfg.base_lr) for n in assign)
+    assert all(by_param[id(named[n])] == pytest.approx(0.3 * cfg.base_lr) for n in front)
+    assert by_param[id(named["visual.blocks2.0.mlp.fc1.weight"])] == pytest.approx(cfg.base_lr)
+
+
 def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
     from ovseg_core.train.config import SAMPLE_RECIPE, sample_recipe
 
