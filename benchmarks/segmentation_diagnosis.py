@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 def untrained_like(checkpoint: str, seed: int) -> torch.nn.Module:
     """The checkpoint's preset and model overrides, freshly initialised exactly as train() does with `seed`."""
     from ovseg_core import create_model
+    from ovseg_core.models.checkpoint import load_checkpoint
 
-    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["train_config"]
+    config = load_checkpoint(checkpoint)["train_config"]
     torch.manual_seed(seed)
     return create_model(config.get("preset", "tiny"), **dict(config.get("model_overrides", ())))
 
