@@ -6,11 +6,15 @@ Reads bench_learning.py result JSONs (one per row and seed) and sorts them into 
   + mask (stage 2)   the same run's stage-2 checkpoint (per_checkpoint_scores.stage2), when it has one
   recipe without MEC the sample recipe with mec_weight=0 (the paper's MEC ablation, made where the model learns)
   recipe             the sample recipe (entity-prompt loss on), stage 1, and its stage 2 when present
+  recipe + stage 2 without the mask
+                     a run with mask_weight=0: its stage 2 is the same steps at the same lr with no mask term (the
+                     control that tells the mask's own part from the extra steps'); its stage 1 is not a row
 Each cell is a seed's mIoU on the test split and on the fresh render, with the 95% paired-bootstrap interval (test
 images resampled) of its lead over the better baseline (untrained same init, all background).
 
 The claims (issue 19 item 3): "ITC + MEC > ITC only" and "+ mask (stage 2) > ITC + MEC", and the same two inside
-the sample recipe, where the model learns to segment: "recipe > recipe without MEC", "recipe + stage 2 > recipe".
+the sample recipe, where the model learns to segment: "recipe > recipe without MEC", "recipe + stage 2 > recipe",
+and "recipe + stage 2 > recipe + stage 2 without the mask" (the gain is the mask's, not the extra steps').
 A claim HOLDS when the row beats the other for every seed both have, on the test split and on the fresh render. `--check` exits 1 when a claim that
 holds in `--expect` (a JSON list of claim names, e.g. the ones the committed table showed holding) is lost, so a
 broken MEC or mask loss shows up as a lost row:
@@ -29,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 ROWS = ("ITC only", "ITC + MEC", "+ mask (stage 2)", "recipe without MEC", "recipe (+ entity prompts)",
-        "recipe + stage 2")
+        "recipe + stage 2", "recipe + stage 2 without the mask")
 CLAIMS = {"ITC + MEC > ITC only": ("ITC + MEC", "ITC only"),
           "+ mask (stage 2) > ITC + MEC": ("+ mask (stage 2)", "ITC + MEC"),
           "recipe > recipe without MEC": ("recipe (+ entity prompts)", "recipe without MEC"),
-          "recipe + stage 2 > recipe": ("recipe + stage 2", "recipe (+ entity prompts)")}
+          "recipe + stage 2 > recipe": ("recipe + stage 2", "recipe (+ entity prompts)"),
+          "recipe + stage 2 > recipe + stage 2 without the mask": ("recipe + stage 2",
+                                                                    "recipe + stage 2 without the mask")}
 ENTITY_KEYS = ("entity_prompt_weight", "entity_weight")  # the second: results written before the rename
 
 
@@ -44,6 +50,10 @@ def stage1_row(result: dict[str, Any]) -> str:
     if entity > 0:
         return "recipe without MEC" if without_mec else "recipe (+ entity prompts)"
     return "ITC only" if without_mec else "ITC + MEC"
+
+
+def without_mask(result: dict[str, Any]) -> bool:
+    return float((result.get("model_overrides") or {}).get("mask_weight", 1.0)) == 0
 
 
 def seed_of(result: dict[str, Any]) -> int:
@@ -67,6 +77,11 @@ def collect(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]
     for result in results:
         row, seed = stage1_row(result), seed_of(result)
         per_checkpoint = result["per_checkpoint_scores"]
+        if without_mask(result):  # the stage-2 control: only its stage 2 is a row
+            if "stage2" in per_checkpoint:
+                table[f"{row} + stage 2 without the mask".replace(" (+ entity prompts)", "")][seed] = {
+                    split: cell(per_checkpoint["stage2"], split) for split in ("test", "fresh")}
+            continue
         table[row][seed] = {split: cell(per_checkpoint["stage1"], split) for split in ("test", "fresh")}
         if "stage2" in per_checkpoint:
             row2 = {"ITC + MEC": "+ mask (stage 2)", "recipe (+ entity prompts)": "recipe + stage 2"}.get(

@@ -68,3 +68,17 @@ def test_the_recipe_rows_carry_the_same_two_claims():
     assert set(table) == {"recipe without MEC", "recipe (+ entity prompts)", "recipe + stage 2"}
     # seed 2's stage 2 is worse than its stage 1: the stage-2 claim is lost, the MEC claim holds
     assert check(table, ["recipe > recipe without MEC", "recipe + stage 2 > recipe"]) == ["recipe + stage 2 > recipe"]
+
+
+def test_the_no_mask_control_is_its_own_row_and_tells_the_mask_from_the_extra_steps():
+    runs = []
+    for seed in range(3):
+        runs.append(_result(seed, {"entity_prompt_weight": 1.0}, 0.30, 0.33))
+        # the control's stage 1 (0.99) must not overwrite the recipe row; its stage 2 gains as much as the mask's
+        runs.append(_result(seed, {"entity_prompt_weight": 1.0, "mask_weight": 0}, 0.99, 0.33 - 0.01 * (seed == 1)))
+    table = collect(runs)
+    assert set(table) == {"recipe (+ entity prompts)", "recipe + stage 2", "recipe + stage 2 without the mask"}
+    assert table["recipe (+ entity prompts)"][0]["test"]["miou"] == 0.30
+    mask_claim = "recipe + stage 2 > recipe + stage 2 without the mask"
+    # stage 2 beats stage 1, but the control ties on seeds 0 and 2: the mask's own gain does not hold
+    assert check(table, ["recipe + stage 2 > recipe", mask_claim]) == [mask_claim]
