@@ -82,3 +82,15 @@ def test_the_no_mask_control_is_its_own_row_and_tells_the_mask_from_the_extra_st
     mask_claim = "recipe + stage 2 > recipe + stage 2 without the mask"
     # stage 2 beats stage 1, but the control ties on seeds 0 and 2: the mask's own gain does not hold
     assert check(table, ["recipe + stage 2 > recipe", mask_claim]) == [mask_claim]
+
+
+def test_a_row_that_stops_beating_the_baselines_is_lost():
+    runs = [_result(seed, {"entity_prompt_weight": 1.0}, 0.30, 0.31) for seed in range(3)]
+    table = collect(runs)
+    assert check(table, ["recipe (+ entity prompts) learns", "recipe + stage 2 learns"]) == []
+    # seed 1's fresh render falls to the baselines: its interval reaches 0, the row is lost
+    table["recipe + stage 2"][1]["fresh"] = dict(table["recipe + stage 2"][1]["fresh"], low=-0.01)
+    assert check(table, ["recipe (+ entity prompts) learns", "recipe + stage 2 learns"]) == ["recipe + stage 2 learns"]
+    assert check(table, ["recipe without MEC learns"]) == ["recipe without MEC learns"]  # not measured: not held
+    with pytest.raises(ValueError, match="unknown claims"):
+        check(table, ["recipe flies"])
