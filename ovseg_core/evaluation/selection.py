@@ -21,12 +21,15 @@ from ovseg_core.evaluation.evaluate import evaluate
 
 # bg_thresh 0.95 is the VOC protocol value: with 73 classes and a small model every class probability is far below
 # it, so the background rule degenerates to "only the most confident group of each crop is foreground"; lower
-# values let more groups through. Test sizes: 2x the training size is the paper's convention (224 -> 448).
+# values let more groups through. topk None keeps every class (GroupViT's rule for datasets of <= 5 classes): when
+# the image-level ranking is weaker than the groups' own scores, restricting to its top k only removes right answers.
+# Test sizes: 2x the training size is the paper's convention (224 -> 448); 1.5x lies between a grid fine enough to
+# follow object outlines and the training scale the patch features (textures) were learned at.
 DEFAULT_CANDIDATES: dict[str, Sequence[Any]] = {
     "bg_thresh": (0.05, 0.1, 0.2, 0.3, 0.5, 0.95),
-    "topk": (1, 3, 5),
+    "topk": (1, 3, 5, None),
     "assignment": ("hard", "soft"),
-    "scale": (1.0, 2.0),  # test short side / window = scale x model.image_size (stride = half the window)
+    "scale": (1.0, 1.5, 2.0),  # test short side / window = scale x model.image_size (stride = half the window)
     # PAMR (ovseg_core.zero_shot.refine) is not in the paper's protocol: opt in with candidates={"refine": (...)}.
     "refine": ("none",),
 }

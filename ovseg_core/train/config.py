@@ -244,6 +244,11 @@ SAMPLE_STEP_SECONDS = 0.6
 GROUPING_FRONT_END = ("visual.patch_embed.", "visual.pos_embed", "visual.group_token", "visual.blocks1.",
                       "visual.grouping.")
 GROUPING_ASSIGNMENT = "visual.grouping.assign."
+# The `tiny` preset on a 4-px patch grid (16 x 16 patches at 64 px) at width 96 (3 heads): 4x the tokens at a quarter
+# of the width's square, so a step costs about the same as the preset's 8-px grid at width 192 (measured: 0.51 vs
+# 0.52 s a step, one thread each, two runs side by side). A 64-px scene's objects are 2-3 patches across on the 8-px
+# grid, too coarse for their outlines and shapes (docs/demo.md, "Fifth session").
+SAMPLE_FINE_GRID: tuple[tuple[str, Any], ...] = (("patch_size", 4), ("embed_dim", 96), ("num_heads", 3))
 SAMPLE_RECIPE: dict[str, Any] = {
     "preset": "tiny",
     "stage": 1,
@@ -260,7 +265,8 @@ SAMPLE_RECIPE: dict[str, Any] = {
     # first match wins: the assignment's projections at 1x, the rest of the front end at 0.3x
     "lr_scales": ((GROUPING_ASSIGNMENT, 1.0),) + tuple((prefix, 0.3) for prefix in GROUPING_FRONT_END),
     "cache_frozen_text": True,
-    "model_overrides": (("text_trainable_layers", 0), ("entity_prompt_weight", 1.0), ("unclaimed_group_weight", 1.0)),
+    "model_overrides": (("text_trainable_layers", 0), ("entity_prompt_weight", 1.0), ("unclaimed_group_weight", 1.0))
+    + SAMPLE_FINE_GRID,
     "threads": 2,
     "device": "cpu",
     "log_every": 25,
@@ -310,6 +316,9 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
         left its random init (grouping oracle of trained vs untrained model equal, docs/demo.md "Third session");
         at 1x it learns (one seed, selection split: oracle 0.27 -> 0.50, objects classified right 0.17 -> 0.58,
         mIoU 0.108 -> 0.216).
+      - a finer patch grid at a smaller width (SAMPLE_FINE_GRID: patch 4, width 96, 3 heads; the preset's 8-px grid
+        at width 192 otherwise): at equal step cost, over four seeds each, selection mIoU 0.154-0.189 (mean 0.180)
+        against the 8-px grid's 0.066-0.219 (docs/demo.md, "Fifth session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 

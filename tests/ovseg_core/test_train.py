@@ -239,6 +239,8 @@ def test_select_eval_settings_scores_candidates_on_the_selection_split(tmp_path)
     selection = load_dataset("sample", tmp_path, split="train")
     cands = {"bg_thresh": (0.0, 0.95), "topk": (1, None), "assignment": ("hard",), "scale": (1.0,), "refine": ("none",)}
     assert len(candidate_grid(cands)) == 4
+    default = candidate_grid()  # every class (topk None) and 1.5x are choices by default
+    assert {s["topk"] for s in default} == {1, 3, 5, None} and {s["scale"] for s in default} == {1.0, 1.5, 2.0}
     assert len(candidate_grid({**cands, "refine": ("none", "pamr")})) == 8
     with pytest.raises(ValueError, match="unknown candidate"):
         candidate_grid({"window": (3,)})
@@ -339,6 +341,7 @@ def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
     assert not cfg.scale_lr and cfg.augment == "none" and cfg.cache_frozen_text and cfg.stage == 1
     model = dict(cfg.model_overrides)
     assert model["text_trainable_layers"] == 0 and model["unclaimed_group_weight"] == 1.0
+    assert (model["patch_size"], model["embed_dim"], model["num_heads"]) == (4, 96, 3)  # the fine grid
     assert cfg.repeat_threshold == SAMPLE_RECIPE["repeat_threshold"]
     assert sample_recipe("b", "o", steps=7, seed=3).steps == 7 and sample_recipe("b", "o", seed=3).seed == 3
     assert sample_recipe("b", "o", epochs=2.0).epochs == 2.0
