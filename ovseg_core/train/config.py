@@ -317,8 +317,9 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
         at 1x it learns (one seed, selection split: oracle 0.27 -> 0.50, objects classified right 0.17 -> 0.58,
         mIoU 0.108 -> 0.216).
       - a finer patch grid at a smaller width (SAMPLE_FINE_GRID: patch 4, width 96, 3 heads; the preset's 8-px grid
-        at width 192 otherwise): at equal step cost, over four seeds each, selection mIoU 0.154-0.189 (mean 0.180)
-        against the 8-px grid's 0.066-0.219 (docs/demo.md, "Fifth session").
+        at width 192 otherwise): at equal step cost, over four seeds each, selection mIoU 0.189-0.214 (mean 0.202)
+        against the 8-px grid's 0.079-0.265 (mean 0.187): about the same mean, a quarter of the spread, and a finer
+        grouping (docs/demo.md, "Fifth session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 
