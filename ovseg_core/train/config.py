@@ -233,10 +233,11 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------ the CPU recipe for the embedded sample
-# Seconds per stage-1 step of `sample_recipe` on the 2-core CI machine (tiny preset, batch 32, frozen text
-# transformer, padding trimmed, no augmentation: the whole stored image is decoded), measured: 0.46-0.56 alone, 0.60
-# inside the demo (its Prefect server and worker share the cores; 352 steps in 240 s); only used to size the cosine
-# schedule to the wall-clock budget.
+# Seconds per stage-1 step used to size the cosine schedule to the wall-clock budget (4 minutes -> 400 steps).
+# Measured on the 2-core CI machine (batch 32, frozen text transformer, padding trimmed, no augmentation) for the
+# 8-px grid: 0.46-0.56 alone, 0.60 inside the demo (352 steps in 240 s). The fine grid (SAMPLE_FINE_GRID) steps at
+# 0.40 inside the demo (400 steps in 183 s), but 0.6 stays: 600 steps were not better on every seed (docs/demo.md,
+# "Fifth session"), and the 3-seed results are for 400.
 SAMPLE_STEP_SECONDS = 0.6
 # The image encoder up to and including the grouping block: patch embedding, position embedding, group tokens,
 # stage-1 blocks, grouping. The sample recipe trains it at 0.3x the lr, except the assignment's own projections
