@@ -89,6 +89,11 @@ class OVSegConfig:
         unclaimed_group_weight: within the entity-prompt loss (not in the paper), weight of the term that pushes the
             groups no caption entity claims towards a flat class distribution (`losses.unclaimed_group_loss`), so
             that background groups stay below zero-shot's background threshold. 0 = off.
+        entity_logit_adjust: within the entity-prompt loss (not in the paper), tau of logit adjustment (Menon et al.,
+            "Long-tail learning via logit adjustment", ICLR'21): the loss adds tau * log(class frequency seen so far
+            in training) to the class scores, so that what the model learns to score is balanced over classes
+            instead of following the captions' skew (the sample's people: 38% of the objects; most scored classes:
+            15-60 images). Inference reads the unadjusted scores. 0 = off.
         entity_vocabulary: curation vocabulary version whose classes the entity-prompt loss scores (manifests).
         bn_stats: which features train the projectors' BatchNorm. "pooled" (ours): the image projector's statistics
             come from the pooled image feature only and the text projector's from the [CLS] state only; the group
@@ -130,6 +135,7 @@ class OVSegConfig:
     visual_init: str | None = None
     entity_prompt_weight: float = 0.0
     unclaimed_group_weight: float = 0.0
+    entity_logit_adjust: float = 0.0
     entity_vocabulary: str = "v1"
     bn_stats: str = "pooled"
 
@@ -181,6 +187,10 @@ class OVSegConfig:
         if self.unclaimed_group_weight > 0 and self.entity_prompt_weight == 0:
             raise ValueError("unclaimed_group_weight is a term of the entity-prompt loss: it needs "
                              "entity_prompt_weight > 0")
+        if self.entity_logit_adjust < 0:
+            raise ValueError(f"entity_logit_adjust must be >= 0, got {self.entity_logit_adjust}")
+        if self.entity_logit_adjust > 0 and self.entity_prompt_weight == 0:
+            raise ValueError("entity_logit_adjust adjusts the entity-prompt loss: it needs entity_prompt_weight > 0")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if not 0.0 <= self.group_ratio < 1.0:

@@ -47,6 +47,7 @@ from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
 from ovseg_core.losses import (
     contrastive_loss,
+    gather_with_grad,
     mask_consistency_loss,
     soft_target_cross_entropy,
     soft_target_nll,
@@ -146,6 +147,9 @@ class OVSegmentor(nn.Module):
             prompts = self.tokenize([ENTITY_PROMPT.format(c) for c in self.entity_classes])
             self.register_buffer("entity_prompt_ids", prompts["input_ids"], persistent=False)
             self.register_buffer("entity_prompt_mask", prompts["attention_mask"], persistent=False)
+            # Entity counts seen in training (logit adjustment, cfg.entity_logit_adjust): running, not saved.
+            self.register_buffer("entity_seen", torch.zeros(len(self.entity_classes) + 1, dtype=torch.float64),
+                                 persistent=False)
         self.visual_init_report: dict[str, list[str]] | None = None
         if cfg.visual_init is not None:
             self.visual_init_report = load_timm_vit_checkpoint(self.visual, cfg.visual_init)
@@ -309,6 +313,12 @@ class OVSegmentor(nn.Module):
 
         The group embeddings are `image_out.group_emb`: projected with the running BatchNorm statistics, as at
         inference (the pooled embedding alone updates them, see `_encode_image`).
+
+        With cfg.entity_logit_adjust = tau > 0, both terms score logits + tau * log(prior), the prior being the
+        entity frequencies counted so far in training (`_entity_log_prior`): logit adjustment, so that the scores
+        inference reads (unadjusted) are fit for classes met evenly rather than as skewed as the captions. Which
+        group is a class's most sure one is still decided by the unadjusted scores, and the unclaimed-group term
+        reads them too (it flattens what inference thresholds).
         """
         if targets.shape[-1] != len(self.entity_classes):
             raise ValueError(f"entity_targets has {targets.shape[-1]} classes, the model scores "
@@ -316,12 +326,29 @@ class OVSegmentor(nn.Module):
         with batchnorm_frozen(self.text_proj):
             prompts = F.normalize(self.text_proj(self.text(self.entity_prompt_ids, self.entity_prompt_mask)[:, 0]),
                                   dim=-1)  # (V, D)
-        image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t(), targets)
-        group_log_probs = F.log_softmax(scale * image_out.group_emb @ prompts.t(), dim=-1)  # (B, G, V)
-        loss = 0.5 * (image_term + soft_target_nll(group_log_probs.amax(dim=1), targets))
+        adjust = self._entity_log_prior(targets) * self.cfg.entity_logit_adjust
+        image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t() + adjust, targets)
+        group_logits = scale * image_out.group_emb @ prompts.t()  # (B, G, V)
+        group_log_probs = F.log_softmax(group_logits, dim=-1)
+        adjusted = F.log_softmax(group_logits + adjust, dim=-1) if self.cfg.entity_logit_adjust else group_log_probs
+        # the most sure group per class is chosen by the unadjusted scores, the ones zero-shot reads
+        best = group_log_probs.argmax(dim=1, keepdim=True)  # (B, 1, V)
+        loss = 0.5 * (image_term + soft_target_nll(adjusted.gather(1, best).squeeze(1), targets))
         if self.cfg.unclaimed_group_weight > 0:
             loss = loss + self.cfg.unclaimed_group_weight * unclaimed_group_loss(group_log_probs, targets)
         return loss
+
+    def _entity_log_prior(self, targets: torch.Tensor) -> torch.Tensor:
+        """log of the entity frequencies seen so far in training (+1 smoothing), counting this batch; (V,)."""
+        if self.cfg.entity_logit_adjust == 0:
+            return torch.zeros(targets.shape[-1], device=targets.device, dtype=targets.dtype)
+        if self.training:
+            with torch.no_grad():
+                counts = gather_with_grad(targets.detach().to(self.entity_seen.dtype)).sum(dim=0)
+                self.entity_seen[:-1] += counts
+                self.entity_seen[-1] += float((targets.shape[0]))
+        seen = self.entity_seen[:-1] + 1.0
+        return (seen / seen.sum()).log().to(targets.dtype)
 
     def cross_image_masks(self, feats: VisionFeatures, partner_image: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -361,3 +361,37 @@ def _prompt_embeddings(model):
     with torch.no_grad(), batchnorm_frozen(model.text_proj):
         states = model.text(model.entity_prompt_ids, model.entity_prompt_mask)[:, 0]
         return F.normalize(model.text_proj(states), dim=-1)
+
+
+def test_entity_logit_adjustment_adds_the_log_prior_seen_in_training():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0).train()
+    model.text.eval()  # no dropout in the prompts, so the hand computation below sees the same ones
+    classes = model.entity_classes
+    targets = torch.zeros(B, len(classes))
+    for row, name in enumerate(("people", "people", "people", "dog")):
+        targets[row, classes.index(name)] = 1.0
+    batch = make_batch(model)
+    torch.manual_seed(3)
+    image_out = model.encode_image(batch["image"])
+    plain = model.entity_loss(image_out, targets, model.scale())
+    assert model.entity_seen.sum() == 0  # off: nothing counted
+    object.__setattr__(model.cfg, "entity_logit_adjust", 1.0)
+    adjusted = model.entity_loss(image_out, targets, model.scale())
+    counts = model.entity_seen[:-1]
+    assert counts[classes.index("people")] == 3 and counts[classes.index("dog")] == 1 and counts.sum() == 4
+    prior = ((counts + 1) / (counts + 1).sum()).log().float()
+    prompts = _prompt_embeddings(model)
+    image_term = -(F.log_softmax(model.scale() * image_out.image_emb @ prompts.t() + prior, -1) * targets).sum(-1)
+    logits = model.scale() * image_out.group_emb @ prompts.t()
+    best = F.log_softmax(logits, -1).argmax(dim=1, keepdim=True)  # each class's most sure group, unadjusted
+    group_term = -(F.log_softmax(logits + prior, -1).gather(1, best).squeeze(1) * targets).sum(-1)
+    torch.testing.assert_close(adjusted, (0.5 * (image_term + group_term)).mean())
+    assert adjusted != plain
+    model.eval()
+    model.entity_loss(image_out, targets, model.scale())
+    assert model.entity_seen.sum() == 8  # eval calls read the counts without adding to them
+    with pytest.raises(ValueError, match="needs entity_prompt_weight"):
+        create_model("tiny", text_pretrained=False, entity_logit_adjust=1.0)
+    with pytest.raises(ValueError, match="entity_logit_adjust must be >= 0"):
+        create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0, entity_logit_adjust=-1.0)
