@@ -148,7 +148,7 @@ class OVSegmentor(nn.Module):
             self.register_buffer("entity_prompt_ids", prompts["input_ids"], persistent=False)
             self.register_buffer("entity_prompt_mask", prompts["attention_mask"], persistent=False)
             # Entity counts seen in training (logit adjustment, cfg.entity_logit_adjust): running, not saved.
-            self.register_buffer("entity_seen", torch.zeros(len(self.entity_classes) + 1, dtype=torch.float64),
+            self.register_buffer("entity_seen", torch.zeros(len(self.entity_classes), dtype=torch.float64),
                                  persistent=False)
         self.visual_init_report: dict[str, list[str]] | None = None
         if cfg.visual_init is not None:
@@ -326,11 +326,12 @@ class OVSegmentor(nn.Module):
         with batchnorm_frozen(self.text_proj):
             prompts = F.normalize(self.text_proj(self.text(self.entity_prompt_ids, self.entity_prompt_mask)[:, 0]),
                                   dim=-1)  # (V, D)
-        adjust = self._entity_log_prior(targets) * self.cfg.entity_logit_adjust
+        tau = self.cfg.entity_logit_adjust
+        adjust = tau * self._entity_log_prior(targets) if tau else 0.0
         image_term = soft_target_cross_entropy(scale * image_out.image_emb @ prompts.t() + adjust, targets)
         group_logits = scale * image_out.group_emb @ prompts.t()  # (B, G, V)
         group_log_probs = F.log_softmax(group_logits, dim=-1)
-        adjusted = F.log_softmax(group_logits + adjust, dim=-1) if self.cfg.entity_logit_adjust else group_log_probs
+        adjusted = F.log_softmax(group_logits + adjust, dim=-1) if tau else group_log_probs
         # the most sure group per class is chosen by the unadjusted scores, the ones zero-shot reads
         best = group_log_probs.argmax(dim=1, keepdim=True)  # (B, 1, V)
         loss = 0.5 * (image_term + soft_target_nll(adjusted.gather(1, best).squeeze(1), targets))
@@ -340,14 +341,10 @@ class OVSegmentor(nn.Module):
 
     def _entity_log_prior(self, targets: torch.Tensor) -> torch.Tensor:
         """log of the entity frequencies seen so far in training (+1 smoothing), counting this batch; (V,)."""
-        if self.cfg.entity_logit_adjust == 0:
-            return torch.zeros(targets.shape[-1], device=targets.device, dtype=targets.dtype)
         if self.training:
             with torch.no_grad():
-                counts = gather_with_grad(targets.detach().to(self.entity_seen.dtype)).sum(dim=0)
-                self.entity_seen[:-1] += counts
-                self.entity_seen[-1] += float((targets.shape[0]))
-        seen = self.entity_seen[:-1] + 1.0
+                self.entity_seen += gather_with_grad(targets.detach().to(self.entity_seen.dtype)).sum(dim=0)
+        seen = self.entity_seen + 1.0
         return (seen / seen.sum()).log().to(targets.dtype)
 
     def cross_image_masks(self, feats: VisionFeatures, partner_image: torch.Tensor,
