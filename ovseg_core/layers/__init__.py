@@ -1,6 +1,7 @@
-"""Reusable layers: cross-attention, MLP/projection heads and the GroupViT grouping block."""
+"""Reusable layers: cross-attention, MLP/projection heads, the GroupViT grouping block and a convolutional stem."""
 
 from ovseg_core.layers.attention import CrossAttention, CrossAttnBlock, key_padding_to_attn_mask
+from ovseg_core.layers.conv_stem import conv_stem
 from ovseg_core.layers.grouping import (
     AssignAttention,
     GroupingBlock,
@@ -14,6 +15,6 @@ from ovseg_core.layers.mlp import ProjectionHead, TokenMlp
 
 __all__ = [
     "AssignAttention", "CrossAttention", "CrossAttnBlock", "GroupingBlock", "GroupingOutput", "ProjectionHead",
-    "TokenMlp", "gumbel_softmax", "key_padding_to_attn_mask", "resize_assignment", "straight_through_one_hot",
-    "upsample_masks",
+    "TokenMlp", "conv_stem", "gumbel_softmax", "key_padding_to_attn_mask", "resize_assignment",
+    "straight_through_one_hot", "upsample_masks",
 ]

@@ -21,6 +21,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ovseg_core.layers.conv_stem import conv_stem
 from ovseg_core.layers.grouping import GroupingBlock, GroupingOutput
 
 _logger = logging.getLogger(__name__)
@@ -60,13 +61,15 @@ class GroupViT(nn.Module):
         assign_eps: assignment normaliser epsilon.
         eval_hard_pooling: arg-max pooling in eval mode.
         gumbel_noise: Gumbel noise on the training assignment (see AssignAttention).
+        patch_embed: "linear" (ViT: one linear map per patch) or "conv" (`conv_stem`: 3x3 stride-2 convolutions
+            down to the same patch grid; for models trained from scratch).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depths: tuple[int, int] = (6, 6), num_heads: int = 6, mlp_ratio: float = 4.0,
                  num_group_tokens: int = 64, num_groups: int = 8, drop_path_rate: float = 0.0,
                  patch_norm: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0,
-                 eval_hard_pooling: bool = True, gumbel_noise: bool = True) -> None:
+                 eval_hard_pooling: bool = True, gumbel_noise: bool = True, patch_embed: str = "linear") -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = patch_size
@@ -76,6 +79,10 @@ class GroupViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, norm_layer=nn.LayerNorm if patch_norm else None,
                                       strict_img_size=False)
+        if patch_embed == "conv":  # same grid, tokens and norm; only the projection changes
+            self.patch_embed.proj = conv_stem(in_chans, embed_dim, patch_size)
+        elif patch_embed != "linear":
+            raise ValueError(f"patch_embed must be 'linear' or 'conv', got {patch_embed!r}")
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.group_token = nn.Parameter(torch.zeros(1, num_group_tokens, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()

@@ -131,7 +131,7 @@ class OVSegmentor(nn.Module):
                                num_group_tokens=cfg.num_group_tokens, num_groups=cfg.num_groups,
                                drop_path_rate=cfg.drop_path_rate, patch_norm=cfg.patch_norm,
                                gumbel_tau=cfg.gumbel_tau, gumbel_noise=cfg.gumbel_noise, assign_eps=cfg.assign_eps,
-                               eval_hard_pooling=cfg.eval_hard_pooling)
+                               eval_hard_pooling=cfg.eval_hard_pooling, patch_embed=cfg.patch_embed)
         self.text = TextEncoder(cfg.text_model, pretrained=cfg.text_pretrained,
                                 trainable_layers=cfg.text_trainable_layers, num_layers=cfg.text_num_layers)
         self.image_proj = ProjectionHead(cfg.embed_dim, cfg.proj_hidden_dim, cfg.embed_dim_out)

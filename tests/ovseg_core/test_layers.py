@@ -9,6 +9,7 @@ from ovseg_core.layers import (
     GroupingBlock,
     ProjectionHead,
     TokenMlp,
+    conv_stem,
     gumbel_softmax,
     straight_through_one_hot,
 )
@@ -95,3 +96,21 @@ def test_projection_head_2d_and_3d():
 
 def test_token_mlp_maps_token_count():
     assert TokenMlp(64, 16, 8)(torch.randn(2, 64, 12)).shape == (2, 8, 12)
+
+
+def test_conv_stem_reaches_the_patch_grid_and_sees_past_its_patch():
+    stem = conv_stem(3, 96, 4).eval()
+    assert [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)] == [24, 48, 96]
+    image = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = stem(image)
+        assert out.shape == (2, 96, 16, 12)
+        # a linear patch embedding's token (5, 5) reads pixels 20..23 only; the stem's reads 17..23
+        changed = image.clone()
+        changed[:, :, 19, 19] += 5.0  # last pixel of patch (4, 4)
+        delta = (stem(changed) - out).abs().sum(dim=1)[0]
+    assert delta[4, 4] > 0 and delta[5, 5] > 0 and delta[0, 0] == 0 and delta[6, 6] == 0
+    assert len([m for m in conv_stem(3, 64, 8) if isinstance(m, torch.nn.Conv2d)]) == 4
+    for patch, width in ((6, 96), (1, 96), (4, 90)):
+        with pytest.raises(ValueError, match="convolutional stem"):
+            conv_stem(3, width, patch)

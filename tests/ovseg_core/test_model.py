@@ -395,3 +395,27 @@ def test_entity_logit_adjustment_adds_the_log_prior_seen_in_training():
         create_model("tiny", text_pretrained=False, entity_logit_adjust=1.0)
     with pytest.raises(ValueError, match="entity_logit_adjust must be >= 0"):
         create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0, entity_logit_adjust=-1.0)
+
+
+def test_conv_patch_embedding_option_trains_and_survives_a_checkpoint(tmp_path):
+    from ovseg_core.models.checkpoint import load_model_from_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, patch_size=4, embed_dim=96, num_heads=3, patch_embed="conv")
+    assert isinstance(model.visual.patch_embed.proj, torch.nn.Sequential)
+    assert isinstance(create_model("tiny", text_pretrained=False).visual.patch_embed.proj, torch.nn.Conv2d)
+    model.train()
+    out = model.forward_train(make_batch(model), stage=1)
+    out["loss"].backward()
+    stem = [p for n, p in model.named_parameters() if n.startswith("visual.patch_embed.proj.")]
+    assert len(stem) == 8 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem)
+    model.eval()
+    images = torch.randn(2, 3, 96, 64)  # sliding windows are larger than the training size
+    path = save_checkpoint(tmp_path / "ckpt.pt", model=model, step=1, train_config={"preset": "tiny"})
+    loaded = load_model_from_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images).assign, model.encode_image(images).assign)
+    cfg = model.cfg
+    for bad in ({"patch_size": 6, "image_size": 60, "embed_dim": 96}, {"embed_dim": 102, "num_heads": 3},
+                {"patch_embed": "convnext"}, {"visual_init": str(path)}):
+        with pytest.raises(ValueError, match="patch_embed"):
+            dataclasses.replace(cfg, **bad)
