@@ -341,7 +341,7 @@ def test_sample_recipe_sizes_the_run_to_the_budget_and_takes_overrides():
     assert not cfg.scale_lr and cfg.augment == "none" and cfg.cache_frozen_text and cfg.stage == 1
     model = dict(cfg.model_overrides)
     assert model["text_trainable_layers"] == 0 and model["unclaimed_group_weight"] == 1.0
-    assert model["entity_logit_adjust"] == 1.0
+    assert model["entity_logit_adjust"] == 1.0 and model["patch_embed"] == "conv"
     assert (model["patch_size"], model["embed_dim"], model["num_heads"]) == (4, 96, 3)  # the fine grid
     assert cfg.repeat_threshold == SAMPLE_RECIPE["repeat_threshold"]
     assert sample_recipe("b", "o", steps=7, seed=3).steps == 7 and sample_recipe("b", "o", seed=3).seed == 3
