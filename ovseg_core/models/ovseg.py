@@ -147,9 +147,10 @@ class OVSegmentor(nn.Module):
             prompts = self.tokenize([ENTITY_PROMPT.format(c) for c in self.entity_classes])
             self.register_buffer("entity_prompt_ids", prompts["input_ids"], persistent=False)
             self.register_buffer("entity_prompt_mask", prompts["attention_mask"], persistent=False)
-            # Entity counts seen in training (logit adjustment, cfg.entity_logit_adjust): running, not saved.
-            self.register_buffer("entity_seen", torch.zeros(len(self.entity_classes), dtype=torch.float64),
-                                 persistent=False)
+            # Entity counts seen in training (logit adjustment, cfg.entity_logit_adjust). Saved with the weights, so
+            # a resumed run or stage 2 goes on with the prior it had instead of re-counting from a few batches.
+            self.register_buffer("entity_seen", torch.zeros(len(self.entity_classes), dtype=torch.float64))
+            self.register_load_state_dict_pre_hook(_zero_missing_entity_counts)
         self.visual_init_report: dict[str, list[str]] | None = None
         if cfg.visual_init is not None:
             self.visual_init_report = load_timm_vit_checkpoint(self.visual, cfg.visual_init)
@@ -378,6 +379,13 @@ class OVSegmentor(nn.Module):
         size = tuple(batch["partner_image"].shape[-2:])
         m1, m2 = upsample_masks(m1, size), upsample_masks(m2, size)
         return mask_consistency_loss(m1, m2, self.cfg.cross_threshold, valid=batch["partner_valid"])
+
+
+def _zero_missing_entity_counts(module: OVSegmentor, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: checkpoints from before the entity counts were saved load with no counts."""
+    key = prefix + "entity_seen"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.entity_seen)
 
 
 # -------------------------------------------------------------------------------------------------------- presets

@@ -419,3 +419,19 @@ def test_conv_patch_embedding_option_trains_and_survives_a_checkpoint(tmp_path):
                 {"patch_embed": "convnext"}, {"visual_init": str(path)}):
         with pytest.raises(ValueError, match="patch_embed"):
             dataclasses.replace(cfg, **bad)
+
+
+def test_entity_counts_are_saved_with_the_weights_and_old_checkpoints_load_without_them():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0, entity_logit_adjust=1.0).train()
+    targets = torch.zeros(B, len(model.entity_classes))
+    targets[:, model.entity_classes.index("dog")] = 1.0
+    model.entity_loss(model.encode_image(make_batch(model)["image"]), targets, model.scale())
+    state = model.state_dict()
+    assert state["entity_seen"][model.entity_classes.index("dog")] == B  # a resumed run goes on counting from here
+    fresh = create_model("tiny", text_pretrained=False, entity_prompt_weight=1.0, entity_logit_adjust=1.0)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.entity_seen, model.entity_seen)
+    old = {k: v for k, v in state.items() if k != "entity_seen"}  # saved before the counts were
+    fresh.load_state_dict(old)
+    assert fresh.entity_seen.sum() == 0
