@@ -329,9 +329,11 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
       - a convolutional stem instead of the linear patch embedding (patch_embed="conv", Xiao et al. NeurIPS'21; the
         paper's ViT starts from DINO, whose patch features this model, trained from scratch, lacks): two 3x3
         stride-2 convolutions reach the same 4-px grid with tokens that see their neighbourhood, where shape and
-        texture are. Selection split, 2 seeds: objects whose group gets the right class 0.36-0.38 (logit-adjusted
-        linear recipe, 4 seeds: 0.18-0.26), held-out caption ITC 2.26 (3.8-4.0), mIoU 0.269 / 0.295 (0.174-0.264)
-        at about the same step cost (docs/demo.md, "Seventh session").
+        texture are, at about the same step cost. 3 seeds, 400 steps, against the linear patch embedding in the same
+        run: selection split 0.268 / 0.275 / 0.254 (0.225 / 0.199 / 0.247), held-out caption ITC 2.50 / 2.46 / 2.31
+        (2.63 / 2.75 / 3.03), test split +0.011 / +0.008 / +0.008, a fresh render +0.030 / +0.017 / -0.019: a
+        small gain, smaller on the scored splits than on the one it was chosen on (docs/demo.md, "Seventh
+        session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 
