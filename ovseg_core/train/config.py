@@ -326,14 +326,10 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
         classes, and 17 of the 22 scored classes have 15-44 training images against people's 577. Scoring the loss
         on logits + log(entity frequency) lets the plain logits fit classes met evenly: 3 seeds, 400 steps, test
         split +0.040 / +0.013 / +0.006, a fresh render +0.087 / +0.019 / -0.027 (docs/demo.md, "Sixth session").
-      - a convolutional stem instead of the linear patch embedding (patch_embed="conv", Xiao et al. NeurIPS'21; the
-        paper's ViT starts from DINO, whose patch features this model, trained from scratch, lacks): two 3x3
-        stride-2 convolutions reach the same 4-px grid with tokens that see their neighbourhood, where shape and
-        texture are, at about the same step cost. 3 seeds, 400 steps, against the linear patch embedding in the same
-        run: selection split 0.268 / 0.275 / 0.254 (0.225 / 0.199 / 0.247), held-out caption ITC 2.50 / 2.46 / 2.31
-        (2.63 / 2.75 / 3.03), test split +0.011 / +0.008 / +0.008, a fresh render +0.030 / +0.017 / -0.019: a
-        small gain, smaller on the scored splits than on the one it was chosen on (docs/demo.md, "Seventh
-        session").
+      - a convolutional stem (patch_embed="conv", Xiao et al. NeurIPS'21; this model lacks the paper's DINO patch
+        features): tokens see their neighbourhood, where shape and texture are, at about the same step cost. 3 seeds
+        against the linear embedding: test split +0.011 / +0.009 / +0.008, a fresh render +0.030 / +0.018 / -0.019
+        (docs/demo.md, "Seventh session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 
