@@ -99,6 +99,12 @@ class OVSegConfig:
             in training) to the class scores, so that what the model learns to score is balanced over classes
             instead of following the captions' skew (the sample's people: 38% of the objects; most scored classes:
             15-60 images). Inference reads the unadjusted scores. 0 = off.
+        colour_affinity_weight: weight of a low-level grouping prior (not in the paper;
+            `losses.colour_affinity_loss`): neighbouring patches of one colour are pulled into one group and patches
+            across a colour edge pushed into different ones. For models trained from scratch, whose patch features
+            do not yet tell an object from its surroundings. 0 = off.
+        colour_affinity_sigma: colour distance (in normalised input units; ImageNet std ~0.23, so 0.6 is ~0.14 of
+            the 0-1 range) at which two patches count as e^-1 similar.
         entity_vocabulary: curation vocabulary version whose classes the entity-prompt loss scores (manifests).
         bn_stats: which features train the projectors' BatchNorm. "pooled" (ours): the image projector's statistics
             come from the pooled image feature only and the text projector's from the [CLS] state only; the group
@@ -142,6 +148,8 @@ class OVSegConfig:
     entity_prompt_weight: float = 0.0
     unclaimed_group_weight: float = 0.0
     entity_logit_adjust: float = 0.0
+    colour_affinity_weight: float = 0.0
+    colour_affinity_sigma: float = 0.6
     entity_vocabulary: str = "v1"
     bn_stats: str = "pooled"
 
@@ -208,6 +216,9 @@ class OVSegConfig:
             raise ValueError(f"entity_logit_adjust must be >= 0, got {self.entity_logit_adjust}")
         if self.entity_logit_adjust > 0 and self.entity_prompt_weight == 0:
             raise ValueError("entity_logit_adjust adjusts the entity-prompt loss: it needs entity_prompt_weight > 0")
+        if self.colour_affinity_weight < 0 or self.colour_affinity_sigma <= 0:
+            raise ValueError(f"colour_affinity_weight must be >= 0 and colour_affinity_sigma > 0, got "
+                             f"{self.colour_affinity_weight} and {self.colour_affinity_sigma}")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if not 0.0 <= self.group_ratio < 1.0:

@@ -181,6 +181,60 @@ def unclaimed_group_loss(log_probs: torch.Tensor, targets: torch.Tensor) -> torc
     return global_masked_mean(kl_from_uniform.flatten(), keep.flatten())
 
 
+# neighbours of a patch on its grid: right, down, down-right, down-left (each pair counted once)
+_NEIGHBOUR_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def _neighbour_pairs(x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, C, h, w) -> for each neighbour offset, the two aligned views (B, C, h', w') of every pair's ends."""
+    h, w = x.shape[-2:]
+    pairs = []
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        a = x[..., :h - di, max(0, -dj):w - max(0, dj)]
+        b = x[..., di:, max(0, dj):w - max(0, -dj)]
+        pairs.append((a, b))
+    return pairs
+
+
+def colour_affinity_loss(assign: torch.Tensor, images: torch.Tensor, sigma: float,
+                         eps: float = 1e-4) -> torch.Tensor:
+    """Neighbouring patches of one colour in one group, of different colours in different groups.
+
+    A low-level grouping prior (not in the paper; after BoxInst's pairwise colour term, Tian et al. CVPR'21, with
+    a second term for the edges): for every pair of 8-neighbour patches, s = sum_g p_i(g) p_j(g) is the chance
+    that the assignment puts both in one group, and w = exp(-(d / sigma)^2) the pair's colour similarity (d: the
+    distance of the patches' mean colours, in the units of `images`). The loss is the w-weighted mean of -log s
+    plus the (1 - w)-weighted mean of -log(1 - s): similar neighbours are pulled into one group, an edge between
+    them pushes them apart, so the assignment has no trivial one-group minimum.
+
+    Args:
+        assign: (B, G, h, w) soft assignment of the patches to groups (sums to 1 over G).
+        images: (B, 3, H, W) the images the patches were cut from; H, W multiples of h, w.
+        sigma: colour distance at which a pair counts as e^-1 similar.
+        eps: clamp of s away from 0 and 1.
+
+    Local to each rank (no gather): every pair lies inside one image.
+    """
+    if assign.dim() != 4 or images.dim() != 4 or assign.shape[0] != images.shape[0]:
+        raise ValueError(f"expected (B, G, h, w) assignment and (B, 3, H, W) images, got {assign.shape} and "
+                         f"{images.shape}")
+    h, w = assign.shape[-2:]
+    if images.shape[-2] % h or images.shape[-1] % w:
+        raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch grid {(h, w)}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    with torch.no_grad():
+        colours = F.adaptive_avg_pool2d(images.float(), (h, w))
+    pull = push = pull_w = push_w = 0.0
+    for (pa, pb), (ca, cb) in zip(_neighbour_pairs(assign.float()), _neighbour_pairs(colours)):
+        same = (pa * pb).sum(dim=1).clamp(eps, 1.0 - eps)  # (B, h', w')
+        similar = torch.exp(-((ca - cb) ** 2).sum(dim=1) / sigma ** 2)
+        pull = pull + (similar * -same.log()).sum()
+        push = push + ((1.0 - similar) * -(1.0 - same).log()).sum()
+        pull_w, push_w = pull_w + similar.sum(), push_w + (1.0 - similar).sum()
+    return pull / pull_w.clamp(min=1.0) + push / push_w.clamp(min=1.0)
+
+
 @torch.no_grad()
 def hungarian_match(masks_a: torch.Tensor, masks_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One-to-one matching of the G masks of a with the G masks of b, per batch row.

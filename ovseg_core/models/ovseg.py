@@ -46,6 +46,7 @@ from ovseg_core.layers.attention import CrossAttnBlock, key_padding_to_attn_mask
 from ovseg_core.layers.grouping import resize_assignment, upsample_masks
 from ovseg_core.layers.mlp import ProjectionHead, batchnorm_frozen
 from ovseg_core.losses import (
+    colour_affinity_loss,
     contrastive_loss,
     gather_with_grad,
     mask_consistency_loss,
@@ -293,6 +294,10 @@ class OVSegmentor(nn.Module):
         if self.cfg.entity_prompt_weight > 0:
             out["entity"] = self.entity_loss(image_out, batch["entity_targets"], scale)
             total = total + self.cfg.entity_prompt_weight * out["entity"]
+        if self.cfg.colour_affinity_weight > 0:
+            out["affinity"] = colour_affinity_loss(resize_assignment(feats.grouping.soft_assign, feats.grid),
+                                                   batch["image"], self.cfg.colour_affinity_sigma)
+            total = total + self.cfg.colour_affinity_weight * out["affinity"]
         if stage == 2:
             mask = self.cross_image_mask_loss(batch, feats, image_out)
             total = total + self.cfg.mask_weight * mask

@@ -187,3 +187,58 @@ def test_unclaimed_group_loss_flattens_only_the_groups_no_entity_claims():
     assert logits.grad[0, 1].abs().sum() > 0
     with pytest.raises(ValueError, match="expected"):
         unclaimed_group_loss(log_probs[0], targets)
+
+
+def _two_region_image():
+    """(1, 3, 16, 16): grey background, a bright 8 x 8 square in the middle (patches (1..2, 1..2) of a 4 x 4 grid)."""
+    img = torch.zeros(1, 3, 16, 16)
+    img[:, :, 4:12, 4:12] = 2.0
+    return img
+
+
+def _assignment(object_group: int):
+    """(1, 2, 4, 4) near-one-hot: every patch in group 0, the square's patches in `object_group`."""
+    a = torch.zeros(1, 2, 4, 4)
+    a[:, 0] = 1.0
+    a[:, 0, 1:3, 1:3] = 1.0 - object_group
+    a[:, 1, 1:3, 1:3] = float(object_group)
+    return a * 0.98 + 0.01
+
+
+def test_colour_affinity_loss_prefers_groups_that_follow_colour_edges():
+    from ovseg_core.losses import colour_affinity_loss
+
+    img = _two_region_image()
+    following = colour_affinity_loss(_assignment(1), img, sigma=0.6)
+    one_group = colour_affinity_loss(_assignment(0), img, sigma=0.6)  # the trivial grouping: pays at every edge
+    undecided = colour_affinity_loss(torch.full((1, 2, 4, 4), 0.5), img, sigma=0.6)
+    assert following < 0.1 < undecided < one_group
+    # a flat image has no edges: one group is then as good as it gets
+    flat = torch.zeros(1, 3, 16, 16)
+    assert colour_affinity_loss(_assignment(0), flat, sigma=0.6) < colour_affinity_loss(_assignment(1), flat, sigma=0.6)
+
+
+def test_colour_affinity_loss_pulls_similar_neighbours_together_by_gradient():
+    from ovseg_core.losses import colour_affinity_loss
+
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[:, 1, 1, 1] = 2.0  # one object patch leans to group 1, the other three to group 0
+    logits.requires_grad_(True)
+    colour_affinity_loss(logits.softmax(dim=1), _two_region_image(), sigma=0.6).backward()
+    # descending the gradient raises group 1 on the square's other patches and lowers it on the background
+    # patches next to the leaning one (the rest, all undecided, get no first-order push)
+    step = -logits.grad[0, 1] + logits.grad[0, 0]
+    assert step[1, 2] > 0 and step[2, 1] > 0 and step[2, 2] > 0
+    assert step[0, 0] < 0 and step[1, 0] < 0 and step[0, 1] < 0
+    assert step[3, 3] == 0
+
+
+def test_colour_affinity_loss_checks_its_inputs():
+    from ovseg_core.losses import colour_affinity_loss
+
+    with pytest.raises(ValueError, match="expected"):
+        colour_affinity_loss(torch.ones(2, 4, 4), _two_region_image(), sigma=0.6)
+    with pytest.raises(ValueError, match="multiple"):
+        colour_affinity_loss(torch.ones(1, 2, 3, 3), _two_region_image(), sigma=0.6)
+    with pytest.raises(ValueError, match="sigma"):
+        colour_affinity_loss(_assignment(1), _two_region_image(), sigma=0.0)

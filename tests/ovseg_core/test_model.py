@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ovseg_core
 from ovseg_core import OVSegConfig, create_model, list_models
-from ovseg_core.losses import unclaimed_group_loss
+from ovseg_core.losses import colour_affinity_loss, unclaimed_group_loss
 from ovseg_core.models.text import TextModelNotFoundError, load_text_backbone
 
 B = 4
@@ -354,6 +354,26 @@ def test_unclaimed_group_term_adds_to_the_entity_loss_and_needs_it():
     with pytest.raises(ValueError, match="needs entity_prompt_weight"):
         create_model("tiny", text_pretrained=False, unclaimed_group_weight=1.0)
 
+
+
+def test_colour_affinity_term_adds_to_the_loss_and_trains_the_assignment():
+    torch.manual_seed(0)
+    model = create_model("tiny", text_pretrained=False, colour_affinity_weight=0.5, patch_size=4, embed_dim=96,
+                         num_heads=3)
+    batch = make_batch(model)
+    out = model.forward_train(batch, stage=1)
+    expected = colour_affinity_loss(model.visual.forward_features(batch["image"]).grouping.soft_assign
+                                    .reshape(B, -1, 16, 16), batch["image"], 0.6)
+    assert torch.allclose(out["affinity"], expected, atol=1e-5)
+    assert torch.allclose(out["loss"], out["itc"] + out["mec"] + 0.5 * out["affinity"])
+    model.zero_grad()
+    out["affinity"].backward()
+    assign_grad = model.visual.grouping.assign.k_proj.weight.grad
+    assert assign_grad is not None and assign_grad.abs().sum() > 0
+    assert model.mec_head.parameters().__next__().grad is None  # only the image encoder's grouping path
+    assert "affinity" not in create_model("tiny", text_pretrained=False).forward_train(make_batch(model), stage=1)
+    with pytest.raises(ValueError, match="colour_affinity"):
+        create_model("tiny", text_pretrained=False, colour_affinity_sigma=0.0)
 
 def _prompt_embeddings(model):
     from ovseg_core.layers.mlp import batchnorm_frozen
