@@ -174,6 +174,17 @@ def machine_info(threads: int) -> dict[str, Any]:
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
+def refine_candidates(text: str) -> tuple[str, ...]:
+    """'none,pamr' -> ('none', 'pamr'): the refinements the selection split chooses among; unknown ones refused."""
+    from ovseg_core.zero_shot.refine import REFINE_MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in REFINE_MODES]
+    if not modes or unknown:
+        raise ValueError(f"--refine takes a comma list of {REFINE_MODES}, got {text!r}")
+    return modes
+
+
 def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from ovseg_core import create_model
     from ovseg_core.data.cc4m import BuildReader
@@ -185,6 +196,7 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     from ovseg_core.train.loop import train
 
     machine = machine_info(args.threads)
+    eval_candidates = {"refine": refine_candidates(args.refine)}  # checked before any training
     started = time.time()
     torch.set_num_threads(args.threads)
     reader = BuildReader(args.build)  # fails clearly on a missing/empty build
@@ -242,7 +254,7 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     candidates = {"stage1": stage1_ckpt}
     if s2:
         candidates["stage2"] = s2.last_checkpoint
-    selections = {name: select_eval_settings(load_model_from_checkpoint(path), selection_set,
+    selections = {name: select_eval_settings(load_model_from_checkpoint(path), selection_set, eval_candidates,
                                              max_images=args.max_selection_images)
                   for name, path in candidates.items()}
     chosen_name = max(selections, key=lambda n: selections[n]["selection_mIoU"])
@@ -251,7 +263,8 @@ def run_learning(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # exactly what train() does before building the model: same initial weights
     untrained = create_model(args.preset, **dict(s1_cfg.model_overrides))
     untrained_selection = (None if args.lean else
-                           select_eval_settings(untrained, selection_set, max_images=args.max_selection_images))
+                           select_eval_settings(untrained, selection_set, eval_candidates,
+                                                max_images=args.max_selection_images))
     protocol = {**protocol_sizes(int(trained.image_size)), "bg_thresh": None, "topk": 5, "assignment": "hard"}
 
     # 3) the test split, once per model and setting
@@ -462,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="stage-1 peak lr (default: the recipe's; not batch-scaled)")
     p.add_argument("--lr2", type=float, default=1e-4, help="stage-2 lr (not batch-scaled)")
     p.add_argument("--stage2-fraction", type=float, default=0.0, help="share of the budget for stage 2 (0 = off)")
+    p.add_argument("--refine", default="none,pamr",
+                   help="refinements the selection split may choose from (the demo's: none,pamr; 'none' = the paper)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

@@ -17,11 +17,13 @@ def _slug(text: str) -> str:
 
 @task(name="evaluate-dataset", cache_policy=None)
 def evaluate_dataset(checkpoint: str, layout: str, root: str, split: str, out_dir: str,
-                     max_images: int | None, overlays: int, select_split: str | None = None) -> dict[str, Any]:
+                     max_images: int | None, overlays: int, select_split: str | None = None,
+                     candidates: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """ovseg_core.evaluation.evaluate with the paper's protocol sizes relative to the model's training resolution
     (as `cc4m eval` does); it writes metrics.json, per_class_iou.csv and overlays/ into out_dir. With
     `select_split`, the evaluator settings (bg_thresh, topk, assignment, test size) are first chosen on that split
-    of the same folder (never the evaluated one), as the learning benchmark does."""
+    of the same folder (never the evaluated one), as the learning benchmark does, among `candidates` (overrides of
+    DEFAULT_CANDIDATES)."""
     from ovseg_core.evaluation import evaluate, load_dataset
     from ovseg_core.evaluation.evaluate import protocol_sizes
     from ovseg_core.models.checkpoint import load_model_from_checkpoint
@@ -33,7 +35,7 @@ def evaluate_dataset(checkpoint: str, layout: str, root: str, split: str, out_di
 
         if select_split == split:
             raise ValueError(f"select_split must differ from the evaluated split ({split!r})")
-        chosen = select_eval_settings(model, load_dataset(layout, root, select_split))
+        chosen = select_eval_settings(model, load_dataset(layout, root, select_split), candidates)
         settings = dict(chosen["chosen"])
         get_run_logger().info("settings chosen on %s: %s (selection mIoU %.4f)", select_split, settings,
                               chosen["selection_mIoU"])
@@ -50,7 +52,7 @@ def per_class_rows(per_class: dict[str, float | None]) -> list[dict[str, Any]]:
 def evaluate(checkpoint: str, datasets: list[dict[str, Any]], out_dir: str | None = None, split: str = "val",
              max_images: int | None = None, overlays: int = 8, registry_dir: str | None = None,
              entry_id: str | None = None, metric_prefix: str = "eval") -> dict[str, Any]:
-    """Evaluate `checkpoint` on each {"layout", "root"[, "split", "name", "select_split"]} of `datasets`.
+    """Evaluate `checkpoint` on each {"layout", "root"[, "split", "name", "select_split", "candidates"]} of `datasets`.
 
     Writes <out_dir>/<name>/per_class_iou.csv, metrics.json and overlay PNGs; publishes a table artifact per dataset
     and one Markdown artifact; with `registry_dir` + `entry_id` records "<metric_prefix>_mIoU" on that entry.
@@ -67,7 +69,8 @@ def evaluate(checkpoint: str, datasets: list[dict[str, Any]], out_dir: str | Non
         ds_split = spec.get("split", split)
         ds_dir = out_path / name
         metrics = evaluate_dataset(checkpoint, spec["layout"], str(Path(spec["root"]).resolve()), ds_split,
-                                   str(ds_dir), max_images, overlays, spec.get("select_split"))
+                                   str(ds_dir), max_images, overlays, spec.get("select_split"),
+                                   spec.get("candidates"))
         miou = metrics["mIoU"] if metrics["mIoU"] is not None else float("nan")  # None: nothing could be scored
         create_table_artifact(table=per_class_rows(metrics["per_class"]), key=f"evaluate-{_slug(name)}"[:60],
                               description=f"Per-class IoU on {name} ({ds_split}): mIoU {miou:.4f}")

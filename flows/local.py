@@ -358,10 +358,13 @@ def cli_demo(args: argparse.Namespace) -> int:
 
 def _eval_params(built: dict[str, Any], trained: dict[str, Any], out: Path, registry: Path,
                  max_images: int | None) -> dict[str, Any]:
+    from ovseg_core.evaluation.selection import SAMPLE_CANDIDATES  # lazily: torch is heavy
+
     return {"checkpoint": trained["checkpoint"], "out_dir": str(out / "eval"), "registry_dir": str(registry),
             "entry_id": trained["entry_id"], "max_images": max_images, "overlays": DEMO_OVERLAYS,
             "datasets": [{"layout": "sample", "root": built["sample"]["eval_dir"], "split": "val",
-                          "select_split": "train", "name": "sample-eval"}]}
+                          "select_split": "train", "name": "sample-eval",
+                          "candidates": {k: list(v) for k, v in SAMPLE_CANDIDATES.items()}}]}
 
 
 def _class_ranking_lines(per_class: dict[str, float | None]) -> list[str]:

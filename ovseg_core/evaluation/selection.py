@@ -33,6 +33,11 @@ DEFAULT_CANDIDATES: dict[str, Sequence[Any]] = {
     # PAMR (ovseg_core.zero_shot.refine) is not in the paper's protocol: opt in with candidates={"refine": (...)}.
     "refine": ("none",),
 }
+# The embedded sample's evaluation (the demo and benchmarks/bench_learning.py) also offers PAMR to the selection
+# split: its models group 4-px patches, so an object's outline is blurred over a patch, and the toy world's objects
+# differ from the background by colour, which PAMR follows (selection split: +0.03 on a colour-affinity checkpoint,
+# docs/demo.md "Eighth session").
+SAMPLE_CANDIDATES: dict[str, Sequence[Any]] = {"refine": ("none", "pamr")}
 
 
 def candidate_grid(candidates: dict[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
