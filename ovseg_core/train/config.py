@@ -267,7 +267,8 @@ SAMPLE_RECIPE: dict[str, Any] = {
     "lr_scales": ((GROUPING_ASSIGNMENT, 1.0),) + tuple((prefix, 0.3) for prefix in GROUPING_FRONT_END),
     "cache_frozen_text": True,
     "model_overrides": (("text_trainable_layers", 0), ("entity_prompt_weight", 1.0), ("unclaimed_group_weight", 1.0),
-                        ("entity_logit_adjust", 1.0), ("patch_embed", "conv")) + SAMPLE_FINE_GRID,
+                        ("entity_logit_adjust", 1.0), ("patch_embed", "conv"),
+                        ("colour_affinity_weight", 1.0)) + SAMPLE_FINE_GRID,
     "threads": 2,
     "device": "cpu",
     "log_every": 25,
@@ -327,9 +328,11 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
         on logits + log(entity frequency) lets the plain logits fit classes met evenly: 3 seeds, 400 steps, test
         split +0.040 / +0.013 / +0.006, a fresh render +0.087 / +0.019 / -0.027 (docs/demo.md, "Sixth session").
       - a convolutional stem (patch_embed="conv", Xiao et al. NeurIPS'21; this model lacks the paper's DINO patch
-        features): tokens see their neighbourhood, where shape and texture are, at about the same step cost. 3 seeds
-        against the linear embedding: test split +0.011 / +0.009 / +0.008, a fresh render +0.030 / +0.018 / -0.019
-        (docs/demo.md, "Seventh session").
+        features): tokens see their neighbourhood, where shape and texture are, at about the same step cost
+        (3 seeds: test split and a fresh render +0.009 on average; docs/demo.md, "Seventh session");
+      - a colour-affinity grouping prior (colour_affinity_weight=1, not in the paper; losses.colour_affinity_loss):
+        the groups were 35-45% object; neighbouring patches of one colour now share a group, an edge splits them
+        (selection split, 4 seeds: purity 0.48-0.57, docs/demo.md "Eighth session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 
