@@ -1,5 +1,8 @@
-"""The demo's closing lines name the 5 best and the 5 worst classes (background and unscored classes left out)."""
+"""The demo's closing lines name the 5 best and the 5 worst classes (background and unscored classes left out);
+its evaluation chooses its settings on the selection split."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from flows.local import DEMO_OVERLAYS, _class_ranking_lines
 
@@ -11,3 +14,13 @@ def test_demo_prints_best_and_worst_five_classes():
     assert worst.split(":", 1)[1].strip() == "c0 0.00, c1 0.10, c2 0.20, c3 0.30, c4 0.40"
     assert _class_ranking_lines({}) == []
     assert DEMO_OVERLAYS == 16  # enough overlays for the report's 4 x 4 contact sheet
+
+
+def test_demo_evaluation_chooses_pamr_or_not_on_the_selection_split():
+    from flows.local import _eval_params
+
+    params = _eval_params({"sample": {"eval_dir": "/x/eval"}}, {"checkpoint": "/x/c.pt", "entry_id": "m1"},
+                          Path("/x/out"), Path("/x/reg"), None)
+    (spec,) = params["datasets"]
+    assert spec["split"] == "val" and spec["select_split"] == "train"
+    assert spec["candidates"] == {"refine": ["none", "pamr"]}
