@@ -5,6 +5,8 @@ Reads bench_learning.py result JSONs (one per row and seed) and sorts them into 
   ITC + MEC          entity_prompt_weight=0 (the paper's stage 1)
   + mask (stage 2)   the same run's stage-2 checkpoint (per_checkpoint_scores.stage2), when it has one
   recipe without MEC the sample recipe with mec_weight=0 (the paper's MEC ablation, made where the model learns)
+  recipe without colour affinity
+                     the sample recipe with colour_affinity_weight=0 (the grouping prior's ablation)
   recipe             the sample recipe (entity-prompt loss on), stage 1, and its stage 2 when present
   recipe + stage 2 without the mask
                      a run with mask_weight=0: its stage 2 is the same steps at the same lr with no mask term (the
@@ -32,11 +34,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROWS = ("ITC only", "ITC + MEC", "+ mask (stage 2)", "recipe without MEC", "recipe (+ entity prompts)",
-        "recipe + stage 2", "recipe + stage 2 without the mask")
+ROWS = ("ITC only", "ITC + MEC", "+ mask (stage 2)", "recipe without MEC", "recipe without colour affinity",
+        "recipe (+ entity prompts)", "recipe + stage 2", "recipe + stage 2 without the mask")
 CLAIMS = {"ITC + MEC > ITC only": ("ITC + MEC", "ITC only"),
           "+ mask (stage 2) > ITC + MEC": ("+ mask (stage 2)", "ITC + MEC"),
           "recipe > recipe without MEC": ("recipe (+ entity prompts)", "recipe without MEC"),
+          "recipe > recipe without colour affinity": ("recipe (+ entity prompts)", "recipe without colour affinity"),
           "recipe + stage 2 > recipe": ("recipe + stage 2", "recipe (+ entity prompts)"),
           "recipe + stage 2 > recipe + stage 2 without the mask": ("recipe + stage 2",
                                                                     "recipe + stage 2 without the mask")}
@@ -47,6 +50,10 @@ def stage1_row(result: dict[str, Any]) -> str:
     overrides = result.get("model_overrides") or {}
     entity = next((float(overrides[k]) for k in ENTITY_KEYS if k in overrides), 0.0)
     without_mec = float(overrides.get("mec_weight", 1.0)) == 0
+    # an explicit 0 only: results from before the term have no such override and were their time's recipe
+    without_affinity = float(overrides.get("colour_affinity_weight", 1.0)) == 0
+    if entity > 0 and without_affinity:
+        return "recipe without colour affinity"
     if entity > 0:
         return "recipe without MEC" if without_mec else "recipe (+ entity prompts)"
     return "ITC only" if without_mec else "ITC + MEC"

@@ -94,3 +94,16 @@ def test_a_row_that_stops_beating_the_baselines_is_lost():
     assert check(table, ["recipe without MEC learns"]) == ["recipe without MEC learns"]  # not measured: not held
     with pytest.raises(ValueError, match="unknown claims"):
         check(table, ["recipe flies"])
+
+
+def test_the_colour_affinity_ablation_is_its_own_row_and_a_lost_prior_shows():
+    runs = []
+    for seed in range(3):
+        runs.append(_result(seed, {"entity_prompt_weight": 1.0, "colour_affinity_weight": 0}, 0.20))
+        runs.append(_result(seed, {"entity_prompt_weight": 1.0}, 0.25))
+    table = collect(runs)
+    assert set(table) == {"recipe without colour affinity", "recipe (+ entity prompts)"}
+    assert check(table, ["recipe > recipe without colour affinity"]) == []
+    runs[-1] = _result(2, {"entity_prompt_weight": 1.0}, 0.19)  # the prior broken on one seed
+    assert check(collect(runs), ["recipe > recipe without colour affinity"]) == [
+        "recipe > recipe without colour affinity"]
