@@ -1,7 +1,8 @@
-"""Precision helpers shared by the layers, the losses and the distributed code."""
+"""Tensor helpers shared by the layers, the losses, the distributed code and inference: precision and content keys."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 
@@ -19,3 +20,10 @@ def fp32_island(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast switched off on `x`'s device: inside, the math runs in the dtype of its inputs (widen them with
     `at_least_float32` first). Used for the contrastive logits and softmax and the Dice sums under bf16 training."""
     return torch.autocast(x.device.type, enabled=False)
+
+
+def content_key(x: torch.Tensor) -> tuple:
+    """A hashable key equal for two tensors exactly when their shape, dtype and bytes are (memoising by input)."""
+    x = x.detach().cpu().contiguous()
+    array = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
+    return tuple(x.shape), str(x.dtype), str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from manifests.version import code_version
 from ovseg_core.evaluation.datasets import SegDataset
 from ovseg_core.evaluation.metrics import ConfusionMatrix
 from ovseg_core.evaluation.overlay import atomic_write_bytes, save_overlay, voc_palette
+from ovseg_core.zero_shot.classifier import eval_mode
 from ovseg_core.zero_shot.segment import ZeroShotSegmenter
 from ovseg_core.zero_shot.templates import SEGMENTATION_TEMPLATES
 
@@ -69,6 +70,7 @@ def evaluate(
     max_long_side: int | None = 2048,
     assignment: str = "hard",
     refine: str = "none",
+    refiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     max_images: int | None = None,
     out_dir: str | Path | None = None,
     overlay_dir: str | Path | None = None,
@@ -122,10 +124,12 @@ def evaluate(
         assignment=assignment,
         has_background=dataset.has_background,
         refine=refine,
+        refiner=refiner,
     )
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
-    matrix, overlays = _score_images(segmenter, dataset, n_images, mean, std, _model_device(model),
-                                     overlay_dir, n_overlays, per_image_confusion)
+    with eval_mode(model):  # once for the whole set, not per image (mid-training calls get their mode back)
+        matrix, overlays = _score_images(segmenter, dataset, n_images, mean, std, _model_device(model),
+                                         overlay_dir, n_overlays, per_image_confusion)
     scores = matrix.compute()
     result = _result(dataset, n_images, scores, {**segmenter.settings(), "mean": list(mean), "std": list(std),
                                                  "max_images": max_images}, time.perf_counter() - started, overlays)

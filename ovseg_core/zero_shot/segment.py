@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -137,6 +137,8 @@ class ZeroShotSegmenter:
             see ``SegmenterConfig`` and the module docstring.
         refine: "none" (the paper's protocol) or "pamr": the scores at the original size are refined along the
             image's edges (``ovseg_core.zero_shot.refine``) before the arg-max.
+        refiner: the function that does it, ``(image (1, 3, H, W), scores (1, C, H, W)) -> scores``; default
+            ``refine.pamr`` (a selection sweep passes a ``refine.MemoisedPamr``, same results, shared work).
         has_background: whether label 0 is a thresholded background class; ``None`` infers it from
             ``classnames[0] == "background"`` (GroupViT's rule).
         text_batch_size: prompts per text-encoder call when building the classifier.
@@ -161,6 +163,7 @@ class ZeroShotSegmenter:
         window_batch_size: int = 8,
         text_batch_size: int = 256,
         refine: str = "none",
+        refiner: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.config = SegmenterConfig(
             bg_thresh=bg_thresh,
@@ -174,6 +177,7 @@ class ZeroShotSegmenter:
             refine=refine,
         )
         self.model = model
+        self._refine_scores = pamr if refiner is None else refiner
         self.classnames = tuple(classnames)
         if has_background is None:
             has_background = bool(self.classnames) and self.classnames[0].lower() == BACKGROUND
@@ -226,7 +230,7 @@ class ZeroShotSegmenter:
         if size != (height, width):
             logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         if cfg.refine == "pamr":
-            logits = pamr(image[None].to(logits.device), logits[None])[0]
+            logits = self._refine_scores(image[None].to(logits.device), logits[None])[0]
         return logits.float().cpu()
 
     def _slide(self, image: Tensor) -> Tensor:

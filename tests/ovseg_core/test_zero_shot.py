@@ -321,6 +321,47 @@ def test_pamr_snaps_blurred_scores_to_the_image_edge_and_keeps_flat_scores():
         pamr(image, scores[..., :16])
 
 
+def test_pamr_refines_each_channel_on_its_own_and_matches_the_stacked_formula():
+    from ovseg_core.zero_shot.refine import _neighbours, pamr, pixel_affinity
+
+    image = edge_image(width=24)
+    scores = torch.rand(1, 5, 24, 24, generator=torch.Generator().manual_seed(3))
+    full = pamr(image, scores, iterations=3, dilations=(1, 2, 4))
+    # bit for bit: a channel's result does not depend on the channels refined with it (what memoisation relies on)
+    assert torch.equal(pamr(image, scores[:, [3, 1]], iterations=3, dilations=(1, 2, 4)), full[:, [3, 1]])
+    # the paper's formula, all neighbours stacked: out = sum_p affinity_p * neighbour_p, three times
+    affinity = pixel_affinity(image, (1, 2, 4))[:, None]
+    expected = scores
+    for _ in range(3):
+        expected = (_neighbours(expected, (1, 2, 4)) * affinity).sum(dim=2)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_memoised_pamr_is_bit_identical_and_refines_each_distinct_channel_once():
+    from ovseg_core.zero_shot.refine import MemoisedPamr, pamr
+
+    image = edge_image(width=24)
+    g = torch.Generator().manual_seed(4)
+    classes = torch.rand(1, 4, 24, 24, generator=g)
+    memo = MemoisedPamr(iterations=4, dilations=(1, 3))
+    calls = []
+    # three "candidates" of one sweep: same class channels, a different background channel each, zeroed classes
+    for threshold in (0.6, 0.75, 0.9):
+        background = (classes.max(1, keepdim=True).values < threshold).float()
+        scores = torch.cat([background, classes * (classes > 0.3), torch.zeros(1, 2, 24, 24)], dim=1)
+        calls.append(scores)
+        assert torch.equal(memo(image, scores), pamr(image, scores, iterations=4, dilations=(1, 3)))
+    distinct = {c.numpy().tobytes() for scores in calls for c in scores[0]}
+    assert memo.channels_refined == len(distinct) == 4 + 3 + 1  # classes once, 3 backgrounds, one zero channel
+    memo.clear()
+    assert torch.equal(memo(image, calls[0]), pamr(image, calls[0], iterations=4, dilations=(1, 3)))
+    assert memo.channels_refined == 8 + 6  # after clear() everything is refined again (zeros twice in calls[0])
+    with pytest.raises(ValueError, match="one image"):
+        memo(torch.cat([image, image]), torch.cat([calls[0], calls[0]]))
+    with pytest.raises(ValueError, match="share"):
+        memo(image, calls[0][..., :12])
+
+
 def test_segmenter_refine_option_is_validated_recorded_and_keeps_aligned_regions():
     model = make_stripe_model()
     image = stripes_image([0, 1, 2], stripe=16, height=16)
