@@ -112,19 +112,9 @@ def evaluate(
         overlay_dir = Path(out_dir) / "overlays"
     started = time.perf_counter()
     segmenter = ZeroShotSegmenter(
-        model,
-        dataset.classnames,
-        templates,
-        bg_thresh=bg_thresh,
-        topk=topk,
-        window=window,
-        stride=stride if window is not None else None,
-        short_side=short_side,
-        max_long_side=max_long_side,
-        assignment=assignment,
-        has_background=dataset.has_background,
-        refine=refine,
-        refiner=refiner,
+        model, dataset.classnames, templates, bg_thresh=bg_thresh, topk=topk, window=window,
+        stride=stride if window is not None else None, short_side=short_side, max_long_side=max_long_side,
+        assignment=assignment, has_background=dataset.has_background, refine=refine, refiner=refiner,
     )
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
     with eval_mode(model):  # once for the whole set, not per image (mid-training calls get their mode back)
