@@ -170,6 +170,9 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "gpu_flops": lambda b: f"train GFLOPs per image {b.get('train_gflops_per_image')}",
     "parse": lambda b: f"{_fmt(b.get('speedup'))}x captions per CPU-s vs naive spaCy, agreement {b.get('agreement')}",
     "rerun": lambda b: f"rerun / fresh build {_fmt(_get(b, 'ratio_rerun_same_folder', 'median'))}",
+    "selection_sweep": lambda b: (f"sweep seconds, {b.get('baseline_revision')} / this code "
+                                  f"{_fmt(_get(b, 'sweep_ratio_baseline_over_this', 'median_ratio'))}x, "
+                                  f"scores identical: {b.get('scores_identical')}"),
 }
 
 

@@ -26,4 +26,4 @@ def content_key(x: torch.Tensor) -> tuple:
     """A hashable key equal for two tensors exactly when their shape, dtype and bytes are (memoising by input)."""
     x = x.detach().cpu().contiguous()
     array = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
-    return tuple(x.shape), str(x.dtype), str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()
+    return tuple(x.shape), str(x.dtype), hashlib.sha256(array.tobytes()).hexdigest()
