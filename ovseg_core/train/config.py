@@ -332,7 +332,7 @@ def sample_recipe(build_dir: str | os.PathLike, out_dir: str | os.PathLike, minu
         (3 seeds: test split and a fresh render +0.009 on average; docs/demo.md, "Seventh session");
       - a colour-affinity grouping prior (colour_affinity_weight=1, not in the paper; losses.colour_affinity_loss):
         the groups were 35-45% object; neighbouring patches of one colour now share a group, an edge splits them
-        (selection split, 4 seeds: purity 0.48-0.57, docs/demo.md "Eighth session").
+        (selection split: purity 0.48-0.57; scored, 3 seeds: no measurable mIoU change, docs/demo.md "Ninth session").
     Length: `minutes` of wall clock: steps = minutes * 60 / step_seconds (default SAMPLE_STEP_SECONDS, or a probe's
     measurement) so that the cosine completes, with `time_limit_s` = minutes * 60 as a hard stop.
 
