@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import paired_summary, write_result  # noqa: E402
+from benchmarks.common import paired_summary, write_result
 
 CHILD = """
 import hashlib, json, sys, time, torch
