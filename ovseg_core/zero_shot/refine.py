@@ -108,12 +108,15 @@ class MemoisedPamr:
         image_key = content_key(image)
         if image_key not in self._affinity:
             self._affinity[image_key] = pixel_affinity(image.float(), self.dilations)
-        keys = [(image_key, content_key(channel)) for channel in scores.float()[0]]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._channels))
-        if missing:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            todo = scores.float()[:, [first[k] for k in missing]]
-            refined = propagate(todo, self._affinity[image_key], self.iterations, self.dilations)[0]
-            self._channels.update(zip(missing, refined))
-            self.channels_refined += len(missing)
-        return torch.stack([self._channels[k] for k in keys])[None]
+        channels = scores.float()[0]
+        keys = [(image_key, content_key(channel)) for channel in channels]
+        todo: dict[tuple, int] = {}  # each channel not seen yet -> its first index in `scores`
+        for index, key in enumerate(keys):
+            if key not in self._channels:
+                todo.setdefault(key, index)
+        if todo:
+            refined = propagate(channels[list(todo.values())][None], self._affinity[image_key], self.iterations,
+                                self.dilations)[0]
+            self._channels.update(zip(todo, refined))
+            self.channels_refined += len(todo)
+        return torch.stack([self._channels[key] for key in keys])[None]
